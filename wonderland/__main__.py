@@ -1,0 +1,5 @@
+import sys
+
+from wonderland.cli import main
+
+sys.exit(main())
