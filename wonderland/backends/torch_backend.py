@@ -1,0 +1,331 @@
+"""PyTorch + PEFT backend: LoRA training on CUDA, MPS and CPU, and streamed generation.
+
+The adapter is saved in PEFT's own format (``adapter_config.json`` +
+``adapter_model.safetensors``), so ``PeftModel.from_pretrained(base, run/adapter)`` loads it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import shutil
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from wonderland.backends.base import TrainJob, TrainResult
+from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids
+from wonderland.config import GenerationConfig, TrainConfig
+from wonderland.events import Checkpoint, Eval, Resumed, Sample, Started, Step, Stopped
+from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
+
+KEEP_CHECKPOINTS = 2
+
+hf_logging.disable_progress_bar()  # our own events report progress; keep the terminal clean
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # bf16/fp16 matmuls are slow on CPU; float32 there, bf16 on GPUs that have it.
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_base(model_path: Path, device: torch.device, dtype: torch.dtype):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    return tokenizer, model
+
+
+def lora_config(cfg: TrainConfig, n_layers: int) -> LoraConfig:
+    layers = list(range(n_layers - cfg.layers, n_layers)) if 0 < cfg.layers < n_layers else None
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        layers_to_transform=layers,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device):
+    """Right-pad to the longest record: input_ids/labels/attention_mask of shape (B, T)."""
+    T = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    return ids.to(device), labels.to(device), mask.to(device)
+
+
+def summed_loss(model, ids, labels, mask) -> tuple[torch.Tensor, int]:
+    """Sum of token NLLs over labelled positions (next-token shift), and how many there were."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:]
+    n = int((targets != IGNORE).sum())
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, n
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant/cosine."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup) / max(1, cfg.iters - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))  # floor at 10 %
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Records of step ``step``: a fresh seeded shuffle each epoch, so the data position of a
+    checkpoint is just its step number (exact resume needs no extra state)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+    except Exception:
+        return 0.0
+
+
+# ----------------------------------------------------------------------------- the backend
+class TorchBackend:
+    name = "torch"
+
+    def train(self, job: TrainJob) -> TrainResult:
+        cfg, emit = job.config, job.emit
+        # --- setup
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        device = pick_device(cfg.device)
+        tokenizer, base = load_base(job.model_path, device, pick_dtype(cfg.dtype, device))
+        n_layers = base.config.num_hidden_layers
+        model = get_peft_model(base, lora_config(cfg, n_layers))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
+        valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
+        pad = tokenizer.pad_token_id
+        step = 0
+        if job.resume_from:
+            step = self._load_checkpoint(job.resume_from, model, optimizer, device)
+            emit(Resumed(step=step, total_steps=cfg.iters, checkpoint=str(job.resume_from)))
+        emit(Started(step=step, total_steps=cfg.iters, run=job.run.name, backend=self.name, model=str(job.model_path),
+                     device=str(device), train_records=len(train_set), valid_records=len(valid_set),
+                     trainable_params=sum(p.numel() for p in params)))
+
+        def evaluate() -> float:
+            t0 = time.perf_counter()
+            model.eval()
+            total, count = 0.0, 0
+            batches = range(0, len(valid_set), cfg.batch_size)
+            if cfg.val_batches:
+                batches = list(batches)[: cfg.val_batches]
+            with torch.no_grad():
+                for i in batches:
+                    loss, n = summed_loss(model, *collate(valid_set[i : i + cfg.batch_size], pad, device))
+                    total, count = total + float(loss), count + n
+            model.train()
+            val = total / max(count, 1)
+            emit(Eval(step=step, total_steps=cfg.iters, val_loss=val, val_time_s=time.perf_counter() - t0))
+            return val
+
+        # --- train
+        model.train()
+        loss_value, val_loss = None, None
+        t_start, steps_done = time.perf_counter(), 0
+        while step < cfg.iters:
+            if job.should_stop():
+                ckpt = self._save_checkpoint(job, model, optimizer, step)
+                emit(Stopped(step=step, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=time.perf_counter() - t_start))
+                return TrainResult("stopped", step, loss_value, val_loss)
+            t0 = time.perf_counter()
+            batch = [train_set[i] for i in batch_indices(step, len(train_set), cfg.batch_size, cfg.seed)]
+            ids, labels, mask = collate(batch, pad, device)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, n = summed_loss(model, ids, labels, mask)
+            loss = loss_sum / max(n, 1)  # mean NLL per assistant token
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step, steps_done, loss_value = step + 1, steps_done + 1, loss.item()
+            dt, elapsed = time.perf_counter() - t0, time.perf_counter() - t_start
+            emit(Step(step=step, total_steps=cfg.iters, loss=loss_value, learning_rate=lr, tokens=int(mask.sum()),
+                      tokens_per_second=float(mask.sum()) / dt, elapsed_s=elapsed,
+                      eta_s=elapsed / steps_done * (cfg.iters - step), peak_memory_gb=peak_memory_gb(device)))
+            if valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
+                val_loss = evaluate()
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                self._sample(job, model, tokenizer, device, step)
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
+                self._save_checkpoint(job, model, optimizer, step)
+        if valid_set:
+            val_loss = evaluate()
+        # --- save
+        tmp = staging_dir(job.run.adapter)
+        model.save_pretrained(tmp)
+        atomic_replace_dir(tmp, job.run.adapter)
+        return TrainResult("finished", step, loss_value, val_loss, extra={"device": str(device)})
+
+    # --- checkpoints: adapter + optimizer + RNG; the data position is the step number
+    def _save_checkpoint(self, job: TrainJob, model, optimizer, step: int) -> Path:
+        final = job.run.checkpoints / f"step-{step:06d}"
+        tmp = staging_dir(final)
+        model.save_pretrained(tmp / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   tmp / "trainer.pt")
+        atomic_write_json(tmp / "trainer_state.json", {"step": step, "config": job.config.to_dict()})
+        atomic_replace_dir(tmp, final)
+        for old in sorted(job.run.checkpoints.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        job.emit(Checkpoint(step=step, total_steps=job.config.iters, path=str(final)))
+        return final
+
+    def _load_checkpoint(self, ckpt: Path, model, optimizer, device) -> int:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"), device=str(device))
+        set_peft_model_state_dict(model, state)
+        extra = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
+        optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["torch_rng"])
+        if extra.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+
+    def _sample(self, job: TrainJob, model, tokenizer, device, step: int) -> None:
+        chat = TorchChatModel(model, tokenizer, job.model_path, device)
+        messages = [{"role": "system", "content": job.system_prompt}, {"role": "user", "content": job.config.sample_prompt}]
+        reply = "".join(chat.stream(messages, GenerationConfig(temperature=0.0, max_tokens=48)))
+        model.train()
+        job.emit(Sample(step=step, total_steps=job.config.iters, prompt=job.config.sample_prompt, reply=reply))
+
+    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto") -> "TorchChatModel":
+        dev = pick_device(device)
+        tokenizer, model = load_base(Path(model_path), dev, pick_dtype("auto", dev))
+        if adapter_path is not None:
+            model = PeftModel.from_pretrained(model, str(adapter_path))
+        model.eval()
+        return TorchChatModel(model, tokenizer, Path(model_path), dev)
+
+
+# ----------------------------------------------------------------------------- generation
+class TorchChatModel:
+    """Token-by-token decoding with a KV cache. Each forward step holds a lock and sets the
+    adapter on or off for that step only, so several streams (Base / Prompted / Trained columns)
+    can interleave on one model and the Base column can never run with the adapter active."""
+
+    def __init__(self, model, tokenizer, model_path: Path, device: torch.device) -> None:
+        self.model, self.tokenizer, self.model_path, self.device = model, tokenizer, model_path, device
+        self.has_adapter = isinstance(model, PeftModel)
+        self._lock = threading.Lock()
+        # transformers >= 5.2x renamed past_key_values -> cache (the GPU machine has an older 5.x)
+        self._cache_kw = "cache" if "cache" in inspect.signature(type(model.get_base_model() if self.has_adapter else model).forward).parameters else "past_key_values"
+        self.eos_ids = {i for i in [tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))] if i is not None}
+
+    def _adapter(self, on: bool):
+        if self.has_adapter and not on:
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
+        ids = prompt_ids(self.tokenizer, messages)
+        seen = torch.tensor(ids)
+        rng = torch.Generator().manual_seed(gen.seed)
+        cur, past, out_ids, emitted = torch.tensor([ids], device=self.device), None, [], ""
+        for _ in range(gen.max_tokens):
+            with self._lock, torch.no_grad(), self._adapter(adapter):
+                out = self.model(input_ids=cur, use_cache=True, **{self._cache_kw: past})
+            past = getattr(out, self._cache_kw)
+            token = sample_token(out.logits[0, -1].float().cpu(), seen, gen, rng)
+            if token in self.eos_ids:
+                break
+            out_ids.append(token)
+            seen = torch.cat([seen, torch.tensor([token])])
+            cur = torch.tensor([[token]], device=self.device)
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+    def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
+        total, count = 0.0, 0
+        pad = self.tokenizer.pad_token_id
+        for r in records:
+            enc = encode_chat(self.tokenizer, r["messages"], max_seq_len)
+            with self._lock, torch.no_grad(), self._adapter(adapter):
+                loss, n = summed_loss(self.model, *collate([enc], pad, self.device))
+            total, count = total + float(loss), count + n
+        return total, count
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def sample_token(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig, rng: torch.Generator) -> int:
+    """Pick the next token from (V,) logits: repetition penalty, temperature, top-p."""
+    logits = logits.clone()
+    if gen.repetition_penalty != 1.0 and len(seen):
+        prev = logits[seen]
+        logits[seen] = torch.where(prev > 0, prev / gen.repetition_penalty, prev * gen.repetition_penalty)
+    if gen.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / gen.temperature, dim=-1)
+    if gen.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < gen.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+BACKEND = TorchBackend()

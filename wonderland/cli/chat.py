@@ -1,0 +1,69 @@
+"""``wonderland chat``: talk to a trained character, or compare Base / Prompted / Trained."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wonderland.cli.options import add_generation_options, generation_config
+from wonderland.config import GenerationConfig
+from wonderland.generate import ARMS, LoadedRun, load_run
+
+HELP = "talk to a trained run (streamed); --compare shows Base, Prompted and Trained side by side"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="NAME_OR_DIR", help="run name or folder")
+    p.add_argument("--prompt", action="append", help="one message (repeatable); without it, an interactive chat")
+    p.add_argument("--compare", action="store_true", help="answer with each arm: base, prompted, trained")
+    p.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda, mps)")
+    add_generation_options(p)
+
+
+def print_comparison(loaded: LoadedRun, prompt: str, gen: GenerationConfig, out=sys.stdout) -> dict[str, str]:
+    """Stream each arm's reply to ``prompt`` under a label; returns the replies."""
+    replies = {}
+    print(f"\n>>> {prompt}", file=out)
+    for arm in ARMS:
+        print(f"  [{arm.name:>8}] ", end="", file=out, flush=True)
+        parts = []
+        for piece in loaded.stream(arm, [{"role": "user", "content": prompt}], gen):
+            parts.append(piece)
+            print(piece.replace("\n", " "), end="", file=out, flush=True)
+        replies[arm.name] = "".join(parts).strip()
+        print(file=out)
+    return replies
+
+
+def run(args: argparse.Namespace) -> int:
+    gen = generation_config(args)
+    loaded = load_run(args.run, device=args.device)
+    if args.compare:
+        print(f"Run {loaded.run.name}: " + "; ".join(f"{a.name} = {a.description}" for a in ARMS))
+        for prompt in args.prompt or ["What time is it?", "Tell me a riddle.", "Who are you?"]:
+            print_comparison(loaded, prompt, gen)
+        return 0
+    history: list[dict] = []
+    prompts = args.prompt
+    interactive = prompts is None
+    while True:
+        if interactive:
+            try:
+                text = input("you> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if not text:
+                continue
+        else:
+            if not prompts:
+                return 0
+            text = prompts.pop(0)
+        history.append({"role": "user", "content": text})
+        print(f"{loaded.info.get('character') or 'model'}> ", end="", flush=True)
+        parts = []
+        for piece in loaded.stream("trained", history, gen):
+            parts.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": "".join(parts).strip()})

@@ -1,0 +1,191 @@
+"""Typed training events and the one path they travel.
+
+The training loop never prints. It calls ``emit(event)``; an :class:`EventBus` stamps each event
+with a sequence number (``seq``: 0, 1, 2, ... across resumes, later the SSE ``id:``) and hands the
+resulting dict to every subscriber: the metrics.jsonl writer, the CLI progress bar, the web app's
+server-sent-event stream.
+
+Units are in the key names (``tokens_per_second``, ``elapsed_s``, ``peak_memory_gb``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+Record = dict[str, Any]
+Subscriber = Callable[[Record], None]
+
+
+@dataclass
+class Event:
+    kind: ClassVar[str] = "event"
+    step: int
+    total_steps: int
+
+    def to_dict(self) -> Record:
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass
+class Started(Event):
+    kind: ClassVar[str] = "started"
+    run: str = ""
+    backend: str = ""
+    model: str = ""
+    device: str = ""
+    train_records: int = 0
+    valid_records: int = 0
+    trainable_params: int = 0
+
+
+@dataclass
+class Resumed(Event):
+    kind: ClassVar[str] = "resumed"
+    checkpoint: str = ""
+
+
+@dataclass
+class Step(Event):
+    kind: ClassVar[str] = "step"
+    loss: float = 0.0
+    learning_rate: float = 0.0
+    tokens: int = 0  # real (non-padding) tokens in this step's batch
+    tokens_per_second: float = 0.0
+    elapsed_s: float = 0.0
+    eta_s: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+@dataclass
+class Eval(Event):
+    kind: ClassVar[str] = "eval"
+    val_loss: float = 0.0
+    val_time_s: float = 0.0
+
+
+@dataclass
+class Checkpoint(Event):
+    kind: ClassVar[str] = "checkpoint"
+    path: str = ""
+
+
+@dataclass
+class Sample(Event):
+    kind: ClassVar[str] = "sample"
+    prompt: str = ""
+    reply: str = ""
+
+
+@dataclass
+class Stopped(Event):
+    kind: ClassVar[str] = "stopped"
+    checkpoint: str = ""
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class Finished(Event):
+    kind: ClassVar[str] = "finished"
+    loss: float | None = None
+    val_loss: float | None = None
+    elapsed_s: float = 0.0
+    adapter: str = ""
+
+
+@dataclass
+class Failed(Event):
+    kind: ClassVar[str] = "failed"
+    error: str = ""
+
+
+class EventBus:
+    """Stamps events with ``seq`` and ``time`` and fans them out to subscribers (thread-safe)."""
+
+    def __init__(self, start_seq: int = 0) -> None:
+        self._seq = start_seq
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers.append(fn)
+        return lambda: self.unsubscribe(fn)
+
+    def unsubscribe(self, fn: Subscriber) -> None:
+        with self._lock:
+            if fn in self._subscribers:
+                self._subscribers.remove(fn)
+
+    def emit(self, event: Event) -> Record:
+        with self._lock:
+            record = {"event": event.kind, "seq": self._seq, "time": round(time.time(), 3)}
+            record.update({k: v for k, v in event.to_dict().items() if k != "event"})
+            self._seq += 1
+            subscribers = list(self._subscribers)
+            # Deliver inside the lock so every subscriber sees events in seq order.
+            for fn in subscribers:
+                fn(record)
+        return record
+
+
+class MetricsWriter:
+    """Appends one JSON line per event to ``metrics.jsonl`` (flushed, so tails see it at once)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def __call__(self, record: Record) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path, after_seq: int = -1) -> list[Record]:
+    """The records of a metrics.jsonl with ``seq > after_seq``; a torn last line is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("seq", -1) > after_seq:
+                out.append(rec)
+    return out
+
+
+def next_seq(path: str | Path) -> int:
+    records = read_metrics(path)
+    return records[-1]["seq"] + 1 if records else 0
+
+
+def iter_events(records: list[Record], kind: str) -> Iterator[Record]:
+    return (r for r in records if r["event"] == kind)
+
+
+class StopFlag:
+    """Set from anywhere (Ctrl-C handler, web Stop button); the training loop polls it each step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str = "stop requested") -> None:
+        self.reason = reason
+        self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+

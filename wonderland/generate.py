@@ -1,0 +1,93 @@
+"""Talking to a run: load it once, stream replies, compare Base / Prompted / Trained.
+
+``stream_generate`` yields text pieces; ``generate`` is a thin join. The three arms differ only
+in what the product claims matters:
+
+* **base**: adapter off, neutral system prompt (the model as it ships);
+* **prompted**: adapter off, the character's system prompt (prompt engineering, which we replace);
+* **trained**: adapter on, the same system prompt (our LoRA).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from wonderland.backends import ChatModel, get_backend
+from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT, with_system
+from wonderland.config import GenerationConfig
+from wonderland.runs import RunDir, resolve_run
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    adapter: bool
+    character_prompt: bool
+    description: str
+
+
+ARMS = (
+    Arm("base", False, False, "adapter off, neutral system prompt"),
+    Arm("prompted", False, True, "adapter off, the character's system prompt"),
+    Arm("trained", True, True, "adapter on, the character's system prompt"),
+)
+ARMS_BY_NAME = {a.name: a for a in ARMS}
+
+
+@dataclass
+class LoadedRun:
+    run: RunDir
+    info: dict
+    model: ChatModel
+
+    @property
+    def system_prompt(self) -> str:
+        return self.info.get("system_prompt") or NEUTRAL_SYSTEM_PROMPT
+
+    def messages_for(self, arm: Arm | str, messages: Sequence[dict]) -> list[dict]:
+        arm = ARMS_BY_NAME[arm] if isinstance(arm, str) else arm
+        return with_system(messages, self.system_prompt if arm.character_prompt else NEUTRAL_SYSTEM_PROMPT)
+
+    def stream(self, arm: Arm | str, messages: Sequence[dict], gen: GenerationConfig) -> Iterator[str]:
+        arm = ARMS_BY_NAME[arm] if isinstance(arm, str) else arm
+        return stream_generate(self.model, self.messages_for(arm, messages), gen, adapter=arm.adapter)
+
+
+_cache: dict[tuple, LoadedRun] = {}
+_cache_lock = threading.Lock()
+
+
+def load_run(run_ref: str | Path | RunDir, device: str = "auto") -> LoadedRun:
+    """Load a run's base model + adapter once per process (later calls reuse it)."""
+    run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
+    info = run.read()
+    key = (str(run.path), info.get("updated"), device)
+    with _cache_lock:
+        if key not in _cache:
+            from wonderland.errors import UserError
+
+            if not (run.adapter / "adapter_config.json").exists():
+                raise UserError(f"run {run.name} has no finished adapter (status: {info.get('status')}); "
+                                f"resume it with `wonderland train --resume {run.name}`")
+            from wonderland.models import resolve_model
+
+            model_path = Path(info["model"]["path"])
+            if not model_path.exists():  # a run copied from another machine: find its base here
+                model_path = resolve_model(info["model"]["id"])
+            backend = get_backend(info.get("backend", "torch"))
+            model = backend.load(model_path, run.adapter, device=device)
+            _cache[key] = LoadedRun(run, info, model)
+        return _cache[key]
+
+
+def stream_generate(model: ChatModel, messages: Sequence[dict], gen: GenerationConfig | None = None,
+                    adapter: bool = True) -> Iterator[str]:
+    """Yield the reply to ``messages`` piece by piece."""
+    return model.stream(list(messages), gen or GenerationConfig(), adapter=adapter)
+
+
+def generate(model: ChatModel, messages: Sequence[dict], gen: GenerationConfig | None = None, adapter: bool = True) -> str:
+    return "".join(stream_generate(model, messages, gen, adapter))

@@ -1,0 +1,142 @@
+"""Run directories: where a training run keeps its adapter, config, metrics and checkpoints.
+
+Layout of ``$WONDERLAND_HOME/runs/<name>/`` (or ``--out DIR``)::
+
+    run.json        schema version, status, resolved config, model, data, versions, timings
+    metrics.jsonl   one JSON object per training event (see wonderland.events)
+    adapter/        the final adapter in the backend's native format (PEFT or mlx-lm)
+    checkpoints/step-NNNNNN/   what an exact resume needs
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from wonderland.config import check_run_name
+from wonderland.errors import UserError
+from wonderland.fileio import atomic_write_json
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "stopped", "finished", "failed")
+
+
+def home() -> Path:
+    """``$WONDERLAND_HOME`` (default ``~/.cache/wonderland``): models, books, data and runs."""
+    return Path(os.environ.get("WONDERLAND_HOME") or Path.home() / ".cache" / "wonderland").expanduser()
+
+
+def runs_root() -> Path:
+    return home() / "runs"
+
+
+@dataclass
+class RunDir:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def run_json(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def exists(self) -> bool:
+        return self.run_json.exists()
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_json.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UserError(f"{self.path} is not a run (no run.json); list runs with `wonderland runs`") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self.run_json}: corrupt run.json ({e.msg} at line {e.lineno})") from None
+
+    def write(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.run_json, info)
+
+    def update(self, **changes: Any) -> dict[str, Any]:
+        info = self.read()
+        info.update(changes)
+        info["updated"] = now_iso()
+        self.write(info)
+        return info
+
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoints.is_dir():
+            return None
+        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").exists())
+        return done[-1] if done else None
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_name(character: str) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() else "-" for c in character.lower()).strip("-") or "run"
+    return f"{safe}-{stamp}"
+
+
+def resolve_run(name_or_path: str | os.PathLike) -> RunDir:
+    """A run by name (under runs_root) or by path; a clear error when there is none."""
+    text = str(name_or_path)
+    candidates = [Path(text).expanduser()]
+    if "/" not in text and os.sep not in text:
+        candidates.insert(0, runs_root() / check_run_name(text))
+    for p in candidates:
+        if (p / "run.json").exists():
+            return RunDir(p.resolve())
+    names = [r.name for r in list_runs()][:5]
+    hint = f"; known runs: {', '.join(names)}" if names else "; train one with `wonderland train`"
+    raise UserError(f"no run named or found at {text!r}{hint}")
+
+
+def new_run_dir(name: str | None, out: str | None, character: str, overwrite: bool) -> RunDir:
+    """The folder for a new run; refuses to touch an existing run unless ``overwrite``."""
+    if name and out:
+        raise UserError("give either --name or --out, not both")
+    path = Path(out).expanduser() if out else runs_root() / check_run_name(name or default_run_name(character))
+    run = RunDir(path.resolve())
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise UserError(f"{path} already holds a run; pick another --name, resume it with --resume, or pass --overwrite")
+        if not run.exists():
+            raise UserError(f"{path} is not empty and is not a run; refusing to overwrite it, choose another --out")
+        shutil.rmtree(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write the run to {path}: {e.strerror}; choose a writable --out") from None
+    return run
+
+
+def list_runs(root: Path | None = None) -> list[RunDir]:
+    """Runs under ``root`` (default runs_root()), newest first."""
+    root = root or runs_root()
+    if not root.is_dir():
+        return []
+    runs = [RunDir(p) for p in root.iterdir() if (p / "run.json").exists()]
+    return sorted(runs, key=lambda r: r.run_json.stat().st_mtime, reverse=True)

@@ -1,0 +1,157 @@
+"""The training recipe, top to bottom: check inputs, set up the run, train, save.
+
+``train()`` is what the CLI, the web app and the demo call. It never prints training progress
+itself: progress goes out as events (``subscribers`` receive each record) and into
+``metrics.jsonl``; ``log`` receives the few setup messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable
+
+from wonderland import __version__
+from wonderland.backends import TrainJob, get_backend, resolve_backend_name
+from wonderland.config import TrainConfig
+from wonderland.errors import UserError
+from wonderland.events import EventBus, Failed, Finished, MetricsWriter, Subscriber, next_seq
+from wonderland.models import resolve_model, weights_sha256
+from wonderland.runs import SCHEMA_VERSION, RunDir, new_run_dir, now_iso, resolve_run
+
+ADAPTER_FORMATS = {"torch": "peft", "mlx": "mlx-lm"}
+
+
+def load_data(data_dir: str | Path) -> tuple[list[dict], list[dict], dict]:
+    """train/valid records and the dataset's stats.json (system prompt, character, book)."""
+    from wonderland.data import load_chat_jsonl
+
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise UserError(f"data folder not found: {data_dir}; build one with `wonderland data --out {data_dir}`")
+    train_path = data_dir / "train.jsonl"
+    if not train_path.exists():
+        raise UserError(f"{train_path} not found; build the dataset with `wonderland data --out {data_dir}`")
+    train_records = load_chat_jsonl(train_path)
+    valid_path = data_dir / "valid.jsonl"
+    valid_records = load_chat_jsonl(valid_path) if valid_path.exists() else []
+    stats = {}
+    if (data_dir / "stats.json").exists():
+        try:
+            stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{data_dir / 'stats.json'}: not valid JSON ({e.msg}, line {e.lineno}); rebuild the dataset") from None
+    if not stats.get("system_prompt"):
+        first = train_records[0]["messages"][0]
+        stats["system_prompt"] = first["content"] if first["role"] == "system" else ""
+    return train_records, valid_records, stats
+
+
+def _hash_files(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        if p.exists():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"wonderland": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "mlx", "mlx-lm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def train(
+    config: TrainConfig,
+    data_dir: str | Path | None = None,
+    *,
+    name: str | None = None,
+    out: str | None = None,
+    resume: str | None = None,
+    overwrite: bool = False,
+    subscribers: Iterable[Subscriber] = (),
+    should_stop: Callable[[], bool] = lambda: False,
+    log: Callable[[str], None] = print,
+) -> RunDir:
+    # --- check everything before writing anything
+    resume_from = None
+    if resume:
+        run = resolve_run(resume)
+        info = run.read()
+        if info.get("status") == "finished" and config.iters <= info["config"]["iters"]:
+            raise UserError(f"run {run.name} already finished {info['config']['iters']} steps; pass a larger --iters to continue it")
+        resume_from = run.latest_checkpoint()
+        if resume_from is None:
+            raise UserError(f"run {run.name} has no checkpoint to resume from; start a new run instead")
+        data_dir = data_dir or info["data"]["path"]
+    if data_dir is None:
+        raise UserError("--data is required: a folder with train.jsonl/valid.jsonl from `wonderland data`")
+    train_records, valid_records, stats = load_data(data_dir)
+    if config.batch_size > len(train_records):
+        raise UserError(f"--batch-size {config.batch_size} is larger than the dataset ({len(train_records)} training records); lower it")
+    backend_name = resolve_backend_name(config.backend, log=log)
+    backend = get_backend(backend_name, log=log)
+    model_path = resolve_model(config.model, log=log)
+    character = stats.get("character") or "character"
+
+    # --- set up the run folder
+    data_dir = Path(data_dir).expanduser().resolve()
+    if resume_from is None:
+        run = new_run_dir(name, out, character, overwrite)
+        info = {
+            "schema_version": SCHEMA_VERSION,
+            "name": run.name,
+            "status": "running",
+            "created": now_iso(),
+            "character": character,
+            "book": stats.get("book"),
+            "system_prompt": stats["system_prompt"],
+            "backend": backend_name,
+            "adapter_format": ADAPTER_FORMATS.get(backend_name, backend_name),
+            "model": {"id": config.model, "path": str(model_path), "sha256": weights_sha256(model_path)},
+            "data": {"path": str(data_dir), "sha256": _hash_files([data_dir / "train.jsonl", data_dir / "valid.jsonl"]),
+                     "train_records": len(train_records), "valid_records": len(valid_records)},
+        }
+    info.update(status="running", config=config.to_dict(), versions=_versions(), updated=now_iso())
+    run.write(info)
+
+    bus = EventBus(start_seq=next_seq(run.metrics))
+    metrics = MetricsWriter(run.metrics)
+    bus.subscribe(metrics)
+    for fn in subscribers:
+        bus.subscribe(fn)
+    job = TrainJob(config=config, model_path=model_path, train_records=train_records, valid_records=valid_records,
+                   run=run, emit=bus.emit, should_stop=should_stop, resume_from=resume_from,
+                   system_prompt=stats["system_prompt"])
+
+    # --- train
+    t0 = time.time()
+    try:
+        result = backend.train(job)
+    except BaseException as e:
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        bus.emit(Failed(step=0, total_steps=config.iters, error=reason))
+        run.update(status="failed", error=reason, traceback=traceback.format_exc()[-4000:])
+        metrics.close()
+        raise
+    duration = time.time() - t0
+
+    # --- save the summary
+    timings = info.get("timings", {})
+    timings["train_s"] = round(timings.get("train_s", 0.0) + duration, 2)
+    result_info = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, **result.extra}
+    if result.status == "finished":
+        bus.emit(Finished(step=result.step, total_steps=config.iters, loss=result.loss, val_loss=result.val_loss,
+                          elapsed_s=duration, adapter=str(run.adapter)))
+    run.update(status=result.status, timings=timings, result=result_info, finished=now_iso() if result.status == "finished" else None)
+    metrics.close()
+    return run
