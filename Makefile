@@ -1,0 +1,50 @@
+# wonderland: `make run` sets everything up and runs the main job; `make test` runs the tests.
+# Both work on a fresh machine with only the package registries (PyPI, Debian) reachable.
+
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU build of torch (an unpinned torch pulls multi-GB CUDA wheels on Linux).
+TORCH  ?= torch==2.13.0
+UNAME  := $(shell uname -s)-$(shell uname -m)
+EXTRAS := eval,test
+ifeq ($(UNAME),Darwin-arm64)
+  EXTRAS := eval,test,mlx
+endif
+ifeq ($(shell uname -s),Linux)
+  EXTRAS := eval,test,mlx
+endif
+
+.PHONY: run demo test test-fast setup system-deps clean
+
+run: setup                       ## set up, then run the main job (the demo, on the embedded model)
+	$(VENV)/bin/wonderland demo
+
+demo: setup
+	$(VENV)/bin/wonderland demo
+
+test: setup system-deps          ## set up, then run the whole test suite
+	$(PY) -m pytest -q
+
+test-fast: setup                 ## the suite without the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+# Debian packages the tests need: chromium (browser tests), OpenBLAS (fast MLX on Linux CPU).
+system-deps:
+	@if [ "$(shell uname -s)" = Linux ] && { ! command -v chromium >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 -a ! -e /usr/lib/aarch64-linux-gnu/libopenblas.so.0 ]; }; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium libopenblas0-pthread; \
+	fi
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,493 @@
+"""Speaker attribution for quoted spans.
+
+Each span gets a speaker and how it was decided:
+
+* ``explicit``: a speech verb next to a name, in either order, right after the span
+  (`` `…,' said the Hatter ``, `` `…' the Hatter went on ``) or introducing it
+  (`` the Hatter said, `…' ``, `` the White Rabbit, who said in a low voice, `…' ``); a later span of
+  the same paragraph continues it when the narration in between names nobody else;
+* ``pronoun``: `` `…,' he said `` resolved to the latest grammatical subject (or speaker) of a
+  compatible gender, learnt from the book's own he/she/it usage;
+* ``implicit``: an unattributed paragraph of pure speech in an A–B–? exchange goes to A;
+* ``unknown``: anything else, including lines of a group (``they both cried``; flagged ``group``)
+  and of unnamed speakers (``said one of the jury``).
+
+Precision comes first: a name inside someone else's speech is never looked at, a name in narration
+counts only as a grammatical subject or next to a speech verb, and every rule stands down when
+another character could be meant.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right, insort
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from wonderland.data.book import Book
+from wonderland.data.quotes import QuoteStyle, RawSpan, detect_style, find_spans
+
+_VERB_WORDS = (
+    "said says cried replied answered asked added remarked exclaimed shouted screamed shrieked whispered "
+    "muttered murmured repeated began interrupted observed continued thought roared growled sighed sobbed "
+    "yelled pleaded persisted retorted returned inquired enquired grumbled bawled suggested explained "
+    "declared insisted protested agreed urged ventured whimpered panted gasped squeaked snapped demanded "
+    "responded stammered hissed sang read cackled echoed mused wondered moaned groaned faltered chorused "
+    "called cried laughed sneered whined croaked hinted concluded resumed"
+).split()
+VERB = r"(?i:went\s+on|broke\s+in|called\s+out|cried\s+out|" + "|".join(sorted(set(_VERB_WORDS), key=len, reverse=True)) + r")\b"
+_ADV = r"(?:(?:[a-z]+ly|then|again|at\s+once|both|all|together|also|still|now|only|first|at\s+last)\s+)"
+_CAP = r"[A-Z][a-z]+"
+_NAME = (
+    r"(?P<art>(?:[Tt]he|[Hh]is|[Hh]er|[Tt]heir|[Oo]ur|[Mm]y)\s+(?:[a-z]+\s+){0,2})?"
+    r"(?P<name>" + _CAP + r"(?:[ \t\n]+" + _CAP + r"){0,2}(?:[ \t\n]+of[ \t\n]+" + _CAP + r")?)"
+)
+_NAME2 = _NAME.replace("?P<art>", "?:").replace("?P<name>", "?P<name2>")
+_PRON = r"(?P<pron>he|she|it|they|we|He|She|It|They|We)"
+_SP = r"[ \t\n]+"
+
+# right after the closing quote
+_AFTER = [
+    ("verb_name", re.compile(r"(?:" + _ADV + r")?" + VERB + r"(?:" + _SP + _ADV + r")?" + _SP + _NAME
+                             + r"(?P<and>" + _SP + r"and" + _SP + _NAME2 + r")?")),
+    ("name_verb", re.compile(_NAME + r"(?P<and>" + _SP + r"and" + _SP + _NAME2 + r")?" + _SP
+                             + r"(?:" + _ADV + r")*" + VERB)),
+    ("pron_verb", re.compile(_PRON + _SP + r"(?:" + _ADV + r")*" + VERB)),
+    ("verb_pron", re.compile(VERB + _SP + _PRON + r"\b")),
+]
+# an unnamed speaker: `…,' said a sleepy voice / one of the jury asked
+_AFTER_OTHER = re.compile(
+    r"(?:" + VERB + _SP + r"(?:a|an|one|another|some|the|his|her)\b(?!" + _SP + _CAP + r")"
+    r"|(?:[Oo]ne|[Aa]nother|[Ss]ome|[Aa]|[Aa]n|[Tt]he)" + _SP + r"(?:[a-z\-]+" + _SP + r"){0,4}" + VERB + r")"
+)
+# introducing the quote: the last clause of the narration before it
+_BEFORE = [
+    ("who_verb", re.compile(_NAME + r",\s+who\s+(?:" + _ADV + r")*" + VERB)),
+    ("name_verb", re.compile(_NAME + _SP + r"(?:" + _ADV + r")*" + VERB)),
+    ("verb_name", re.compile(VERB + _SP + _NAME)),
+    ("pron_verb", re.compile(r"\b" + _PRON + _SP + r"(?:" + _ADV + r")*" + VERB)),
+]
+_BEFORE_AND = re.compile(
+    r"^(?:(?:and|but|so|then|here|just\s+then)\s+)*" + _NAME + r"\b[^\n]*?\b(?:and|then)\s+(?:then\s+)?(?:"
+    + _ADV + r")*" + VERB
+)
+_TAIL_OK = re.compile(r"(?:[,:\-\u2014]|" + VERB + r"(?:\s+(?:out|aloud|up))?)\s*\(?\s*$")
+
+_STOP = set(
+    "I He She It They We You The This That These Those Then But And So Or Oh Here There What Why How When Where "
+    "Who Whom Which Yes No Well Now Come Alas Ah Do Don Your His Her Its Their My Our One Some All Everybody "
+    "Nobody Everyone Anybody Somebody Nothing Presently Just Once After Before As At In On If For Not Only "
+    "Majesty Sir Madam Miss Mrs Mr Let Please Perhaps First Next Last Soon Still Even Suddenly Again Quite "
+    "Very Chapter Alice's".split()
+)
+_MALE = re.compile(r"\b(?:he|his|him|himself)\b", re.I)
+_FEMALE = re.compile(r"\b(?:she|her|hers|herself)\b", re.I)
+_NEUTER = re.compile(r"\b(?:it|its|itself)\b", re.I)
+_PRON_ANY = re.compile(r"\b(he|his|him|himself|she|her|hers|herself|it|its|itself)\b", re.I)
+_PRON_CLASS = {"he": "m", "his": "m", "him": "m", "himself": "m", "she": "f", "her": "f", "hers": "f",
+               "herself": "f", "it": "n", "its": "n", "itself": "n"}
+_TITLE_GENDER = {"king": "m", "duke": "m", "lord": "m", "sir": "m", "mr": "m", "father": "m", "brother": "m",
+                 "boy": "m", "man": "m", "prince": "m", "uncle": "m", "queen": "f", "duchess": "f", "lady": "f",
+                 "mrs": "f", "miss": "f", "mother": "f", "sister": "f", "girl": "f", "princess": "f", "aunt": "f"}
+_SENT_END = re.compile(r"[.!?;]")
+
+
+@dataclass
+class Span:
+    index: int
+    start: int
+    end: int
+    line: int
+    chapter: int
+    text: str
+    block: int
+    speaker: str | None = None
+    attribution: str = "unknown"
+    group: bool = False
+    other: bool = False  # spoken by someone unnamed (said a voice, one of the jury asked)
+    rule: str = ""
+
+    def record(self) -> dict:
+        r = {"line": self.line, "text": self.text, "speaker": self.speaker, "attribution": self.attribution,
+             "chapter": self.chapter}
+        if self.group:
+            r["group"] = True
+        return r
+
+
+@dataclass
+class Analysis:
+    book: Book
+    style: QuoteStyle
+    spans: list[Span]
+    blocks: list[tuple[int, int]]  # (start, end) offsets of each paragraph-or-merged-paragraphs
+    names: dict[str, str]  # surface form -> canonical speaker
+    uses_article: dict[str, bool]  # canonical -> usually written "the X"
+    genders: dict[str, Counter] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def speaker_counts(self) -> list[tuple[str, int]]:
+        c = Counter(s.speaker for s in self.spans if s.speaker)
+        return sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def display_name(self, canonical: str) -> str:
+        return f"the {canonical}" if self.uses_article.get(canonical) else canonical
+
+
+def _clean_name(raw: str) -> str | None:
+    words = raw.split()
+    keep = []
+    for w in words:
+        if w in _STOP and w != "of":
+            break
+        keep.append(w)
+    while keep and keep[-1] == "of":
+        keep.pop()
+    name = " ".join(keep)
+    return name or None
+
+
+def analyse(book: Book, warn=None) -> Analysis:
+    """Find every quoted span of ``book`` and attribute it."""
+    text = book.text
+    style = detect_style(text[book.start:book.end])
+    warnings: list[str] = []
+
+    def _warn(msg: str) -> None:
+        warnings.append(msg)
+        if warn:
+            warn(msg)
+
+    raw = find_spans(text, book.start, book.end, style, line_of=book.line_of, warn=_warn)
+    if not raw:
+        from wonderland.errors import UserError
+
+        raise UserError(f"{book.path}: no quoted dialogue found")
+    blocks, block_of = _blocks(text, book.start, book.end, raw)
+    spans = [Span(i, r.start, r.end, book.line_of(r.start), book.chapter_of(r.start), r.text, block_of[i])
+             for i, r in enumerate(raw)]
+    an = Analysis(book, style, spans, blocks, {}, {}, warnings=warnings)
+    by_block: dict[int, list[Span]] = defaultdict(list)
+    for s in spans:
+        by_block[s.block].append(s)
+
+    # 1. explicit attributions with any capitalised name; collect speaker names
+    found: dict[int, tuple[str, str, int, bool]] = {}  # span index -> (kind, raw name, name offset, group)
+    pron_hits: dict[int, tuple[str, int]] = {}  # span index -> (pronoun, offset)
+    surface = Counter()
+    article = Counter()
+    for b, bspans in by_block.items():
+        bstart, bend = blocks[b]
+        for k, s in enumerate(bspans):
+            after_start = s.end + 1
+            after_end = bspans[k + 1].start if k + 1 < len(bspans) else bend
+            before_start = bspans[k - 1].end + 1 if k else bstart
+            hit = _match_after(text, after_start, after_end)
+            if hit is None:
+                hit = _match_before(text, before_start, s.start)
+            if hit is None:
+                continue
+            kind, m, off = hit
+            if kind == "other":
+                s.other = True
+                continue
+            if kind == "group":
+                s.group = True
+                continue
+            if "pron" in m.groupdict() and m.group("pron"):
+                p = m.group("pron").lower()
+                if p in ("they", "we"):
+                    s.group = True
+                else:
+                    pron_hits[s.index] = (p, off + m.start("pron"))
+                continue
+            name = _clean_name(m.group("name"))
+            if not name:
+                continue
+            grp = bool(m.groupdict().get("and"))
+            found[s.index] = ("explicit", name, off + m.start("name"), grp)
+            if not grp:
+                surface[name] += 1
+                if m.group("art") and m.group("art").lower().startswith("the"):
+                    article[name] += 1
+
+    names = _canonical_names(surface)
+    an.names = names
+    an.uses_article = {}
+    for form, canon in names.items():
+        an.uses_article[canon] = an.uses_article.get(canon, False) or article[form] * 2 > surface[form]
+
+    # 2. mention regex over the known names; subjects and genders from narration
+    mention_re = _mention_regex(names)
+    narr = _narration_ranges(spans, blocks, book)
+    events: list[tuple[int, str]] = []  # (offset, canonical): grammatical subjects and named speakers
+    genders: dict[str, Counter] = defaultdict(Counter)
+    subj_re = re.compile(
+        r"(?:^\s*|\n[ \t]*\n\s*|[.!?;:]\s+|--\s*|\(\s*)(?:(?:[Aa]nd|[Bb]ut|[Tt]hen|[Ss]o|[Hh]ere|[Hh]owever|[Jj]ust|[Nn]ow|[Ss]uddenly)"
+        r",?\s+)*(?:[Tt]he\s+)?(?:" + (mention_re.pattern if mention_re else r"(?!x)x") + r")"
+    ) if mention_re else None
+    for a, z in narr:
+        seg = text[a:z]
+        if mention_re is None:
+            break
+        for m in subj_re.finditer(seg):
+            canon = names[_norm_ws(m.group("m"))]
+            events.append((a + m.start("m"), canon))
+            # gender: the first he/she/it after a named subject, in its sentence, before another name
+            rest = seg[m.end(): m.end() + 80]
+            nxt = mention_re.search(rest)
+            cut = min([len(rest)] + [x.start() for x in [nxt, _SENT_END.search(rest)] if x])
+            pm = _PRON_ANY.search(rest[:cut])
+            if pm:
+                genders[canon][_PRON_CLASS[pm.group(1).lower()]] += 1
+    for idx, (kind, name, off, grp) in found.items():
+        s = spans[idx]
+        if grp:
+            s.group = True
+            continue
+        canon = names.get(name)
+        if canon is None:
+            continue
+        s.speaker, s.attribution, s.rule = canon, "explicit", "explicit"
+        events.append((off, canon))
+    events.sort()
+    an.genders = dict(genders)
+
+    # 3. pronouns, in book order (a resolved speaker is in focus for the next pronoun)
+    para_starts = _paragraph_starts(text, book.start, book.end)
+    for idx in sorted(pron_hits):
+        p, off = pron_hits[idx]
+        s = spans[idx]
+        cls = _PRON_CLASS[p]
+        pi = bisect_right(para_starts, off) - 1
+        floor = para_starts[max(0, pi - 2)]
+        k = bisect_right(events, (off, "\uffff")) - 1
+        while k >= 0 and events[k][0] >= floor:
+            cand = events[k][1]
+            if _compatible(cand, cls, genders):
+                s.speaker, s.attribution, s.rule = cand, "pronoun", "pronoun"
+                insort(events, (off, cand))
+                break
+            k -= 1
+
+    # 4. continuation inside a paragraph: narration between names nobody else
+    for b, bspans in by_block.items():
+        for k, s in enumerate(bspans):
+            if s.speaker or s.group or s.other or k == 0:
+                continue
+            prev = bspans[k - 1]
+            if not prev.speaker:
+                continue
+            between = text[prev.end + 1: s.start]
+            others = {names[_norm_ws(m.group("m"))] for m in mention_re.finditer(between)} if mention_re else set()
+            others.discard(prev.speaker)
+            if others and _subject_in(between, others, names, subj_re):
+                continue
+            s.speaker, s.attribution, s.rule = prev.speaker, prev.attribution, "continuation"
+
+    # 5. turn-taking: A, B, ? -> A (pure-speech paragraphs of one exchange)
+    _implicit(an, by_block, text)
+    return an
+
+
+def _match_after(text: str, a: int, z: int):
+    seg = text[a:z]
+    lead = len(seg) - len(seg.lstrip(" \t\n,.;:)"))
+    seg2 = seg[lead:]
+    if not seg2:
+        return None
+    if _AFTER_OTHER.match(seg2):
+        m = _AFTER_OTHER.match(seg2)
+        # `…,' said the Hatter: "the" + capital is a name, handled below
+        if not re.match(r"(?:" + VERB + _SP + r")?(?:[Tt]he" + _SP + r")?" + _CAP, seg2):
+            return "other", m, a + lead
+    for kind, rx in _AFTER:
+        m = rx.match(seg2)
+        if not m:
+            continue
+        if kind == "name_verb" and m.group("art") and m.group("art").startswith("The"):
+            continue  # a new sentence, not an attribution
+        if kind in ("name_verb", "verb_name") and not _clean_name(m.group("name")):
+            continue
+        if kind in ("name_verb",) and re.match(r"\s*nothing\b", seg2[m.end():]):
+            continue
+        return kind, m, a + lead
+    if re.match(r"(?:they|we)\b", seg2):
+        return "group", None, a + lead
+    return None
+
+
+def _match_before(text: str, a: int, z: int):
+    seg = text[a:z]
+    if not seg.strip() or not _TAIL_OK.search(seg):
+        return None
+    cut = 0
+    for m in _SENT_END.finditer(seg):
+        if seg[m.end():].strip():
+            cut = m.end()
+    tail = seg[cut:]
+    off = a + cut
+    best = None
+    for kind, rx in _BEFORE:
+        for m in rx.finditer(tail):
+            if kind != "pron_verb" and not _clean_name(m.group("name")):
+                continue
+            if kind == "name_verb" and re.search(r",\s*$", tail[: m.start()]) and "who" in tail[max(0, m.start() - 6): m.start()]:
+                continue
+            # the verb must end the clause: only a short adverbial may follow it
+            rest = tail[m.end():]
+            if len(rest.split()) > 10:
+                continue
+            if best is None or m.end() > best[1].end():
+                best = (kind, m)
+    if best is None:
+        m = _BEFORE_AND.match(tail.lstrip())
+        if m and len(tail[m.end():].split()) <= 10 and _clean_name(m.group("name")):
+            return "name_and_verb", m, off + (len(tail) - len(tail.lstrip()))
+        return None
+    kind, m = best
+    if kind == "name_verb" and re.search(_CAP + r"\s+and\s*$", tail[: m.start()]):
+        return "group", None, off
+    return kind, m, off
+
+
+def _canonical_names(surface: Counter) -> dict[str, str]:
+    """surface form -> canonical name; ``Rabbit`` joins ``White Rabbit`` when that is the only
+    multi-word name ending in it."""
+    names = {n: n for n in surface}
+    multi = [n for n in surface if " " in n and " of " not in n]
+    for n in surface:
+        if " " in n:
+            if " of " in n:  # Queen of Hearts -> Queen, when Queen speaks too
+                head = n.split(" of ")[0]
+                if head in surface:
+                    names[n] = head
+            continue
+        longer = [m for m in multi if m.split()[-1] == n]
+        if len(longer) == 1:
+            names[n] = longer[0]
+    # resolve chains
+    for n in list(names):
+        seen = set()
+        while names[n] != n and names[n] not in seen:
+            seen.add(n)
+            if names[names[n]] == names[n]:
+                break
+            names[n] = names[names[n]]
+    return names
+
+
+def _mention_regex(names: dict[str, str]):
+    if not names:
+        return None
+    forms = sorted(names, key=len, reverse=True)
+    alts = "|".join(r"[ \t\n]+".join(map(re.escape, f.split())) for f in forms)
+    return re.compile(r"\b(?P<m>" + alts + r")\b")
+
+
+def _norm_ws(s: str) -> str:
+    return " ".join(s.split())
+
+
+def _subject_in(seg: str, who: set[str], names: dict[str, str], subj_re) -> bool:
+    """Does ``seg`` contain a clause whose subject (or speech verb) is one of ``who``?"""
+    if subj_re is not None:
+        for m in subj_re.finditer(seg):
+            if names[_norm_ws(m.group("m"))] in who:
+                return True
+    for kind, rx in _BEFORE[:3]:
+        for m in rx.finditer(seg):
+            n = _clean_name(m.group("name") or "")
+            if n and names.get(n) in who:
+                return True
+    return False
+
+
+def _compatible(name: str, cls: str, genders: dict[str, Counter]) -> bool:
+    c = genders.get(name)
+    total = sum(c.values()) if c else 0
+    if total >= 2:
+        return c[cls] >= 1 and c[cls] / total >= 0.2
+    lex = _TITLE_GENDER.get(name.split()[-1].lower()) or _TITLE_GENDER.get(name.split()[0].lower())
+    if lex:
+        return lex == cls
+    return total == 0 or c[cls] > 0
+
+
+def _paragraph_starts(text: str, a: int, z: int) -> list[int]:
+    return [a] + [m.end() for m in re.finditer(r"\n[ \t]*\n", text[a:z])]
+
+
+def _blocks(text: str, a: int, z: int, raw: list[RawSpan]):
+    """Paragraphs (blank-line separated), merged where a span crosses a paragraph break."""
+    pstarts = [a] + [a + m.end() for m in re.finditer(r"\n[ \t]*\n", text[a:z])]
+    pend = pstarts[1:] + [z]
+    para_block = list(range(len(pstarts)))
+    for r in raw:
+        p0 = bisect_right(pstarts, r.start) - 1
+        p1 = bisect_right(pstarts, max(r.start, r.end)) - 1
+        for p in range(p0 + 1, p1 + 1):
+            para_block[p] = para_block[p0]
+    blocks: list[tuple[int, int]] = []
+    block_idx = {}
+    for p, root in enumerate(para_block):
+        if root == p:
+            block_idx[p] = len(blocks)
+            blocks.append((pstarts[p], pend[p]))
+        else:
+            bi = block_idx[root]
+            blocks[bi] = (blocks[bi][0], pend[p])
+            block_idx[p] = bi
+    block_of = [block_idx[bisect_right(pstarts, r.start) - 1] for r in raw]
+    return blocks, block_of
+
+
+def _narration_ranges(spans: list[Span], blocks, book: Book) -> list[tuple[int, int]]:
+    """Offsets of all narration (text outside quotes) in the body."""
+    out = []
+    pos = book.start
+    for s in spans:
+        if s.start > pos:
+            out.append((pos, s.start))
+        pos = max(pos, s.end + 1)
+    if pos < book.end:
+        out.append((pos, book.end))
+    return out
+
+
+def _implicit(an: Analysis, by_block: dict[int, list[Span]], text: str) -> None:
+    blocks = an.blocks
+
+    def sole_speaker(b):
+        ss = by_block.get(b)
+        if not ss or any(s.group or s.other for s in ss):
+            return None
+        sp = {s.speaker for s in ss}
+        return sp.pop() if len(sp) == 1 else None
+
+    def pure(b):
+        ss = by_block.get(b)
+        if not ss:
+            return False
+        a, z = blocks[b]
+        rest, pos = [], a
+        for s in ss:
+            rest.append(text[pos:s.start])
+            pos = s.end + 1
+        rest.append(text[pos:z])
+        return not re.search(r"[A-Za-z]", "".join(rest))
+
+    for b in sorted(by_block):
+        ss = by_block[b]
+        if any(s.speaker or s.group or s.other for s in ss) or not pure(b):
+            continue
+        if b < 2 or not by_block.get(b - 1) or not by_block.get(b - 2):
+            continue
+        a_sp, b_sp = sole_speaker(b - 2), sole_speaker(b - 1)
+        if not a_sp or not b_sp or a_sp == b_sp:
+            continue
+        nxt = sole_speaker(b + 1) if by_block.get(b + 1) else None
+        if nxt == a_sp:
+            continue
+        for s in ss:
+            s.speaker, s.attribution, s.rule = a_sp, "implicit", "implicit"
