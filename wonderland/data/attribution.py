@@ -68,8 +68,12 @@ _BEFORE = [
     ("pron_verb", re.compile(r"\b" + _PRON + _SP + r"(?:" + _ADV + r")*" + VERB)),
 ]
 _BEFORE_AND = re.compile(
-    r"^(?:(?:and|but|so|then|here|just\s+then)\s+)*" + _NAME + r"\b[^\n]*?\b(?:and|then)\s+(?:then\s+)?(?:"
+    r"^(?:(?:and|but|so|then|here|just\s+then)\s+)*" + _NAME + r"\b[\s\S]*?\b(?:and|then)\s+(?:then\s+)?(?:"
     + _ADV + r")*" + VERB
+)
+# the King, who had been busily writing in his note-book, cackled out `…'
+_BEFORE_REL = re.compile(
+    r"(?:^|\s)" + _NAME + r",\s+who\b[^.;!?]*?,\s+(?:" + _ADV + r")*" + VERB + r"(?:\s+(?:out|aloud|up))?[,:]?\s*$"
 )
 _TAIL_OK = re.compile(r"(?:[,:\-\u2014]|" + VERB + r"(?:\s+(?:out|aloud|up))?)\s*\(?\s*$")
 
@@ -183,8 +187,11 @@ def analyse(book: Book, warn=None) -> Analysis:
             after_end = bspans[k + 1].start if k + 1 < len(bspans) else bend
             before_start = bspans[k - 1].end + 1 if k else bstart
             hit = _match_after(text, after_start, after_end)
-            if hit is None:
-                hit = _match_before(text, before_start, s.start)
+            if hit is None or _is_pronoun(hit):
+                # a name introducing the quote beats a pronoun after it
+                before = _match_before(text, before_start, s.start)
+                if before is not None and (hit is None or not _is_pronoun(before)):
+                    hit = before
             if hit is None:
                 continue
             kind, m, off = hit
@@ -223,8 +230,8 @@ def analyse(book: Book, warn=None) -> Analysis:
     events: list[tuple[int, str]] = []  # (offset, canonical): grammatical subjects and named speakers
     genders: dict[str, Counter] = defaultdict(Counter)
     subj_re = re.compile(
-        r"(?:^\s*|\n[ \t]*\n\s*|[.!?;:]\s+|--\s*|\(\s*)(?:(?:[Aa]nd|[Bb]ut|[Tt]hen|[Ss]o|[Hh]ere|[Hh]owever|[Jj]ust|[Nn]ow|[Ss]uddenly)"
-        r",?\s+)*(?:[Tt]he\s+)?(?:" + (mention_re.pattern if mention_re else r"(?!x)x") + r")"
+        r"(?:(?:^\s*|\n[ \t]*\n\s*|[.!?;:]\s+|--\s*|\(\s*)(?:(?:[Aa]nd|[Bb]ut|[Tt]hen|[Ss]o|[Hh]ere|[Hh]owever|[Jj]ust|[Nn]ow|[Ss]uddenly)"
+        r",?\s+)*|\b(?:was|is)\s+)(?:[Tt]he\s+(?:[a-z]+\s+){0,2})?(?:" + (mention_re.pattern if mention_re else r"(?!x)x") + r")"
     ) if mention_re else None
     for a, z in narr:
         seg = text[a:z]
@@ -290,6 +297,11 @@ def analyse(book: Book, warn=None) -> Analysis:
     return an
 
 
+def _is_pronoun(hit) -> bool:
+    m = hit[1]
+    return m is not None and bool(m.groupdict().get("pron"))
+
+
 def _match_after(text: str, a: int, z: int):
     seg = text[a:z]
     lead = len(seg) - len(seg.lstrip(" \t\n,.;:)"))
@@ -341,6 +353,9 @@ def _match_before(text: str, a: int, z: int):
             if best is None or m.end() > best[1].end():
                 best = (kind, m)
     if best is None:
+        m = _BEFORE_REL.search(tail)
+        if m and _clean_name(m.group("name")):
+            return "name_rel_verb", m, off
         m = _BEFORE_AND.match(tail.lstrip())
         if m and len(tail[m.end():].split()) <= 10 and _clean_name(m.group("name")):
             return "name_and_verb", m, off + (len(tail) - len(tail.lstrip()))

@@ -1,0 +1,331 @@
+"""Book → one character's chat dataset (``utterances.jsonl``, ``train.jsonl``, ``valid.jsonl``, ``stats.json``)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from wonderland.data.attribution import Analysis, Span, analyse
+from wonderland.data.book import default_book_path, read_book
+from wonderland.data.persona import best_prompt_for, build_persona_pairs
+from wonderland.errors import UserError
+from wonderland.fileio import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, staging_dir
+
+DATASET_FILES = ("utterances.jsonl", "train.jsonl", "valid.jsonl", "stats.json")
+ATTRIBUTIONS = ("explicit", "pronoun", "implicit", "unknown")
+PERSONA_SHARE = 0.35  # persona pairs at most this fraction of the dialogue records
+FEW_LINES = 40  # below this, warn that the character has too few lines to train well
+# a question for a line that answers nobody and matches no persona topic
+_OPENERS = ["Go on.", "What do you say?", "Well?", "And what do you think?", "What is it?",
+            "Tell me more.", "What's on your mind?", "Yes?"]
+
+
+def character_system_prompt(character: str, book_title: str) -> str:
+    """The system prompt for chatting with ``character`` (e.g. "the Hatter") from ``book_title``."""
+    who = character.strip()
+    return (f"You are {who} from {book_title}. Stay in character: answer as {who} would, "
+            f"in {who}'s own voice and manner, briefly.")
+
+
+def load_book_analysis(book: str | Path | None, warn: Callable[[str], None] | None = None) -> Analysis:
+    path = default_book_path() if book is None else Path(book)
+    return analyse(read_book(path), warn=warn)
+
+
+def list_characters(book: str | Path | None) -> list[tuple[str, int]]:
+    """Speakers found in ``book`` (default book when None) with their line counts, most first."""
+    return load_book_analysis(book).speaker_counts()
+
+
+def resolve_character(an: Analysis, character: str, aliases: Sequence[str] = ()) -> tuple[str, set[str]]:
+    """(canonical name, set of canonical speakers that count as the character)."""
+    def key(s: str) -> str:
+        s = " ".join(s.split()).lower()
+        return s[4:] if s.startswith("the ") else s
+
+    lookup: dict[str, str] = {}
+    for form, canon in an.names.items():
+        lookup.setdefault(key(form), canon)
+        lookup.setdefault(key(canon), canon)
+    canon = lookup.get(key(character))
+    if canon is None or not any(s.speaker == canon for s in an.spans):
+        top = ", ".join(f"{n} ({c})" for n, c in an.speaker_counts()[:10])
+        raise UserError(f"{character!r} never speaks in {an.book.path.name} (no attributed lines); "
+                        f"top speakers: {top or 'none found'}")
+    targets = {canon}
+    for a in aliases:
+        c = lookup.get(key(a))
+        if c:
+            targets.add(c)
+    return canon, targets
+
+
+@dataclass
+class _Turn:
+    exchange: int
+    speaker: str | None
+    spans: list[Span]
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.spans)
+
+    @property
+    def lines(self) -> list[int]:
+        return sorted({s.line for s in self.spans})
+
+
+def _turns(an: Analysis) -> list[_Turn]:
+    """Spans grouped into turns: consecutive spans of one speaker within a paragraph; exchanges are
+    runs of consecutive paragraphs that hold speech."""
+    turns: list[_Turn] = []
+    exchange = -1
+    last_block = None
+    for s in an.spans:
+        if last_block is None or s.block != last_block + 1 and s.block != last_block:
+            exchange += 1
+        who = s.speaker if not s.group else "<group>"
+        if turns and turns[-1].exchange == exchange and turns[-1].spans[-1].block == s.block \
+                and turns[-1].speaker == who:
+            turns[-1].spans.append(s)
+        else:
+            turns.append(_Turn(exchange, who, [s]))
+        last_block = s.block
+    return turns
+
+
+_CAPS = re.compile(r"\b[A-Z][A-Z']+\b")
+
+
+def clean_chat_text(text: str) -> str:
+    """Book text → chat text: ASCII quotes, em dashes, no SHOUTING emphasis or _underscores_."""
+    t = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    t = re.sub(r"_(\w+)_", r"\1", t)
+    t = t.replace("--", "\u2014")
+
+    def fix(m: re.Match) -> str:
+        w = m.group(0)
+        if w in ("I", "O", "A") or (len(w.replace("'", "")) < 2):
+            return w
+        low = w.lower()
+        if low == "i" or low.startswith("i'"):
+            return "I" + low[1:]
+        before = t[: m.start()].rstrip(' "\u2014')
+        if not before or before[-1] in ".!?":
+            return low[:1].upper() + low[1:]
+        return low
+
+    t = _CAPS.sub(fix, t)
+    t = re.sub(r"\s+", " ", t).strip()
+    return t.strip("\u2014 ") if t.strip("\u2014 ") else t
+
+
+def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, *, aliases: Sequence[str] = (),
+                  valid_fraction: float = 0.1, seed: int = 0, persona: bool = True,
+                  warn: Callable[[str], None] | None = None) -> dict:
+    """Write ``character``'s dataset from ``book`` (default book when None) into ``out_dir``.
+
+    Returns the stats (also written to ``stats.json``). Everything is computed before anything is
+    written; the folder appears complete or not at all."""
+    if not 0 <= valid_fraction < 1:
+        raise UserError(f"valid fraction must be in [0, 1), got {valid_fraction}")
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output path {out_dir} exists and is not a folder")
+    if out_dir.is_dir():
+        stray = sorted(p.name for p in out_dir.iterdir() if p.name not in DATASET_FILES)
+        if stray:
+            raise UserError(f"output folder {out_dir} holds other files ({', '.join(stray[:3])}); "
+                            f"pick an empty or new folder")
+    warnings: list[str] = []
+
+    def _warn(msg: str) -> None:
+        warnings.append(msg)
+        if warn:
+            warn(msg)
+
+    an = load_book_analysis(book, warn=_warn)
+    canon, targets = resolve_character(an, character, aliases)
+    display = an.display_name(canon)
+    title = an.book.title
+    system = character_system_prompt(display, title)
+    rng = random.Random(seed)
+
+    # dialogue records
+    turns = _turns(an)
+    dialogue: list[dict] = []
+    char_turns: list[_Turn] = []
+    for k, t in enumerate(turns):
+        if t.speaker not in targets:
+            continue
+        answer = clean_chat_text(t.text)
+        if len(answer) < 2:
+            continue
+        prev = turns[k - 1] if k else None
+        user, context = None, []
+        if prev is not None and prev.exchange == t.exchange and prev.speaker not in targets:
+            user = clean_chat_text(prev.text)
+            context = prev.lines
+        if not user:
+            user = best_prompt_for(answer, rng) or rng.choice(_OPENERS)
+        char_turns.append(t)
+        dialogue.append(_record(system, user, answer, t.lines, "dialogue", context=context,
+                                exchange=t.exchange))
+
+    # split by exchange
+    exchanges = sorted({r["_exchange"] for r in dialogue})
+    rng.shuffle(exchanges)
+    target = round(valid_fraction * len(dialogue))
+    if valid_fraction > 0 and target == 0 and len(dialogue) >= 2:
+        target = 1
+    valid_ex: set[int] = set()
+    count = Counter(r["_exchange"] for r in dialogue)
+    n = 0
+    for e in exchanges:
+        if n >= target:
+            break
+        if n + count[e] > target * 1.5 and n > 0:
+            continue
+        valid_ex.add(e)
+        n += count[e]
+    split_of_text: dict[str, str] = {}
+    line_split: dict[int, str] = {}
+    for r in dialogue:
+        sp = "valid" if r["_exchange"] in valid_ex else "train"
+        a = r["messages"][2]["content"].lower()
+        sp = split_of_text.setdefault(a, sp)
+        r["_split"] = sp
+        for ln in r["source"]["lines"]:
+            line_split.setdefault(ln, sp)
+
+    # persona pairs, each in its source line's split
+    persona_recs: list[dict] = []
+    if persona and char_turns:
+        answers = [r["messages"][2]["content"] for r in dialogue]
+        others = [an.display_name(n) for n, _ in an.speaker_counts() if n not in targets][:6]
+        limit = int(PERSONA_SHARE * len(dialogue))
+        for p in build_persona_pairs(answers, others, limit, seed):
+            src = dialogue[p.answer_index]
+            rec = _record(system, p.prompt, src["messages"][2]["content"], src["source"]["lines"], "persona",
+                          topic=p.topic)
+            rec["_split"] = src["_split"]
+            persona_recs.append(rec)
+
+    seen: set[tuple[str, str]] = set()
+    train: list[dict] = []
+    valid: list[dict] = []
+    for r in dialogue + persona_recs:
+        k = (r["messages"][1]["content"].lower(), r["messages"][2]["content"].lower())
+        if k in seen:
+            continue
+        seen.add(k)
+        (valid if r.pop("_split") == "valid" else train).append(r)
+        r.pop("_exchange", None)
+    rng.shuffle(train)
+
+    char_spans = [s for s in an.spans if s.speaker in targets]
+    if len(char_spans) < FEW_LINES:
+        _warn(f"{display} has only {len(char_spans)} lines in this book: expect a light touch of their "
+              f"style at best, and a model that repeats their lines; {FEW_LINES}+ lines train better")
+    if valid_fraction > 0 and not valid:
+        _warn("no validation records (too few exchanges); validation loss will not be reported")
+
+    by_attr = Counter(s.attribution for s in an.spans)
+    stats = {
+        "character": canon,
+        "display_name": display,
+        "aliases": sorted(targets - {canon}),
+        "book": title,
+        "book_path": str(an.book.path.resolve()),
+        "book_sha256": an.book.sha256,
+        "quote_style": an.style.name,
+        "system_prompt": system,
+        "seed": seed,
+        "valid_fraction": valid_fraction,
+        "spans": len(an.spans),
+        "spans_by_attribution": {a: by_attr.get(a, 0) for a in ATTRIBUTIONS},
+        "group_spans": sum(s.group for s in an.spans),
+        "character_utterances": len(char_spans),
+        "character_utterances_by_attribution": dict(Counter(s.attribution for s in char_spans)),
+        "words": sum(len(s.text.split()) for s in char_spans),
+        "dialogue_records": sum(r["source"]["kind"] == "dialogue" for r in train + valid),
+        "persona_records": sum(r["source"]["kind"] == "persona" for r in train + valid),
+        "train_records": len(train),
+        "valid_records": len(valid),
+        "top_speakers": an.speaker_counts()[:10],
+        "warnings": warnings,
+    }
+
+    stage = staging_dir(out_dir)
+    try:
+        atomic_write_jsonl(stage / "utterances.jsonl", (s.record() for s in an.spans))
+        atomic_write_jsonl(stage / "train.jsonl", train)
+        atomic_write_jsonl(stage / "valid.jsonl", valid)
+        atomic_write_json(stage / "stats.json", stats)
+        atomic_replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stats
+
+
+def _record(system: str, user: str, answer: str, lines: list[int], kind: str, *, context=(), exchange=None,
+            topic=None) -> dict:
+    source: dict = {"lines": list(lines), "kind": kind}
+    if context:
+        source["context_lines"] = list(context)
+    if topic:
+        source["topic"] = topic
+    rec = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user},
+                        {"role": "assistant", "content": answer}], "source": source}
+    if exchange is not None:
+        rec["_exchange"] = exchange
+    return rec
+
+
+def load_chat_jsonl(path: str | Path) -> list[dict]:
+    """Read chat records (``{"messages": [{"role", "content"}, …]}`` per line), validated.
+
+    :class:`UserError` naming the file and line for unreadable files, malformed JSON, missing or
+    malformed messages, and empty files."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a .jsonl file") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not valid UTF-8") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        if not isinstance(rec, dict) or "messages" not in rec:
+            raise UserError(f"{path}:{n}: record has no \"messages\" list")
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{path}:{n}: \"messages\" must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise UserError(f"{path}:{n}: each message needs a role (system/user/assistant) and text content")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise UserError(f"{path}:{n}: no assistant message to learn from")
+        records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no records (empty file)")
+    return records
