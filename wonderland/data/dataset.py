@@ -123,7 +123,9 @@ def clean_chat_text(text: str) -> str:
 
     t = _CAPS.sub(fix, t)
     t = re.sub(r"\s+", " ", t).strip()
-    return t.strip("\u2014 ") if t.strip("\u2014 ") else t
+    if t[-1:] in ",;:":  # `…,' said the Hatter: the comma belonged to the narration
+        t = t[:-1].rstrip() + "."
+    return t
 
 
 def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, *, aliases: Sequence[str] = (),
