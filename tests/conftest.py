@@ -26,6 +26,18 @@ def wl_home(tmp_path, monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="session")
+def alice_path() -> Path:
+    """The test book (Canterbury alice29.txt): ../shared/corpus/alice.txt beside the checkout when
+    there, else wonderland's default-book lookup ($WONDERLAND_BOOK, cache, checksummed download)."""
+    from wonderland.data import default_book_path
+
+    shared = REPO.parent / "shared" / "corpus" / "alice.txt"
+    if not os.environ.get("WONDERLAND_BOOK") and shared.is_file():
+        return shared
+    return default_book_path()
+
+
+@pytest.fixture(scope="session")
 def embedded_model() -> Path:
     """The packaged SmolLM2-135M-Instruct as a HF folder (converted once, then cached)."""
     os.environ.setdefault("WONDERLAND_MODELS", str(SHARED_MODELS))
