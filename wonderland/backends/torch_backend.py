@@ -32,7 +32,7 @@ from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
 KEEP_CHECKPOINTS = 2
 
 hf_logging.disable_progress_bar()  # our own events report progress; keep the terminal clean
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
 
 # ----------------------------------------------------------------------------- setup helpers

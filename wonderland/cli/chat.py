@@ -20,8 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_generation_options(p)
 
 
-def print_comparison(loaded: LoadedRun, prompt: str, gen: GenerationConfig, out=sys.stdout) -> dict[str, str]:
+def print_comparison(loaded: LoadedRun, prompt: str, gen: GenerationConfig, out=None) -> dict[str, str]:
     """Stream each arm's reply to ``prompt`` under a label; returns the replies."""
+    out = out or sys.stdout
     replies = {}
     print(f"\n>>> {prompt}", file=out)
     for arm in ARMS:

@@ -1,0 +1,179 @@
+"""The training recipe through the real CLI, on a tiny random llama: files, metrics, resume, chat."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from wonderland.cli import main
+from wonderland.events import StopFlag, read_metrics
+
+SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland."
+LINES = [
+    ("What time is it?", "It's always six o'clock now: always tea-time."),
+    ("Who are you?", "I'm the Hatter, and this is my tea-party."),
+    ("Tell me a riddle.", "Why is a raven like a writing-desk?"),
+    ("Any more tea?", "Take some more tea, it's very easy to take more than nothing."),
+    ("What is wrong with your watch?", "It was the best butter, you know, the best butter."),
+    ("Where is the March Hare?", "He's in the March, and mad as ever, at the table."),
+    ("Why move round the table?", "Because the things get used up, of course. Clean cup!"),
+    ("Do you know Time?", "If you knew Time as well as I do, you wouldn't talk about wasting it."),
+]
+
+
+def write_dataset(folder: Path, n_valid: int = 2) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": u},
+                             {"role": "assistant", "content": a}]} for u, a in LINES]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[n_valid:]))
+    (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:n_valid]))
+    (folder / "stats.json").write_text(json.dumps({"character": "Hatter", "book": "Alice", "system_prompt": SYSTEM}))
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+def train_args(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(dataset), "--model", str(model), "--out", str(out), "--iters", "4",
+            "--batch-size", "2", "--lr", "1e-2", "--val-every", "2", "--save-every", "2", "--warmup", "0", "--schedule", "constant", *extra]
+
+
+def test_train_writes_run_folder_and_metrics(dataset, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(dataset, tiny_model, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "run.json"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == [
+        "adapter", "trainer.pt", "trainer_state.json"]
+
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    kinds = [r["event"] for r in records]
+    assert kinds == ["started", "step", "step", "eval", "checkpoint", "step", "step", "eval", "finished"]
+    for r in records:
+        assert {"event", "seq", "time", "step", "total_steps"} <= r.keys() and r["total_steps"] == 4
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert math.isfinite(r["loss"]) and r["tokens_per_second"] > 0 and r["learning_rate"] == pytest.approx(1e-2)
+        assert {"elapsed_s", "eta_s", "peak_memory_gb", "tokens"} <= r.keys()
+    assert steps[-1]["eta_s"] == 0
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["schema_version"] == 1
+    assert info["config"]["iters"] == 4 and info["config"]["rank"] == 8 and info["config"]["lr"] == 1e-2
+    assert info["model"]["path"] == str(tiny_model) and len(info["model"]["sha256"]) == 64
+    assert info["data"]["train_records"] == 6 and info["data"]["valid_records"] == 2
+    assert info["system_prompt"] == SYSTEM and info["adapter_format"] == "peft" and info["backend"] == "torch"
+    assert {"torch", "transformers", "peft", "wonderland"} <= info["versions"].keys()
+    assert info["result"]["step"] == 4 and math.isfinite(info["result"]["val_loss"])
+    assert "Adapter saved to" in capsys.readouterr().out
+
+
+def test_adapter_reloads_and_changes_the_output(dataset, tiny_model, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    assert main(train_args(dataset, tiny_model, out)) == 0
+    ids = torch.tensor([[1, 504, 3055, 314, 357, 47]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        after = tuned(ids).logits
+        with tuned.disable_adapter():
+            off = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(before, off)
+
+
+def test_stop_then_resume_continues_from_the_checkpoint(dataset, tiny_model, tmp_path):
+    from wonderland.config import TrainConfig
+    from wonderland.train import train
+
+    out = tmp_path / "run"
+    config = TrainConfig(model=str(tiny_model), iters=6, batch_size=2, lr=1e-2, warmup=0, val_every=0, save_every=0)
+    stop = StopFlag()
+    run = train(config, dataset, out=str(out), should_stop=stop, log=lambda m: None,
+                subscribers=[lambda r: r["event"] == "step" and r["step"] == 3 and stop.set()])
+    info = run.read()
+    assert info["status"] == "stopped" and info["result"]["step"] == 3
+    assert (out / "checkpoints" / "step-000003" / "trainer_state.json").exists()
+    assert not (out / "adapter").exists()
+
+    assert main(["train", "--resume", str(out)]) == 0
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    kinds = [r["event"] for r in records]
+    assert kinds.count("stopped") == 1 and kinds.count("resumed") == 1 and kinds[-1] == "finished"
+    steps = [r["step"] for r in records if r["event"] == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_resume_matches_an_uninterrupted_run(dataset, tiny_model, tmp_path):
+    """Exact resume: the adapter after stop+resume equals the one from a straight run."""
+    from safetensors.torch import load_file
+
+    from wonderland.config import TrainConfig
+    from wonderland.train import train
+
+    config = TrainConfig(model=str(tiny_model), iters=4, batch_size=2, lr=1e-2, warmup=0, val_every=0, save_every=0)
+    straight = train(config, dataset, out=str(tmp_path / "a"), log=lambda m: None)
+    stop = StopFlag()
+    train(config, dataset, out=str(tmp_path / "b"), should_stop=stop, log=lambda m: None,
+          subscribers=[lambda r: r["event"] == "step" and r["step"] == 2 and stop.set()])
+    resumed = train(config, None, resume=str(tmp_path / "b"), log=lambda m: None)
+    a = load_file(straight.adapter / "adapter_model.safetensors")
+    b = load_file(resumed.adapter / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-5, k
+
+
+def test_chat_compare_prints_three_labelled_arms(dataset, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(dataset, tiny_model, out)) == 0
+    capsys.readouterr()
+    assert main(["chat", "--run", str(out), "--prompt", "What time is it?", "--compare", "--max-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert ">>> What time is it?" in text
+    for arm in ("[    base]", "[prompted]", "[ trained]"):
+        assert arm in text
+
+
+def test_base_arm_never_uses_the_adapter(dataset, tiny_model, tmp_path):
+    """Base/Prompted run the same weights as a model loaded without any adapter."""
+    from wonderland.backends import get_backend
+    from wonderland.config import GenerationConfig
+    from wonderland.generate import load_run
+
+    out = tmp_path / "run"
+    # a strong adapter (high lr, rank 16 on every projection), so trained text differs from base
+    assert main(train_args(dataset, tiny_model, out, "--lr", "0.1", "--iters", "12", "--rank", "16",
+                           "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")) == 0
+    loaded = load_run(str(out))
+    plain = get_backend("torch").load(tiny_model)
+    gen = GenerationConfig(temperature=0, max_tokens=12)
+    msgs = [{"role": "user", "content": "What time is it?"}]
+    assert "".join(loaded.stream("prompted", msgs, gen)) == "".join(plain.stream(loaded.messages_for("prompted", msgs), gen))
+    # interleaving a trained stream with a base stream must not leak the adapter into the base one
+    base_stream, trained_stream = loaded.stream("base", msgs, gen), loaded.stream("trained", msgs, gen)
+    base_parts, trained_parts = [], []
+    for b, t in zip(base_stream, trained_stream):
+        base_parts.append(b)
+        trained_parts.append(t)
+    base_parts += list(base_stream)
+    trained_parts += list(trained_stream)
+    assert "".join(base_parts) == "".join(plain.stream(loaded.messages_for("base", msgs), gen))
+    assert "".join(trained_parts) == "".join(loaded.stream("trained", msgs, gen))
+    assert "".join(trained_parts) != "".join(base_parts)
