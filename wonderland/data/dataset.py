@@ -74,11 +74,27 @@ class _Turn:
 
     @property
     def text(self) -> str:
-        return " ".join(s.text for s in self.spans)
+        return join_spans([s.text for s in self.spans])
 
     @property
     def lines(self) -> list[int]:
         return sorted({s.line for s in self.spans})
+
+
+def join_spans(texts: list[str]) -> str:
+    """One speaker's spans interrupted by narration, as one utterance: `` `A,' said X, `b' `` is
+    "A, b"; `` `A,' said X. `B' `` is "A. B"; `` `A--' (…) `--b' `` is "A--b"; "I" starts no new sentence."""
+    out = ""
+    for t in texts:
+        if not out:
+            out = t
+        elif t.startswith("-"):
+            out = out.rstrip(",;:- ") + "--" + t.lstrip("-")
+        elif out[-1] in ",;:" and t[:1].isupper() and not re.match(r"I\b", t):
+            out = out[:-1] + ". " + t
+        else:
+            out = out + " " + t
+    return out
 
 
 def _turns(an: Analysis) -> list[_Turn]:

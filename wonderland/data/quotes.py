@@ -67,6 +67,7 @@ class RawSpan:
 
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 _WS = re.compile(r"\s+")
+_LINE_HYPHEN = re.compile(r"(?<=[A-Za-z])-[ \t]*\n\s*(?=[A-Za-z])")  # bread-\nand-butter
 
 
 def find_spans(text: str, start: int, end: int, style: QuoteStyle, line_of=None,
@@ -115,7 +116,7 @@ def find_spans(text: str, start: int, end: int, style: QuoteStyle, line_of=None,
         if not closed and warn is not None:
             where = f"line {line_of(span_start)}" if line_of else f"offset {span_start}"
             warn(f"unbalanced quote: the quote opened at {where} is not closed; closed at its paragraph end")
-        body = _WS.sub(" ", " ".join(pieces)).strip()
+        body = _WS.sub(" ", _LINE_HYPHEN.sub("-", " ".join(pieces))).strip()
         spans.append(RawSpan(span_start, stop, body, closed))
         i = stop + 1 if closed else stop
     return spans
