@@ -39,7 +39,8 @@ VERB = r"(?i:went\s+on|broke\s+in|called\s+out|cried\s+out|" + "|".join(sorted(s
 _ADV = r"(?:(?:[a-z]+ly|then|again|at\s+once|both|all|together|also|still|now|only|first|at\s+last)\s+)"
 _CAP = r"[A-Z][a-z]+"
 _NAME = (
-    r"(?P<art>(?:[Tt]he|[Hh]is|[Hh]er|[Tt]heir|[Oo]ur|[Mm]y)\s+(?:[a-z]+\s+){0,2})?"
+    r"(?P<art>(?:[Tt]he|[Hh]is|[Hh]er|[Tt]heir|[Oo]ur|[Mm]y)\s+(?:[a-z]+\s+){0,2}"
+    r"|(?:poor|little|old|young|dear|good|great|tiny|big|wretched|miserable)\s+)?"
     r"(?P<name>" + _CAP + r"(?:[ \t\n]+" + _CAP + r"){0,2}(?:[ \t\n]+of[ \t\n]+" + _CAP + r")?)"
 )
 _NAME2 = _NAME.replace("?P<art>", "?:").replace("?P<name>", "?P<name2>")
@@ -75,6 +76,10 @@ _BEFORE_AND = re.compile(
 _BEFORE_REL = re.compile(
     r"(?:^|\s)" + _NAME + r",\s+who\b[^.;!?]*?,\s+(?:" + _ADV + r")*" + VERB + r"(?:\s+(?:out|aloud|up))?[,:]?\s*$"
 )
+# at last it unfolded its arms, took the hookah out of its mouth, and said, `…'
+_BEFORE_PRON_AND = re.compile(
+    r"\b" + _PRON + r"\s+[a-z]+\b[^.;!?]*?\band\s+(?:then\s+)?(?:" + _ADV + r")*" + VERB + r"[^.;!?]{0,40}$"
+)
 _TAIL_OK = re.compile(r"(?:[,:\-\u2014]|" + VERB + r"(?:\s+(?:out|aloud|up))?)\s*\(?\s*$")
 
 _STOP = set(
@@ -84,10 +89,9 @@ _STOP = set(
     "Majesty Sir Madam Miss Mrs Mr Let Please Perhaps First Next Last Soon Still Even Suddenly Again Quite "
     "Very Chapter Alice's".split()
 )
-_MALE = re.compile(r"\b(?:he|his|him|himself)\b", re.I)
-_FEMALE = re.compile(r"\b(?:she|her|hers|herself)\b", re.I)
-_NEUTER = re.compile(r"\b(?:it|its|itself)\b", re.I)
-_PRON_ANY = re.compile(r"\b(he|his|him|himself|she|her|hers|herself|it|its|itself)\b", re.I)
+# gender evidence: forms that cannot be an object pointing at someone else ("her", "him" and "it" can:
+# "the Caterpillar called after her")
+_PRON_ANY = re.compile(r"\b(he|his|himself|she|hers|herself|its|itself)\b", re.I)
 _PRON_CLASS = {"he": "m", "his": "m", "him": "m", "himself": "m", "she": "f", "her": "f", "hers": "f",
                "herself": "f", "it": "n", "its": "n", "itself": "n"}
 _TITLE_GENDER = {"king": "m", "duke": "m", "lord": "m", "sir": "m", "mr": "m", "father": "m", "brother": "m",
@@ -359,6 +363,9 @@ def _match_before(text: str, a: int, z: int):
         m = _BEFORE_AND.match(tail.lstrip())
         if m and len(tail[m.end():].split()) <= 10 and _clean_name(m.group("name")):
             return "name_and_verb", m, off + (len(tail) - len(tail.lstrip()))
+        m = _BEFORE_PRON_AND.search(tail)
+        if m:
+            return "pron_and_verb", m, off
         return None
     kind, m = best
     if kind == "name_verb" and re.search(_CAP + r"\s+and\s*$", tail[: m.start()]):
