@@ -147,9 +147,13 @@ def test_gold_precision_recall(alice_path, style):
         data = gutenberg_to_curly(data.decode().replace("\r\n", "\n")).encode()
     an = analyse(parse_book(data, alice_path))
     assert an.style.name == style
-    for gold in bench.load_gold():
+    golds = bench.load_gold()
+    assert {"Hatter", "King"} <= {g["character"] for g in golds}
+    for gold in golds:
         r = bench.score(an, gold)["overall"]
-        assert r["precision"] >= 0.98 and r["recall"] >= 0.95, (gold["character"], r)
+        assert r["precision"] >= 0.98, (gold["character"], r)
+        if not gold.get("held_out"):  # held-out characters: precision is the promise, recall is reported
+            assert r["recall"] >= 0.95, (gold["character"], r)
 
 
 @pytest.mark.parametrize("content, message", [
