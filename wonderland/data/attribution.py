@@ -98,6 +98,7 @@ _TITLE_GENDER = {"king": "m", "duke": "m", "lord": "m", "sir": "m", "mr": "m", "
                  "boy": "m", "man": "m", "prince": "m", "uncle": "m", "queen": "f", "duchess": "f", "lady": "f",
                  "mrs": "f", "miss": "f", "mother": "f", "sister": "f", "girl": "f", "princess": "f", "aunt": "f"}
 _SENT_END = re.compile(r"[.!?;]")
+_CLAUSE_END = re.compile(r"[.!?;:,(]|--")
 
 
 @dataclass
@@ -244,13 +245,14 @@ def analyse(book: Book, warn=None) -> Analysis:
         for m in subj_re.finditer(seg):
             canon = names[_norm_ws(m.group("m"))]
             events.append((a + m.start("m"), canon))
-            # gender: the first he/she/it after a named subject, in its sentence, before another name
+            # gender: the first he/she/its… after a named subject, in its clause, before another name
             rest = seg[m.end(): m.end() + 80]
             nxt = mention_re.search(rest)
-            cut = min([len(rest)] + [x.start() for x in [nxt, _SENT_END.search(rest)] if x])
+            cut = min([len(rest)] + [x.start() for x in [nxt, _CLAUSE_END.search(rest)] if x])
             pm = _PRON_ANY.search(rest[:cut])
             if pm:
                 genders[canon][_PRON_CLASS[pm.group(1).lower()]] += 1
+    events_named: list[tuple[int, str]] = []
     for idx, (kind, name, off, grp) in found.items():
         s = spans[idx]
         if grp:
@@ -260,26 +262,32 @@ def analyse(book: Book, warn=None) -> Analysis:
         if canon is None:
             continue
         s.speaker, s.attribution, s.rule = canon, "explicit", "explicit"
-        events.append((off, canon))
+        events_named.append((off, canon))
+    events.extend(events_named)
     events.sort()
     an.genders = dict(genders)
 
     # 3. pronouns, in book order (a resolved speaker is in focus for the next pronoun)
     para_starts = _paragraph_starts(text, book.start, book.end)
+    named = Counter(c for _, c in events_named)
+    protagonist = named.most_common(1)[0][0] if named else None
     for idx in sorted(pron_hits):
         p, off = pron_hits[idx]
         s = spans[idx]
         cls = _PRON_CLASS[p]
         pi = bisect_right(para_starts, off) - 1
         floor = para_starts[max(0, pi - 2)]
-        k = bisect_right(events, (off, "\uffff")) - 1
-        while k >= 0 and events[k][0] >= floor:
-            cand = events[k][1]
-            if _compatible(cand, cls, genders):
-                s.speaker, s.attribution, s.rule = cand, "pronoun", "pronoun"
-                insort(events, (off, cand))
-                break
-            k -= 1
+        window = [c for o, c in reversed(events[: bisect_right(events, (off, "\uffff"))]) if o >= floor]
+        # the latest candidate the book clearly shows with this pronoun; else the protagonist, if so;
+        # else the latest candidate the pronoun can fit
+        cand = next((c for c in window if _compatible(c, cls, genders, evidence=True)), None)
+        if cand is None and protagonist and _compatible(protagonist, cls, genders, evidence=True):
+            cand = protagonist
+        if cand is None:
+            cand = next((c for c in window if _compatible(c, cls, genders)), None)
+        if cand:
+            s.speaker, s.attribution, s.rule = cand, "pronoun", "pronoun"
+            insort(events, (off, cand))
 
     # 4. continuation inside a paragraph: narration between names nobody else
     for b, bspans in by_block.items():
@@ -425,14 +433,20 @@ def _subject_in(seg: str, who: set[str], names: dict[str, str], subj_re) -> bool
     return False
 
 
-def _compatible(name: str, cls: str, genders: dict[str, Counter]) -> bool:
+def _compatible(name: str, cls: str, genders: dict[str, Counter], evidence: bool = False) -> bool:
+    """Can ``name`` be referred to by a pronoun of class ``cls``? With ``evidence``, only if the book
+    (or a gendered title: King, Duchess) says so."""
     c = genders.get(name)
     total = sum(c.values()) if c else 0
+    if evidence and total:
+        return c[cls] / total >= 0.6
     if total >= 2:
         return c[cls] >= 1 and c[cls] / total >= 0.2
     lex = _TITLE_GENDER.get(name.split()[-1].lower()) or _TITLE_GENDER.get(name.split()[0].lower())
     if lex:
         return lex == cls
+    if evidence:
+        return False
     return total == 0 or c[cls] > 0
 
 
@@ -507,6 +521,11 @@ def _implicit(an: Analysis, by_block: dict[int, list[Span]], text: str) -> None:
             continue
         a_sp, b_sp = sole_speaker(b - 2), sole_speaker(b - 1)
         if not a_sp or not b_sp or a_sp == b_sp:
+            continue
+        # the paragraph before must end as a conversational turn, not introduce a song or a
+        # recitation ("…, singing a sort of lullaby:", "the words came very queer indeed:--")
+        tail = text[by_block[b - 1][-1].end + 1: blocks[b - 1][1]].strip()
+        if len(tail.split()) > 20 or re.search(r"[:\-—]$", tail):
             continue
         nxt = sole_speaker(b + 1) if by_block.get(b + 1) else None
         if nxt == a_sp:
