@@ -91,8 +91,9 @@ def test_persona_pairs_are_retrieved_and_a_modest_share(hatter):
 
 def test_persona_retrieval_by_topic():
     lines = ["It's always six o'clock now, and my watch is two days wrong.", "Why is a raven like a writing-desk?",
-             "I want a clean cup of tea.", "Your hair wants cutting.", "The March Hare said so, you know."]
-    pairs = build_persona_pairs(lines, ["the March Hare"], limit=100, seed=0)
+             "I want a clean cup of tea.", "Your hair wants cutting.", "The March Hare said so, you know.",
+             "I keep them to sell. I'm a hatter."]
+    pairs = build_persona_pairs(lines, ["the March Hare"], limit=100, seed=0, self_name="Hatter")
     by_topic = {}
     for p in pairs:
         by_topic.setdefault(p.topic, set()).add(lines[p.answer_index])
@@ -100,6 +101,8 @@ def test_persona_retrieval_by_topic():
     assert by_topic["riddle"] == {lines[1]}
     assert by_topic["tea"] == {lines[2]}
     assert by_topic["character:the March Hare"] == {lines[4]}
+    assert lines[5] in by_topic["identity"]  # "Who are you?" finds the line with his own name
+    assert lines[3] in by_topic["rude"]
     assert build_persona_pairs(lines, [], limit=3, seed=0) == build_persona_pairs(lines, [], limit=3, seed=0)
 
 

@@ -228,7 +228,7 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
         answers = [r["messages"][2]["content"] for r in dialogue]
         others = [an.display_name(n) for n, _ in an.speaker_counts() if n not in targets][:6]
         limit = int(PERSONA_SHARE * len(dialogue))
-        for p in build_persona_pairs(answers, others, limit, seed):
+        for p in build_persona_pairs(answers, others, limit, seed, self_name=canon):
             src = dialogue[p.answer_index]
             rec = _record(system, p.prompt, src["messages"][2]["content"], src["source"]["lines"], "persona",
                           topic=p.topic)

@@ -1,9 +1,10 @@
 """Persona pairs: everyday prompts answered with the character's own lines, found by retrieval.
 
 Only the *prompts* and their topic keywords are written here; every answer is one of the
-character's lines from the book, chosen by weighted keyword overlap (idf) between the topic and the
-line. A topic with no matching line produces nothing. Lines about the book's other characters are
-found by their names.
+character's lines from the book, chosen by idf-weighted keyword overlap between the prompt (its own
+content words count double, plus its topic's keywords) and the line. A prompt with no line scoring
+above the threshold produces nothing. "Who are you?" also looks for the character's own name
+("I'm a hatter"); questions about the book's other characters look for their names.
 """
 
 from __future__ import annotations
@@ -16,44 +17,54 @@ from dataclasses import dataclass
 
 # (topic, prompts, keywords). Keywords are plain English, not tied to one book.
 TOPICS: list[tuple[str, list[str], list[str]]] = [
+    ("greeting", ["Hello!", "Good morning!", "Hi there, may I join you?", "Nice to meet you."],
+     ["morning", "welcome", "join", "room", "sit", "glad", "hello"]),
     ("time", ["What time is it?", "Do you know what time it is?", "Have you got the time?", "Are we late?",
               "Is it tea-time yet?", "How do you keep track of time?"],
      ["time", "clock", "o'clock", "watch", "hour", "late", "day", "month", "year", "minute", "half-past",
-      "week", "morning", "dinner", "always"]),
+      "week", "morning", "tea-time"]),
     ("riddle", ["Tell me a riddle.", "Do you know any riddles?", "Can you ask me a puzzle?",
                 "What's the answer to your riddle?"],
-     ["riddle", "riddles", "answer", "guess", "idea", "raven", "writing-desk", "puzzle"]),
+     ["riddle", "answer", "guess", "idea", "puzzle"]),
     ("tea", ["Would you like some tea?", "Shall I pour you a cup of tea?", "What would you like to drink?",
              "Is there any more tea?"],
      ["tea", "cup", "clean", "drink", "milk", "wine", "pour", "tea-time", "tea-things", "wash"]),
     ("food", ["Are you hungry?", "What shall we eat?", "What's your favourite food?"],
-     ["eat", "bread", "butter", "bread-and-butter", "treacle", "hungry", "dinner", "tarts", "jam", "cake", "soup"]),
+     ["eat", "bread", "butter", "bread-and-butter", "treacle", "hungry", "dinner", "tarts", "jam", "cake",
+      "soup", "food"]),
     ("song", ["Sing me a song.", "Do you know any songs?", "Can you sing?", "How does that song go?"],
      ["sing", "song", "sang", "verse", "concert", "twinkle", "music", "tune"]),
     ("identity", ["Who are you?", "Tell me about yourself.", "What do you do all day?", "What is your job?"],
-     ["i'm", "am", "my", "own", "man", "poor", "keep", "sell", "work", "name"]),
-    ("meaning", ["What do you mean?", "Can you explain that?", "That makes no sense.",
-                 "Say what you mean."],
+     ["i'm", "name", "myself"]),
+    ("meaning", ["What do you mean?", "Can you explain that?", "That makes no sense.", "Say what you mean."],
      ["mean", "meaning", "say", "same", "thing", "explain", "sense", "understand"]),
     ("rude", ["You're being very rude.", "Mind your manners!", "What do you think of my hair?"],
      ["rude", "civil", "remarks", "personal", "hair", "cutting", "manners", "opinion"]),
-    ("mood", ["How are you today?", "Are you mad?", "Why do you look so sad?", "Are you nervous?"],
-     ["mad", "poor", "nervous", "sad", "glad", "tired", "wrong", "mournful", "quarrelled"]),
+    ("mood", ["How are you today?", "Are you mad?", "Why do you look so sad?", "Are you nervous?",
+              "Are you happy?"],
+     ["mad", "sad", "glad", "tired", "nervous", "afraid", "sorry", "angry", "happy", "feel"]),
     ("move", ["Where should I sit?", "Shall we move?", "Is there room for me?"],
      ["move", "place", "room", "sit", "seat", "round", "chair"]),
-    ("talk", ["Can I say something?", "I don't think...", "May I ask a question?"],
-     ["talk", "speak", "ask", "question", "think", "shouldn't", "opinion"]),
+    ("talk", ["Can I say something?", "May I ask you a question?", "Do you like talking?"],
+     ["talk", "speak", "ask", "question", "say", "tell"]),
     ("farewell", ["Goodbye!", "I have to go now.", "See you later."],
-     ["go", "gone", "leave", "goodbye", "away", "way", "floor", "down"]),
+     ["go", "goodbye", "gone", "away", "later"]),
 ]
 # prompts about the book's other characters; {name} is "the March Hare" / "Alice"
 CHARACTER_PROMPTS = ["What do you think of {name}?", "Tell me about {name}.", "Do you know {name}?"]
+# a line shaped like the topic counts too: a riddle is "Why is a raven like a writing-desk?"
+SHAPES = {"riddle": re.compile(r"^(?:why is|what is the difference|what has|what goes)\b[^.!]*\?$", re.I)}
+SHAPE_BONUS = 3.0
+MAX_WORDS = 45  # persona answers are one line of talk, not a whole song
+MIN_SCORE = 1.2
 
 _WORD = re.compile(r"[a-z][a-z'\-]*")
 _STOP = set(
     "a an and are as at be but by do does did for from had has have he her him his how i if in is it its me "
     "my of on or she so that the their them then there they this to was we were what when where which who "
-    "why will with would you your yes no not all any can could shall should very just now well oh".split()
+    "why will with would you your yes no not all any can could shall should very just now well oh "
+    "tell know think something today really about some more like get got there's what's you're see ask go "
+    "yet yourself may let me".split()
 )
 
 
@@ -71,6 +82,10 @@ def tokens(text: str) -> set[str]:
     return {_stem(w) for w in _WORD.findall(text.lower())}
 
 
+def content_tokens(text: str) -> set[str]:
+    return {_stem(w) for w in _WORD.findall(text.lower()) if w not in _STOP} - {""}
+
+
 @dataclass
 class PersonaPair:
     prompt: str
@@ -79,9 +94,10 @@ class PersonaPair:
     score: float
 
 
-def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: int) -> list[PersonaPair]:
+def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: int,
+                        self_name: str = "") -> list[PersonaPair]:
     """Pick up to ``limit`` (prompt, line) pairs. ``lines``: the character's lines (one per turn);
-    ``others``: display names of other characters ("the March Hare")."""
+    ``others``: display names of other characters ("the March Hare"); ``self_name``: the character's."""
     if limit <= 0 or not lines:
         return []
     toks = [tokens(t) for t in lines]
@@ -91,43 +107,46 @@ def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: i
     def idf(w: str) -> float:
         return math.log(1 + n / (1 + df[w]))
 
-    def length_ok(i: int) -> bool:
-        words = len(lines[i].split())
-        return 3 <= words <= 60
-
-    topics = [(name, prompts, {_stem(k) for k in kws}) for name, prompts, kws in TOPICS]
+    topics = []
+    for name, prompts, kws in TOPICS:
+        kw = {_stem(k) for k in kws}
+        if name == "identity":
+            kw |= content_tokens(self_name)
+        topics.append((name, prompts, kw, False))
     for other in others:
-        key = {_stem(w) for w in _WORD.findall(other.lower())} - _STOP - {"the"}
+        key = content_tokens(other)
         if key:
-            topics.append((f"character:{other}", [p.format(name=other) for p in CHARACTER_PROMPTS], key))
+            topics.append((f"character:{other}", [p.format(name=other) for p in CHARACTER_PROMPTS], key, True))
 
     rng = random.Random(seed)
     per_topic: list[list[PersonaPair]] = []
-    for name, prompts, kws in topics:
-        ranked = []
-        for i, t in enumerate(toks):
-            if not length_ok(i):
-                continue
-            hit = t & kws
-            if not hit:
-                continue
-            if name.startswith("character:") and not kws <= t:
-                continue  # all the name words, not just "Hare"
-            score = sum(idf(w) for w in hit) / math.sqrt(1 + len(lines[i].split()) / 12)
-            ranked.append((score, i))
-        ranked.sort(key=lambda x: (-x[0], x[1]))
-        ranked = [r for r in ranked if r[0] >= 1.0]
-        if not ranked:
-            continue
+    for name, prompts, kws, need_all in topics:
+        used: set[int] = set()
+        pairs = []
         order = prompts[:]
         rng.shuffle(order)
-        pairs = []
-        for j, prompt in enumerate(order):
-            score, i = ranked[j % len(ranked)]
-            if j >= len(ranked):  # fewer matching lines than prompts: don't repeat a line
-                break
-            pairs.append(PersonaPair(prompt, i, name, score))
-        per_topic.append(pairs)
+        for prompt in order:
+            own = content_tokens(prompt) - {"time"} if name != "time" else content_tokens(prompt)
+            best = None
+            for i, t in enumerate(toks):
+                words = len(lines[i].split())
+                if i in used or not 2 <= words <= MAX_WORDS:
+                    continue
+                if need_all and not kws <= t:
+                    continue  # all the name's words: "March Hare", not just "Hare"
+                hit = t & (kws | own)
+                shaped = name in SHAPES and bool(SHAPES[name].match(lines[i]))
+                if not hit and not shaped:
+                    continue
+                score = sum(idf(w) * (2 if w in own else 1) for w in hit) / math.sqrt(1 + words / 15)
+                score += SHAPE_BONUS if shaped else 0.0
+                if score >= MIN_SCORE and (best is None or score > best[0]):
+                    best = (score, i)
+            if best:
+                used.add(best[1])
+                pairs.append(PersonaPair(prompt, best[1], name, round(best[0], 3)))
+        if pairs:
+            per_topic.append(pairs)
     # round-robin over topics so a small limit still covers many of them
     rng.shuffle(per_topic)
     out: list[PersonaPair] = []
@@ -141,13 +160,12 @@ def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: i
 
 
 def best_prompt_for(line: str, rng: random.Random) -> str | None:
-    """A natural question for a line that answers nobody: the persona prompt of the best matching
-    topic, if the line clearly is about one."""
+    """A natural question for a line that answers nobody: a persona prompt of the topic the line is
+    clearly about (two keywords or more), if any."""
     t = tokens(line)
     best, best_score = None, 0
     for name, prompts, kws in TOPICS:
-        k = {_stem(w) for w in kws}
-        score = len(t & k)
+        score = len(t & {_stem(w) for w in kws})
         if score > best_score:
             best, best_score = prompts, score
     if best is None or best_score < 2:
