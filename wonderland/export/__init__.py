@@ -1,0 +1,231 @@
+"""Take a trained run anywhere: PEFT, mlx-lm, a merged HF model, GGUF (llama.cpp) and Ollama.
+
+``export(run, format, out=None, ...)`` writes one folder (default ``<run>/exports/<format>``)
+through a staging folder renamed into place at the end, so a failure (bad input, disk full,
+Ctrl-C) leaves nothing partial behind. Before writing it checks the architecture and that the
+disk has room for the estimated output.
+
+=========  ==================================================================================
+peft       adapter_config.json + adapter_model.safetensors (PEFT / transformers / vLLM)
+mlx        adapters.safetensors + adapter_config.json (``mlx_lm.generate --adapter-path``)
+merged     base + adapter merged: HF safetensors folder with tokenizer and chat template
+gguf       the merged model as ``<run>.<type>.gguf`` (f16, q8_0 or f32) + the adapter alone as
+           ``<run>.lora.gguf`` (llama.cpp ``--lora``); llama architecture only
+ollama     Modelfile (system prompt, ChatML template, parameters) + ``adapter/`` (FROM base +
+           ADAPTER) or ``model.gguf`` (FROM the merged GGUF)
+=========  ==================================================================================
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from wonderland.errors import UserError
+from wonderland.export.gguf_writer import BYTES_PER_WEIGHT, GGUF_TYPES, LLAMA_MODEL_TYPES, check_llama_config
+from wonderland.export.merge import RunSource, merged_model, peft_adapter, run_source, save_merged
+from wonderland.export.ollama import ADAPTER_MODEL_TYPES, render_modelfile, parse_modelfile, write_ollama_adapter
+from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
+from wonderland.runs import RunDir, resolve_run
+
+FORMATS = ("peft", "mlx", "merged", "gguf", "ollama")
+OLLAMA_ROUTES = ("auto", "adapter", "gguf")
+DISK_MARGIN = 1.1  # estimated size x this, plus 64 MiB, must be free
+DISK_SLACK = 64 << 20
+
+
+@dataclass
+class ExportResult:
+    format: str
+    path: Path
+    files: list[str]
+    commands: list[str] = field(default_factory=list)  # what the user runs next
+    notes: list[str] = field(default_factory=list)
+
+
+def default_out(run: RunDir, fmt: str, gguf_type: str) -> Path:
+    return run.path / "exports" / (f"gguf-{gguf_type}" if fmt == "gguf" else fmt)
+
+
+def export(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None, *, gguf_type: str = "f16",
+           ollama_from: str = "auto", overwrite: bool = False, log: Callable[[str], None] = print) -> ExportResult:
+    """Export a finished run in ``fmt`` to ``out``; returns what was written and what to run next."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})")
+    if ollama_from not in OLLAMA_ROUTES:
+        raise UserError(f"--ollama-from must be one of {', '.join(OLLAMA_ROUTES)} (got {ollama_from!r})")
+    run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
+    src = run_source(run)
+    final = Path(out).expanduser().resolve() if out else default_out(run, fmt, gguf_type)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise UserError(f"{final} already exists; pass --overwrite to replace it, or choose another --out")
+    route = _ollama_route(src, ollama_from) if fmt == "ollama" else ""
+    if fmt == "gguf" or route == "gguf":
+        check_llama_config(src.base_config)
+    _check_disk(final, _estimate_bytes(src, fmt, gguf_type, route))
+
+    tmp = staging_dir(final)
+    try:
+        result = _WRITERS[fmt](src, tmp, gguf_type=gguf_type, route=route, final=final, log=log)
+        atomic_write_json(tmp / "wonderland-export.json", {
+            "run": run.name, "format": fmt, "gguf_type": gguf_type if fmt == "gguf" or route == "gguf" else None,
+            "ollama_from": route or None, "character": src.info.get("character"), "system_prompt": src.system_prompt,
+            "base_model": src.info["model"], "adapter_format": src.adapter_format,
+        })
+        atomic_replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.path = final
+    result.files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    return result
+
+
+# ----------------------------------------------------------------------------- checks
+def _ollama_route(src: RunSource, requested: str) -> str:
+    model_type = src.base_config.get("model_type")
+    if requested in ("auto", "adapter") and model_type in ADAPTER_MODEL_TYPES:
+        return "adapter"
+    if requested == "adapter":
+        raise UserError(f"Ollama imports safetensors adapters for llama-family and Gemma-2 bases only, not "
+                        f"{model_type!r}; use --ollama-from gguf")
+    if model_type not in LLAMA_MODEL_TYPES:
+        raise UserError(f"Ollama export: {model_type!r} is neither an adapter-importable base (llama, gemma2) nor "
+                        f"a llama architecture our GGUF writer supports; export --format merged and import that")
+    return "gguf"
+
+
+def _n_params(model_dir: Path) -> int:
+    """Parameter count from the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), "np") as st:
+            for k in st.keys():
+                n = 1
+                for d in st.get_slice(k).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def _estimate_bytes(src: RunSource, fmt: str, gguf_type: str, route: str) -> int:
+    adapter = sum(p.stat().st_size for p in src.run.adapter.rglob("*") if p.is_file())
+    if fmt in ("peft", "mlx") or route == "adapter":
+        return 2 * adapter
+    n = _n_params(src.base_path)
+    if fmt == "merged":
+        return int(n * 4)  # float32 safetensors
+    return int(n * BYTES_PER_WEIGHT[gguf_type]) + 2 * adapter
+
+
+def _check_disk(final: Path, need: int) -> None:
+    probe = final
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need * DISK_MARGIN + DISK_SLACK:
+        raise UserError(f"not enough disk space for this export at {probe}: about {need / 2**20:.0f} MiB needed, "
+                        f"{free / 2**20:.0f} MiB free; free some space or choose another --out")
+
+
+# ----------------------------------------------------------------------------- writers
+def _write_peft(src: RunSource, tmp: Path, final: Path, **_) -> ExportResult:
+    with peft_adapter(src, tmp / ".convert") as adapter:
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(adapter / f, tmp / f)
+    return ExportResult("peft", tmp, [], [f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained('{src.base_path}'), '{final}')"])
+
+
+def _write_mlx(src: RunSource, tmp: Path, final: Path, **_) -> ExportResult:
+    if src.adapter_format == "mlx-lm":
+        for f in src.run.adapter.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    else:
+        from wonderland.adapters import peft_to_mlx
+
+        peft_to_mlx(src.run.adapter, tmp, base_model_path=src.base_path)
+    return ExportResult("mlx", tmp, [], [f"mlx_lm.generate --model {src.base_path} --adapter-path {final} --prompt 'Who are you?'"])
+
+
+def _write_merged(src: RunSource, tmp: Path, final: Path, log, **_) -> ExportResult:
+    log(f"Merging the adapter into {src.base_path.name} (float32) ...")
+    with peft_adapter(src, tmp / ".convert") as adapter:
+        model, tokenizer = merged_model(src, adapter)
+    save_merged(model, tokenizer, tmp)
+    return ExportResult("merged", tmp, [], [f"AutoModelForCausalLM.from_pretrained('{final}')"])
+
+
+def _gguf_name(src: RunSource, gguf_type: str) -> str:
+    return f"{src.run.name}.{gguf_type}.gguf"
+
+
+def _write_gguf(src: RunSource, tmp: Path, gguf_type: str, final: Path, log, **_) -> ExportResult:
+    from wonderland.export.gguf_writer import write_lora_gguf, write_model_gguf
+
+    log(f"Merging the adapter and writing {gguf_type} GGUF ...")
+    with peft_adapter(src, tmp / ".convert") as adapter:
+        model, _ = merged_model(src, adapter)
+        write_lora_gguf(adapter, src.base_config, tmp / f"{src.run.name}.lora.gguf", f"{src.run.name} LoRA")
+    write_model_gguf(model.state_dict(), src.base_config, src.base_path, tmp / _gguf_name(src, gguf_type),
+                     gguf_type, src.run.name)
+    model_file, lora_file = final / _gguf_name(src, gguf_type), final / f"{src.run.name}.lora.gguf"
+    system = src.system_prompt.replace("'", "'\\''")
+    return ExportResult("gguf", tmp, [], [
+        f"llama-cli -m {model_file} -cnv -sys '{system}'",
+        f"llama-server -m {model_file} --port 8080",
+        f"llama-cli -m <the base model as GGUF> --lora {lora_file} -cnv -sys '{system}'",
+    ], [f"{lora_file.name}: the adapter alone (llama.cpp LoRA GGUF); apply it to the same base model "
+        f"({src.info['model']['id']}) converted to GGUF"])
+
+
+def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: Path, log, **_) -> ExportResult:
+    from transformers import AutoTokenizer
+
+    chat_template = AutoTokenizer.from_pretrained(src.base_path).chat_template
+    notes = []
+    if route == "adapter":
+        with peft_adapter(src, tmp / ".convert") as adapter:
+            info = write_ollama_adapter(adapter, tmp / "adapter")
+        from_, adapter_ref = str(src.base_path), "./adapter"
+        notes.append(f"adapter/adapter_config.json: lora_alpha {info['lora_alpha']} for r {info['r']} reproduces the "
+                     f"trained scale {info['scale']:g} (Ollama reads lora_alpha and ignores mlx-lm's scale)")
+    else:
+        from wonderland.export.gguf_writer import write_model_gguf
+
+        log(f"Merging the adapter and writing {gguf_type} GGUF for Ollama ...")
+        with peft_adapter(src, tmp / ".convert") as adapter:
+            model, _ = merged_model(src, adapter)
+        write_model_gguf(model.state_dict(), src.base_config, src.base_path, tmp / "model.gguf", gguf_type, src.run.name)
+        from_, adapter_ref = "./model.gguf", None
+    text = render_modelfile(from_, src.system_prompt, chat_template, adapter_ref,
+                            character=src.info.get("character") or src.run.name)
+    parse_modelfile(text)  # our own output must pass the documented grammar
+    (tmp / "Modelfile").write_text(text, encoding="utf-8")
+    name = _ollama_name(src.run.name)
+    return ExportResult("ollama", tmp, [], [f"cd {final} && ollama create {name} -f Modelfile", f"ollama run {name}"], notes)
+
+
+def _ollama_name(run_name: str) -> str:
+    return run_name.lower()  # Ollama model names are lower case
+
+
+_WRITERS = {"peft": _write_peft, "mlx": _write_mlx, "merged": _write_merged, "gguf": _write_gguf,
+            "ollama": _write_ollama}
+
+
+def describe(result: ExportResult) -> str:
+    lines = [f"Exported {result.format} to {result.path}:"] + [f"  {f}" for f in result.files]
+    lines += [f"note: {n}" for n in result.notes]
+    if result.commands:
+        lines += ["Next:"] + [f"  {c}" for c in result.commands]
+    return "\n".join(lines)
+
+
+__all__ = ["FORMATS", "GGUF_TYPES", "ExportResult", "export", "describe", "default_out"]

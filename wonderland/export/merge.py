@@ -1,0 +1,93 @@
+"""A run's adapter in PEFT form, and the base model with it merged in (PyTorch + PEFT).
+
+Every export goes through PEFT: a torch run's adapter already is one; an MLX run's adapter is
+converted with :func:`wonderland.adapters.mlx_to_peft` first. Merging is PEFT's
+``merge_and_unload`` in float32 on the CPU (W + alpha/r * B @ A), so the merged weights equal what
+base + adapter computes, up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from wonderland.errors import UserError
+from wonderland.runs import RunDir
+
+
+@dataclass
+class RunSource:
+    """What an export needs to know about a finished run."""
+
+    run: RunDir
+    info: dict
+    base_path: Path  # local HF folder of the base model
+
+    @property
+    def adapter_format(self) -> str:
+        return self.info.get("adapter_format") or ("mlx-lm" if self.info.get("backend") == "mlx" else "peft")
+
+    @property
+    def base_config(self) -> dict:
+        return json.loads((self.base_path / "config.json").read_text(encoding="utf-8"))
+
+    @property
+    def system_prompt(self) -> str:
+        return self.info.get("system_prompt") or ""
+
+
+def run_source(run: RunDir) -> RunSource:
+    """The run's info and base model folder; a UserError when there is no finished adapter."""
+    from wonderland.models import resolve_model
+
+    info = run.read()
+    if info.get("status") != "finished" or not (run.adapter / "adapter_config.json").exists():
+        raise UserError(f"run {run.name} has no finished adapter (status: {info.get('status')}); "
+                        f"finish it with `wonderland train --resume {run.name}`")
+    base = Path(info["model"]["path"])
+    if not (base / "config.json").exists():  # a run copied from another machine: find its base here
+        base = resolve_model(info["model"]["id"], log=lambda m: None)
+    return RunSource(run, info, base)
+
+
+@contextmanager
+def peft_adapter(src: RunSource, scratch: Path) -> Iterator[Path]:
+    """A folder holding the run's adapter in PEFT format (converted into ``scratch`` if needed)."""
+    if src.adapter_format == "peft":
+        yield src.run.adapter
+        return
+    from wonderland.adapters import mlx_to_peft
+
+    out = scratch / "peft-adapter"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mlx_to_peft(src.run.adapter, out, src.base_path)
+        yield out
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def merged_model(src: RunSource, adapter_dir: Path):
+    """(model, tokenizer): the base in float32 with the adapter merged into its weights."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src.base_path)
+    base = AutoModelForCausalLM.from_pretrained(src.base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    model.eval()
+    return model, tokenizer
+
+
+def save_merged(model, tokenizer, out: Path) -> None:
+    """A plain HF folder: safetensors weights, config, generation config, tokenizer + chat template."""
+    from wonderland.models import _fix_config_for_mlx
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    _fix_config_for_mlx(out / "config.json")  # so mlx-lm reads the right rope_theta too
