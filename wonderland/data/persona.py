@@ -136,8 +136,8 @@ def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: i
                     continue  # all the name's words: "March Hare", not just "Hare"
                 hit = t & (kws | own)
                 shaped = name in SHAPES and bool(SHAPES[name].match(lines[i]))
-                if not hit and not shaped:
-                    continue
+                if not (t & kws) and not shaped:
+                    continue  # the prompt's own words only rank lines that are on the topic
                 score = sum(idf(w) * (2 if w in own else 1) for w in hit) / math.sqrt(1 + words / 15)
                 score += SHAPE_BONUS if shaped else 0.0
                 if score >= MIN_SCORE and (best is None or score > best[0]):
