@@ -101,3 +101,11 @@ def test_default_book_lookup(tmp_path, monkeypatch, wl_home):
     cached.parent.mkdir(parents=True)
     cached.write_text("`Hello,' said the Hatter.\n")
     assert default_book_path() == cached
+
+
+def test_data_layer_has_no_ml_imports():
+    code = ("import sys, wonderland.data, wonderland.cli.data; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy', 'peft')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from wonderland.data import build_dataset, list_characters
-    from wonderland.data.book import wonderland_home
+    from wonderland.runs import home
     from wonderland.data.dataset import DATASET_FILES
 
     if args.list_characters:
@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     name = "-".join(args.character.lower().split()) or "character"
-    out = Path(args.out).expanduser() if args.out else wonderland_home() / "data" / name
+    out = Path(args.out).expanduser() if args.out else home() / "data" / name
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):

@@ -61,6 +61,7 @@ _AFTER_OTHER = re.compile(
     r"(?:" + VERB + _SP + r"(?:a|an|one|another|some|the|his|her)\b(?!" + _SP + _CAP + r")"
     r"|(?:[Oo]ne|[Aa]nother|[Ss]ome|[Aa]|[Aa]n|[Tt]he)" + _SP + r"(?:[a-z\-]+" + _SP + r"){0,4}" + VERB + r")"
 )
+_NAMED_AFTER = re.compile(r"(?:" + VERB + _SP + r")?(?:[Tt]he" + _SP + r")?" + _CAP)
 # introducing the quote: the last clause of the narration before it
 _BEFORE = [
     ("who_verb", re.compile(_NAME + r",\s+who\s+(?:" + _ADV + r")*" + VERB)),
@@ -168,10 +169,6 @@ def analyse(book: Book, warn=None) -> Analysis:
             warn(msg)
 
     raw = find_spans(text, book.start, book.end, style, line_of=book.line_of, warn=_warn)
-    if not raw:
-        from wonderland.errors import UserError
-
-        raise UserError(f"{book.path}: no quoted dialogue found")
     blocks, block_of = _blocks(text, book.start, book.end, raw)
     spans = [Span(i, r.start, r.end, book.line_of(r.start), book.chapter_of(r.start), r.text, block_of[i])
              for i, r in enumerate(raw)]
@@ -181,7 +178,7 @@ def analyse(book: Book, warn=None) -> Analysis:
         by_block[s.block].append(s)
 
     # 1. explicit attributions with any capitalised name; collect speaker names
-    found: dict[int, tuple[str, str, int, bool]] = {}  # span index -> (kind, raw name, name offset, group)
+    found: dict[int, tuple[str, int, bool]] = {}  # span index -> (name, name offset, group)
     pron_hits: dict[int, tuple[str, int]] = {}  # span index -> (pronoun, offset)
     surface = Counter()
     article = Counter()
@@ -217,7 +214,7 @@ def analyse(book: Book, warn=None) -> Analysis:
             if not name:
                 continue
             grp = bool(m.groupdict().get("and"))
-            found[s.index] = ("explicit", name, off + m.start("name"), grp)
+            found[s.index] = (name, off + m.start("name"), grp)
             if not grp:
                 surface[name] += 1
                 if m.group("art") and m.group("art").lower().startswith("the"):
@@ -231,17 +228,15 @@ def analyse(book: Book, warn=None) -> Analysis:
 
     # 2. mention regex over the known names; subjects and genders from narration
     mention_re = _mention_regex(names)
-    narr = _narration_ranges(spans, blocks, book)
+    narr = _narration_ranges(spans, book)
     events: list[tuple[int, str]] = []  # (offset, canonical): grammatical subjects and named speakers
     genders: dict[str, Counter] = defaultdict(Counter)
     subj_re = re.compile(
         r"(?:(?:^\s*|\n[ \t]*\n\s*|[.!?;:]\s+|--\s*|\(\s*)(?:(?:[Aa]nd|[Bb]ut|[Tt]hen|[Ss]o|[Hh]ere|[Hh]owever|[Jj]ust|[Nn]ow|[Ss]uddenly)"
-        r",?\s+)*|\b(?:was|is)\s+)(?:[Tt]he\s+(?:[a-z]+\s+){0,2})?(?:" + (mention_re.pattern if mention_re else r"(?!x)x") + r")"
-    ) if mention_re else None
+        r",?\s+)*|\b(?:was|is)\s+)(?:[Tt]he\s+(?:[a-z]+\s+){0,2})?(?:" + mention_re.pattern + r")"
+    )
     for a, z in narr:
         seg = text[a:z]
-        if mention_re is None:
-            break
         for m in subj_re.finditer(seg):
             canon = names[_norm_ws(m.group("m"))]
             events.append((a + m.start("m"), canon))
@@ -253,7 +248,7 @@ def analyse(book: Book, warn=None) -> Analysis:
             if pm:
                 genders[canon][_PRON_CLASS[pm.group(1).lower()]] += 1
     events_named: list[tuple[int, str]] = []
-    for idx, (kind, name, off, grp) in found.items():
+    for idx, (name, off, grp) in found.items():
         s = spans[idx]
         if grp:
             s.group = True
@@ -298,7 +293,7 @@ def analyse(book: Book, warn=None) -> Analysis:
             if not prev.speaker:
                 continue
             between = text[prev.end + 1: s.start]
-            others = {names[_norm_ws(m.group("m"))] for m in mention_re.finditer(between)} if mention_re else set()
+            others = {names[_norm_ws(m.group("m"))] for m in mention_re.finditer(between)}
             others.discard(prev.speaker)
             if others and _subject_in(between, others, names, subj_re):
                 continue
@@ -320,11 +315,9 @@ def _match_after(text: str, a: int, z: int):
     seg2 = seg[lead:]
     if not seg2:
         return None
-    if _AFTER_OTHER.match(seg2):
-        m = _AFTER_OTHER.match(seg2)
-        # `…,' said the Hatter: "the" + capital is a name, handled below
-        if not re.match(r"(?:" + VERB + _SP + r")?(?:[Tt]he" + _SP + r")?" + _CAP, seg2):
-            return "other", m, a + lead
+    m = _AFTER_OTHER.match(seg2)
+    if m and not _NAMED_AFTER.match(seg2):  # `…,' said the Hatter: "the" + capital is a name
+        return "other", m, a + lead
     for kind, rx in _AFTER:
         m = rx.match(seg2)
         if not m:
@@ -407,9 +400,10 @@ def _canonical_names(surface: Counter) -> dict[str, str]:
     return names
 
 
-def _mention_regex(names: dict[str, str]):
+def _mention_regex(names: dict[str, str]) -> re.Pattern:
+    """Any surface form of a known speaker (matches nothing when there is none)."""
     if not names:
-        return None
+        return re.compile(r"(?P<m>(?!))")
     forms = sorted(names, key=len, reverse=True)
     alts = "|".join(r"[ \t\n]+".join(map(re.escape, f.split())) for f in forms)
     return re.compile(r"\b(?P<m>" + alts + r")\b")
@@ -421,10 +415,9 @@ def _norm_ws(s: str) -> str:
 
 def _subject_in(seg: str, who: set[str], names: dict[str, str], subj_re) -> bool:
     """Does ``seg`` contain a clause whose subject (or speech verb) is one of ``who``?"""
-    if subj_re is not None:
-        for m in subj_re.finditer(seg):
-            if names[_norm_ws(m.group("m"))] in who:
-                return True
+    for m in subj_re.finditer(seg):
+        if names[_norm_ws(m.group("m"))] in who:
+            return True
     for kind, rx in _BEFORE[:3]:
         for m in rx.finditer(seg):
             n = _clean_name(m.group("name") or "")
@@ -478,7 +471,7 @@ def _blocks(text: str, a: int, z: int, raw: list[RawSpan]):
     return blocks, block_of
 
 
-def _narration_ranges(spans: list[Span], blocks, book: Book) -> list[tuple[int, int]]:
+def _narration_ranges(spans: list[Span], book: Book) -> list[tuple[int, int]]:
     """Offsets of all narration (text outside quotes) in the body."""
     out = []
     pos = book.start

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from wonderland.errors import UserError
 from wonderland.fileio import atomic_write_text
+from wonderland.runs import home
 
 ALICE_SHA256 = "7467306ee0feed4971260f3c87421154a05be571d944e9cb021a5713700c38f0"
 ALICE_SDIST = "brotli==1.2.1"
@@ -28,10 +29,6 @@ _GUTENBERG_END = re.compile(r"^\*{3}\s*END OF (?:THE|THIS) PROJECT GUTENBERG.*$"
 _CHAPTER = re.compile(r"^[ \t]*CHAPTER[ \t]+([IVXLC]+|\d+)\b[^\n]*$", re.M | re.I)
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50, "C": 100}
 _SMALL_WORDS = {"a", "an", "and", "as", "at", "but", "by", "for", "in", "of", "on", "or", "the", "to", "with"}
-
-
-def wonderland_home() -> Path:
-    return Path(os.environ.get("WONDERLAND_HOME") or Path.home() / ".cache" / "wonderland").expanduser()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -55,7 +52,7 @@ def default_book_path() -> Path:
         if not p.is_file():
             raise UserError(f"$WONDERLAND_BOOK points to {p}, which is not a file: fix or unset it")
         return p
-    cached = wonderland_home() / "books" / "alice.txt"
+    cached = home() / "books" / "alice.txt"
     if cached.is_file():
         return cached
     try:
