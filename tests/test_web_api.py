@@ -1,0 +1,368 @@
+"""The web app's JSON API through Flask's test client: every route, SSE framing and replay,
+one job at a time, stop / resume, security checks and bad inputs (400 with a message).
+
+Training runs for real on the ``tiny_model`` fixture (a 2-layer random llama) over a small chat
+dataset written here, so these tests exercise the same train() / load_run() path as the CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import zlib
+import struct
+from pathlib import Path
+
+import pytest
+
+from wonderland.events import read_metrics
+from wonderland.web import create_app
+
+SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland. Stay in character."
+LINES = [("What time is it?", "It's always six o'clock now: always tea-time."),
+         ("Have some wine.", "There isn't any. It wasn't very civil of you to offer it."),
+         ("Who are you?", "A hatter. I keep hats to sell; I've none of my own."),
+         ("Tell me a riddle.", "Why is a raven like a writing-desk?"),
+         ("Your hair wants cutting.", "You should learn not to make personal remarks."),
+         ("Is it late?", "Two days wrong! I told you butter wouldn't suit the works."),
+         ("Move on, please.", "I want a clean cup: let's all move one place on."),
+         ("What about Time?", "If you knew Time as well as I do, you wouldn't talk about wasting it.")]
+
+
+def write_dataset(home: Path, name: str = "tiny") -> Path:
+    """A small chat dataset in the layout build_dataset writes (train/valid.jsonl, stats.json)."""
+    folder = home / "data" / name
+    folder.mkdir(parents=True)
+    records = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": u},
+                             {"role": "assistant", "content": a}], "source": {"lines": [100 + i], "kind": "dialogue"}}
+               for i, (u, a) in enumerate(LINES)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:6]))
+    (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[6:]))
+    (folder / "utterances.jsonl").write_text("".join(
+        json.dumps({"line": 100 + i, "text": a, "speaker": "Hatter", "attribution": "explicit" if i % 2 else "pronoun"}) + "\n"
+        for i, (_, a) in enumerate(LINES)))
+    (folder / "stats.json").write_text(json.dumps({
+        "character": "Hatter", "book": "Alice's Adventures in Wonderland", "system_prompt": SYSTEM,
+        "character_utterances": len(LINES), "train_records": 6, "valid_records": 2,
+        "spans_by_attribution": {"explicit": 5, "pronoun": 3}}))
+    return folder
+
+
+def png_bytes() -> bytes:
+    """A valid 1x1 PNG (what an evaluation plot file looks like to the server)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\xff\x00\x00")) + chunk(b"IEND", b""))
+
+
+def sse_frames(response):
+    """Parse a streamed text/event-stream response into (id, event, data) tuples, lazily."""
+    buffer = ""
+    for chunk in response.response:
+        buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
+        while "\n\n" in buffer:
+            frame, buffer = buffer.split("\n\n", 1)
+            if frame.startswith(":"):
+                continue
+            fields = {}
+            for line in frame.split("\n"):
+                key, _, value = line.partition(": ")
+                fields[key] = value
+            yield (int(fields["id"]) if "id" in fields else None, fields.get("event", "message"), json.loads(fields["data"]))
+
+
+@pytest.fixture
+def app():
+    # Port 9 (discard) on loopback: nothing listens there, so the Ollama column is "absent".
+    return create_app(ollama_host="http://127.0.0.1:9")
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def test_page_and_static_assets_are_served(client):
+    page = client.get("/")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    for tab in ("Dataset", "Train", "Compare", "Runs", "Evaluation"):
+        assert tab in html
+    assert "cdn" not in html.lower() and "https://" not in html  # everything is served locally
+    for asset in ("/static/js/main.js", "/static/style.css", "/static/vendor/uPlot.iife.min.js", "/static/vendor/uPlot.min.css"):
+        assert client.get(asset).status_code == 200, asset
+    assert client.get("/api/health").json["ok"] is True
+
+
+def test_config_schema_is_built_from_the_dataclasses(client):
+    from dataclasses import fields
+
+    from wonderland.config import PRESETS, GenerationConfig, TrainConfig
+
+    data = client.get("/api/config").json
+    assert [f["name"] for f in data["train"]] == [f.name for f in fields(TrainConfig)]
+    assert [f["name"] for f in data["generation"]] == [f.name for f in fields(GenerationConfig)]
+    assert data["presets"] == PRESETS
+    backend = next(f for f in data["train"] if f["name"] == "backend")
+    assert backend["choices"] == ["auto", "torch", "mlx"] and backend["help"]
+
+
+def test_host_and_origin_checks(client):
+    # DNS rebinding: a foreign name resolving to 127.0.0.1 still carries its own Host header.
+    r = client.get("/api/runs", headers={"Host": "attacker.example:7860"})
+    assert r.status_code == 403 and "DNS-rebinding" in r.json["error"]
+    # Cross-site POST from another page.
+    r = client.post("/api/train/stop", headers={"Origin": "http://attacker.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json["error"]
+    assert client.post("/api/train/stop", headers={"Origin": "null"}).status_code == 403
+    assert client.post("/api/train/stop", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+    # Same origin (the app's own page) and no Origin at all (curl, SDKs) reach the route.
+    assert client.post("/api/train/stop", headers={"Origin": "http://localhost"}).status_code == 409
+    assert client.post("/api/train/stop").status_code == 409
+    assert client.get("/api/runs", headers={"Host": "127.0.0.1:7860"}).status_code == 200
+    assert client.get("/api/runs", headers={"Host": "[::1]:7860"}).status_code == 200
+    headers = client.get("/").headers
+    assert "script-src 'self'" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_token_required_off_loopback():
+    app = create_app(host="0.0.0.0", token="s3cret-token")
+    c = app.test_client()
+    r = c.get("/api/runs", headers={"Host": "192.0.2.10:7860"})
+    assert r.status_code == 401 and "token" in r.json["error"]
+    assert c.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert c.get("/api/runs", headers={"Authorization": "Bearer s3cret-token", "Host": "192.0.2.10:7860"}).status_code == 200
+    r = c.get("/?token=s3cret-token")
+    assert r.status_code == 302 and "token" not in r.headers["Location"]
+    assert "HttpOnly" in r.headers["Set-Cookie"] and "SameSite=Strict" in r.headers["Set-Cookie"]
+    assert c.get("/api/runs").status_code == 200  # the cookie now carries the token
+    assert create_app(host="127.0.0.1").test_client().get("/api/runs").status_code == 200
+
+
+def test_web_layer_never_imports_torch():
+    code = ("import sys; from wonderland.web import create_app; c = create_app().test_client(); "
+            "[c.get(p) for p in ('/', '/api/config', '/api/runs', '/api/datasets', '/api/compare/options')]; "
+            "print(sorted(m for m in ('torch', 'mlx', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_dataset_routes(client, wl_home):
+    write_dataset(wl_home)
+    listing = client.get("/api/datasets").json["datasets"]
+    assert [d["name"] for d in listing] == ["tiny"] and listing[0]["character"] == "Hatter"
+    stats = client.get("/api/datasets/tiny").json["stats"]
+    assert stats["train_records"] == 6 and stats["spans_by_attribution"] == {"explicit": 5, "pronoun": 3}
+    page = client.get("/api/datasets/tiny/records?split=train&page=2&per_page=4").json
+    assert (page["total"], page["pages"], page["page"], len(page["records"])) == (6, 2, 2, 2)
+    row = page["records"][0]
+    assert row == {"user": LINES[4][0], "reply": LINES[4][1], "kind": "dialogue", "attribution": "pronoun",
+                   "lines": [104], "turns": 3}
+    valid = client.get("/api/datasets/tiny/records?split=valid").json
+    assert [r["user"] for r in valid["records"]] == [LINES[6][0], LINES[7][0]]
+    download = client.get("/api/datasets/tiny/download/valid")
+    assert download.status_code == 200 and "attachment" in download.headers["Content-Disposition"]
+    assert [json.loads(line)["messages"][1]["content"] for line in download.get_data(as_text=True).splitlines()] == [LINES[6][0], LINES[7][0]]
+    # bad inputs: 400 (or 404) with a message
+    for url, status in [("/api/datasets/tiny/records?split=test", 400), ("/api/datasets/tiny/records?page=0", 400),
+                        ("/api/datasets/tiny/records?per_page=x", 400), ("/api/datasets/tiny/download/all", 400),
+                        ("/api/datasets/nope", 404), ("/api/datasets/bad%20name", 400)]:
+        r = client.get(url)
+        assert r.status_code == status and r.json["error"], url
+
+
+def test_build_dataset_from_default_book_and_upload(client, alice_path, monkeypatch):
+    monkeypatch.setenv("WONDERLAND_BOOK", str(alice_path))
+    r = client.post("/api/datasets", data={"character": "Hatter"})
+    assert r.status_code == 201, r.json
+    assert r.json["name"] == "hatter" and r.json["stats"]["character"] == "Hatter" and r.json["stats"]["train_records"] > 10
+    rows = client.get("/api/datasets/hatter/records?per_page=200").json["records"]
+    assert rows and all(row["reply"] for row in rows) and any(row["attribution"] for row in rows)
+
+    book = alice_path.read_bytes()
+    r = client.post("/api/datasets", data={"character": "Queen", "name": "queen-upload",
+                                           "book": (io.BytesIO(book), "alice.txt")}, content_type="multipart/form-data")
+    assert r.status_code == 201, r.json
+    assert r.json["stats"]["character"] == "Queen"
+    assert {d["name"] for d in client.get("/api/datasets").json["datasets"]} == {"hatter", "queen-upload"}
+
+
+def test_build_dataset_bad_inputs(client, app, alice_path, monkeypatch):
+    monkeypatch.setenv("WONDERLAND_BOOK", str(alice_path))
+    cases = [
+        ({}, 400, "character is required"),
+        ({"character": "Hatter", "name": "../etc"}, 400, "dataset name"),
+        ({"character": "Hatter", "valid_fraction": "0.9"}, 400, "valid_fraction"),
+        ({"character": "Nobody-in-this-book"}, 400, ""),
+        ({"character": "Hatter", "book": (io.BytesIO(b"\x00\x01binary" * 500), "x.txt")}, 400, "binary"),
+        ({"character": "Hatter", "book": (io.BytesIO("\xff\xfe".encode("latin-1") * 2000), "x.txt")}, 400, "UTF-8"),
+        ({"character": "Hatter", "book": (io.BytesIO(b"too short"), "x.txt")}, 400, "at least"),
+    ]
+    for data, status, message in cases:
+        r = client.post("/api/datasets", data=data, content_type="multipart/form-data")
+        assert r.status_code == status, (data, r.json)
+        assert message in r.json["error"]
+    app.config["MAX_CONTENT_LENGTH"] = 4096  # the same 413 path as a 16 MiB+ upload, without sending one
+    r = client.post("/api/datasets", data={"character": "Hatter", "book": (io.BytesIO(b"a" * 8192), "big.txt")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 413 and "too large" in r.json["error"]
+
+
+def test_train_bad_inputs(client, wl_home):
+    write_dataset(wl_home)
+    cases = [
+        (None, "JSON object"),
+        ({"dataset": "tiny", "preset": "turbo"}, "unknown preset"),
+        ({"dataset": "tiny", "config": {"iters": -1}}, "--iters must be > 0"),
+        ({"dataset": "tiny", "config": {"itres": 5}}, "unknown option 'itres'"),
+        ({"dataset": "tiny", "config": {"lr": "fast"}}, "must be float"),
+        ({"dataset": "tiny", "config": ["iters", 5]}, "config must be an object"),
+        ({"dataset": "tiny", "name": "../../escape"}, "invalid"),
+        ({"dataset": "../tiny"}, "dataset name"),
+        ({"resume": "no-such-run"}, "no run named"),
+    ]
+    for body, message in cases:
+        r = client.post("/api/train", data="not json" if body is None else json.dumps(body), content_type="application/json")
+        assert r.status_code in (400, 404), (body, r.json)
+        assert message in r.json["error"], (body, r.json)
+    assert client.post("/api/train", json={"dataset": "missing"}).status_code == 404
+    assert client.get("/api/runs/nope/events").status_code == 404
+    assert client.get("/api/runs/bad%20name/events").status_code == 400
+    assert client.get("/api/train/status").json == {"state": "idle", "active": False, "run": None}
+
+
+def read_until(frames, predicate):
+    """Consume SSE frames until predicate(frame) is true; returns the frames read (incl. that one)."""
+    seen = []
+    for frame in frames:
+        seen.append(frame)
+        if predicate(frame):
+            return seen
+    raise AssertionError(f"stream ended before the expected event; got {[f[1:] for f in seen][-5:]}")
+
+
+def test_train_stream_stop_replay_resume_compare_delete(client, wl_home, tiny_model):
+    write_dataset(wl_home)
+    config = {"model": str(tiny_model), "iters": 400, "batch_size": 2, "val_every": 2, "save_every": 0,
+              "max_seq_len": 64, "threads": 1}
+    r = client.post("/api/train", json={"dataset": "tiny", "name": "t1", "config": config})
+    assert r.status_code == 202 and r.json["run"] == "t1" and r.json["config"]["iters"] == 400
+
+    # One job at a time: a second start is refused with a clear message.
+    second = client.post("/api/train", json={"dataset": "tiny", "name": "t2", "config": config})
+    assert second.status_code == 409 and "already in progress" in second.json["error"]
+
+    stream = client.get("/api/runs/t1/events", buffered=False)
+    assert stream.mimetype == "text/event-stream" and stream.headers["Cache-Control"] == "no-cache"
+    frames = sse_frames(stream)
+    head = read_until(frames, lambda f: f[1] == "message" and f[2]["event"] == "step" and f[2]["step"] >= 3)
+    assert client.get("/api/train/status").json["state"] == "running"
+    assert client.post("/api/train/stop").status_code == 202
+    rest = read_until(frames, lambda f: f[1] == "end")
+    stream.close()
+    events = [f for f in head + rest if f[1] == "message"]
+    ids = [f[0] for f in events]
+    assert ids == [f[2]["seq"] for f in events] == list(range(len(ids)))  # id: = seq, gap-free from 0
+    kinds = [f[2]["event"] for f in events]
+    assert kinds[0] == "started" and "eval" in kinds and kinds[-1] == "stopped"
+    assert rest[-1][2]["state"] == "stopped" and rest[-1][2]["active"] is False
+    stopped_at = events[-1][2]["step"]
+    assert 3 <= stopped_at < 400
+
+    # Replay: Last-Event-ID (what EventSource sends on reconnect) yields exactly the later events.
+    stored = read_metrics(wl_home / "runs" / "t1" / "metrics.jsonl")
+    assert [r["seq"] for r in stored] == ids
+    replay = list(sse_frames(client.get("/api/runs/t1/events", headers={"Last-Event-ID": "2"}, buffered=False)))
+    assert [f[0] for f in replay if f[1] == "message"] == ids[3:] and replay[-1][1] == "end"
+    assert [f[2] for f in replay if f[1] == "message"] == stored[3:]
+    after = list(sse_frames(client.get(f"/api/runs/t1/events?after={ids[-2]}", buffered=False)))
+    assert [f[0] for f in after if f[1] == "message"] == [ids[-1]]
+    assert client.get("/api/runs/t1/events", headers={"Last-Event-ID": "abc"}).status_code == 400
+
+    runs = client.get("/api/runs").json["runs"]
+    assert [(x["name"], x["status"], x["resumable"], x["has_adapter"]) for x in runs] == [("t1", "stopped", True, False)]
+    assert runs[0]["curve"]["step"][-1] == stopped_at and len(runs[0]["curve"]["val_loss"]) >= 1
+    r = client.post("/api/compare", json={"run": "t1", "prompt": "hi"})
+    assert r.status_code == 400 and "no finished adapter" in r.json["error"]
+
+    # Resume to a few more steps; ids continue where the stopped run left off.
+    r = client.post("/api/train", json={"resume": "t1", "iters": stopped_at + 2})
+    assert r.status_code == 202 and r.json["resume"] is True
+    resumed = list(sse_frames(client.get(f"/api/runs/t1/events?after={ids[-1]}", buffered=False)))
+    kinds = [f[2]["event"] for f in resumed if f[1] == "message"]
+    assert kinds[0] == "resumed" and kinds[-1] == "finished", kinds
+    assert resumed[0][0] == ids[-1] + 1 and resumed[-1] == (None, "end", resumed[-1][2]) and resumed[-1][2]["state"] == "finished"
+    detail = client.get("/api/runs/t1").json
+    assert detail["summary"]["status"] == "finished" and detail["summary"]["has_adapter"]
+    assert detail["run"]["config"]["iters"] == stopped_at + 2 and detail["curve"]["step"][-1] == stopped_at + 2
+    r = client.post("/api/train", json={"resume": "t1"})
+    assert r.status_code == 400 and "already finished" in r.json["error"]
+
+    # Compare: every column streams over one response; tokens add up to each column's reply.
+    assert client.get("/api/model?run=t1").json["state"] == "unloaded"
+    body = {"run": "t1", "prompt": "What time is it?", "columns": ["base", "prompted", "trained", "ollama"],
+            "gen": {"max_tokens": 6, "temperature": 0}, "history": {"trained": [
+                {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Tea?"}]}}
+    frames = list(sse_frames(client.post("/api/compare", json=body, buffered=False)))
+    assert frames[0][1] == "start" and frames[-1][1] == "end"
+    assert {f[2]["column"] for f in frames if f[1] == "status" and f[2]["state"] == "loading"} == {"base", "prompted", "trained"}
+    done = {f[2]["column"]: f[2]["text"] for f in frames if f[1] == "done"}
+    assert set(done) == {"base", "prompted", "trained"}
+    for column, text in done.items():
+        assert "".join(f[2]["text"] for f in frames if f[1] == "token" and f[2]["column"] == column) == text
+        assert text
+    (err,) = [f[2] for f in frames if f[1] == "error"]
+    assert err["column"] == "ollama" and err["unavailable"] and "no Ollama server" in err["message"]
+    assert client.get("/api/model?run=t1").json["state"] == "ready"
+    assert client.post("/api/model/load", json={"run": "t1"}).json["state"] == "ready"
+
+    # Evaluation files written by `wonderland eval` are listed and served (report sandboxed).
+    eval_dir = wl_home / "runs" / "t1" / "eval"
+    eval_dir.mkdir()
+    (eval_dir / "eval.json").write_text(json.dumps({"perplexity": {"base": 50.1, "trained": 11.4}}))
+    (eval_dir / "report.html").write_text("<h1>Report</h1><img src='loss.png'>")
+    (eval_dir / "loss.png").write_bytes(png_bytes())
+    ev = client.get("/api/runs/t1/eval").json
+    assert ev == {"exists": True, "report": "/runs/t1/eval/report.html", "images": ["/runs/t1/eval/loss.png"],
+                  "results": {"perplexity": {"base": 50.1, "trained": 11.4}}}
+    report = client.get("/runs/t1/eval/report.html")
+    assert report.status_code == 200 and "sandbox" in report.headers["Content-Security-Policy"]
+    assert client.get("/runs/t1/eval/loss.png").data == png_bytes()
+    assert client.get("/runs/t1/eval/../run.json").status_code == 404
+    assert client.get("/runs/t1/eval/%2e%2e/run.json").status_code == 404
+
+    # Delete needs the name repeated; then the run is gone.
+    r = client.delete("/api/runs/t1")
+    assert r.status_code == 400 and "repeat its name" in r.json["error"]
+    assert client.delete("/api/runs/t1?confirm=t1").json == {"deleted": "t1"}
+    assert not (wl_home / "runs" / "t1").exists() and client.get("/api/runs").json["runs"] == []
+
+
+def test_compare_bad_inputs(client, wl_home):
+    run = wl_home / "runs" / "r1"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"name": "r1", "status": "finished", "system_prompt": SYSTEM}))
+    cases = [
+        ({"run": "r1"}, 400, "prompt is required"),
+        ({"run": "r1", "prompt": "x" * 3000}, 400, "limit"),
+        ({"run": "r1", "prompt": "hi", "columns": ["gpt"]}, 400, "columns"),
+        ({"run": "r1", "prompt": "hi", "columns": ["base", "base"]}, 400, "distinct"),
+        ({"run": "r1", "prompt": "hi", "gen": {"temperature": -1}}, 400, "temperature"),
+        ({"run": "r1", "prompt": "hi", "gen": {"top_k": 3}}, 400, "unknown option"),
+        ({"run": "r1", "prompt": "hi", "history": {"base": [{"role": "system", "content": "x"}]}}, 400, "role"),
+        ({"run": "r1", "prompt": "hi", "history": []}, 400, "history"),
+        ({"run": "nope", "prompt": "hi"}, 404, "no run"),
+        ({"run": "../r1", "prompt": "hi"}, 400, "invalid"),
+    ]
+    for body, status, message in cases:
+        r = client.post("/api/compare", json=body)
+        assert r.status_code == status, (body, r.json)
+        assert message in r.json["error"], (body, r.json)
+    assert client.get("/api/model?run=nope").status_code == 404
+    opts = client.get("/api/compare/options").json
+    assert [c["name"] for c in opts["columns"]] == ["base", "prompted", "trained"] and "What time is it?" in opts["suggested_prompts"]
+    assert client.get("/api/ollama").json["available"] is False

@@ -1,0 +1,106 @@
+"""Runs API: history with config, final losses, duration and loss curves; delete; evaluation report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+from flask import Blueprint, abort, current_app, jsonify, request, send_from_directory
+
+from wonderland.events import read_metrics
+from wonderland.runs import RunDir, list_runs
+from wonderland.web.common import ApiError, run_dir
+
+bp = Blueprint("runs_api", __name__)
+
+MAX_CURVE_POINTS = 400  # per curve, enough for a chart; longer runs are strided
+
+
+def curve(run: RunDir) -> dict[str, list]:
+    """Train loss per step and val loss per evaluation, from metrics.jsonl (resumes included)."""
+    records = read_metrics(run.metrics)
+    steps = [(r["step"], r["loss"]) for r in records if r["event"] == "step"]
+    evals = [(r["step"], r["val_loss"]) for r in records if r["event"] == "eval"]
+    stride = max(1, len(steps) // MAX_CURVE_POINTS)
+    steps = steps[::stride] + ([steps[-1]] if steps and (len(steps) - 1) % stride else [])
+    return {"step": [s for s, _ in steps], "loss": [l for _, l in steps],
+            "val_step": [s for s, _ in evals], "val_loss": [v for _, v in evals]}
+
+
+def summary(run: RunDir, info: dict[str, Any]) -> dict[str, Any]:
+    result = info.get("result") or {}
+    return {
+        "name": run.name, "status": info.get("status"), "character": info.get("character"),
+        "created": info.get("created"), "updated": info.get("updated"), "backend": info.get("backend"),
+        "model": (info.get("model") or {}).get("id"), "config": info.get("config", {}),
+        "data": info.get("data", {}), "step": result.get("step"), "loss": result.get("loss"),
+        "val_loss": result.get("val_loss"), "duration_s": (info.get("timings") or {}).get("train_s"),
+        "error": info.get("error"), "has_adapter": (run.adapter / "adapter_config.json").exists()
+        or (run.adapter / "adapters.safetensors").exists(),
+        "resumable": run.latest_checkpoint() is not None, "has_eval": (run.path / "eval").is_dir(),
+    }
+
+
+@bp.get("/api/runs")
+def runs():
+    out = []
+    for run in list_runs():
+        try:
+            info = run.read()
+        except Exception:  # a half-written or foreign folder must not hide the other runs
+            continue
+        item = summary(run, info)
+        item["curve"] = curve(run)
+        out.append(item)
+    return jsonify(runs=out)
+
+
+@bp.get("/api/runs/<name>")
+def run_info(name: str):
+    run = run_dir(name)
+    info = run.read()
+    return jsonify(summary=summary(run, info), run=info, curve=curve(run))
+
+
+@bp.delete("/api/runs/<name>")
+def delete(name: str):
+    """Delete a run folder; ``?confirm=<name>`` must repeat the name (a typed confirmation)."""
+    run = run_dir(name)
+    if request.args.get("confirm") != run.name:
+        raise ApiError(400, f"to delete run {run.name}, repeat its name: DELETE /api/runs/{run.name}?confirm={run.name}")
+    job = current_app.extensions["wonderland"].jobs.job
+    if job is not None and job.active and job.run == run.name:
+        raise ApiError(409, f"run {run.name} is training; stop it first")
+    shutil.rmtree(run.path)
+    return jsonify(deleted=run.name)
+
+
+@bp.get("/api/runs/<name>/eval")
+def evaluation(name: str):
+    """What `wonderland eval` left in RUN/eval/: eval.json's contents, the report and its plots."""
+    folder = run_dir(name).path / "eval"
+    if not folder.is_dir():
+        return jsonify(exists=False, report=None, images=[], results=None)
+    results = None
+    if (folder / "eval.json").exists():
+        try:
+            results = json.loads((folder / "eval.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            results = None
+    images = sorted(p.name for p in folder.glob("*.png"))
+    report = f"/runs/{name}/eval/report.html" if (folder / "report.html").exists() else None
+    return jsonify(exists=True, report=report, images=[f"/runs/{name}/eval/{i}" for i in images], results=results)
+
+
+@bp.get("/runs/<name>/eval/<path:filename>")
+def eval_file(name: str, filename: str):
+    """The report and its images (send_from_directory refuses paths that leave the folder).
+    The report is shown in a sandboxed frame with scripts off: it quotes model output."""
+    folder = run_dir(name).path / "eval"
+    if not filename.endswith((".html", ".png", ".json")):
+        abort(404)
+    response = send_from_directory(folder, filename)
+    if filename.endswith(".html"):
+        response.headers["Content-Security-Policy"] = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; sandbox"
+    return response

@@ -1,0 +1,135 @@
+"""Training API: the form's schema, start / resume / stop, status, and the live event stream."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, fields
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from wonderland.config import PRESETS, GenerationConfig, TrainConfig, merge_config
+from wonderland.errors import UserError
+from wonderland.runs import default_run_name
+from wonderland.web import sse
+from wonderland.web.common import ApiError, json_body, run_dir, valid_name
+from wonderland.web.datasets import dataset_dir
+from wonderland.web.jobs import TrainingManager
+
+bp = Blueprint("train_api", __name__)
+
+# Form sections, in page order; fields not listed land in "advanced".
+FORM_GROUPS = {
+    "model": ("model", "backend", "device", "dtype", "threads"),
+    "schedule": ("iters", "batch_size", "lr", "schedule", "warmup", "weight_decay", "grad_clip", "max_seq_len", "seed"),
+    "lora": ("rank", "alpha", "dropout", "layers", "targets"),
+    "monitoring": ("val_every", "val_batches", "save_every", "sample_every", "sample_prompt"),
+}
+
+
+def manager() -> TrainingManager:
+    return current_app.extensions["wonderland"].jobs
+
+
+def describe(cls: type) -> list[dict[str, Any]]:
+    """The fields of a config dataclass as the page needs them to build a form."""
+    group_of = {name: group for group, names in FORM_GROUPS.items() for name in names}
+    out = []
+    for f in fields(cls):
+        item = {"name": f.name, "type": str(f.type), "default": None if f.default is MISSING else f.default,
+                "help": f.metadata.get("help", ""), "group": group_of.get(f.name, "advanced")}
+        if "choices" in f.metadata:
+            item["choices"] = list(f.metadata["choices"])
+        out.append(item)
+    return out
+
+
+@bp.get("/api/config")
+def config_schema():
+    return jsonify(train=describe(TrainConfig), generation=describe(GenerationConfig), presets=PRESETS,
+                   default_preset="quick")
+
+
+def _overrides(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ApiError(400, "config must be an object of option: value")
+    # Empty form inputs mean "use the preset/default", not "set to empty".
+    return {k: v for k, v in raw.items() if not (isinstance(v, str) and v.strip() == "")}
+
+
+def _config(*layers: dict[str, Any]) -> TrainConfig:
+    try:
+        return merge_config(TrainConfig, *layers, source="config")
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
+
+
+@bp.post("/api/train")
+def start():
+    """Start a run: ``{"dataset", "preset"?, "config"?, "name"?}``, or resume one: ``{"resume", "iters"?}``."""
+    body = json_body()
+    jobs = manager()
+    if body.get("resume"):
+        run = run_dir(str(body["resume"]))
+        info = run.read()
+        if jobs.job is not None and jobs.job.active and jobs.job.run == run.name:
+            raise ApiError(409, f"run {run.name} is already training")
+        extra = {"iters": body["iters"]} if body.get("iters") not in (None, "") else {}
+        config = _config(info.get("config", {}), extra)
+        if info.get("status") == "finished" and config.iters <= info.get("config", {}).get("iters", 0):
+            raise ApiError(400, f"run {run.name} already finished {config.iters} steps; give a larger iters to continue it")
+        if run.latest_checkpoint() is None:
+            raise ApiError(400, f"run {run.name} has no checkpoint to resume from; start a new run instead")
+        job = jobs.start(config, None, run.name, resume=True)
+        return jsonify(run=job.run, state=job.state, resume=True, config=job.config), 202
+
+    if body.get("preset") not in (None, "") and body["preset"] not in PRESETS:
+        raise ApiError(400, f"unknown preset {body['preset']!r}; choose one of {', '.join(PRESETS)}")
+    config = _config(PRESETS.get(body.get("preset") or "", {}), _overrides(body.get("config")))
+    data = dataset_dir(str(body.get("dataset") or ""))
+    if not (data / "train.jsonl").exists():
+        raise ApiError(400, f"dataset {data.name!r} has no train.jsonl; build it on the Dataset page first")
+    if body.get("name"):
+        name = valid_name(str(body["name"]))
+    else:
+        stats = _read_json(data / "stats.json")
+        name = default_run_name(str(stats.get("character") or data.name))
+    if run_dir(name, must_exist=False).path.exists():
+        raise ApiError(409, f"a run named {name!r} already exists; pick another name, or resume or delete it on the Runs page")
+    job = jobs.start(config, data, name)
+    return jsonify(run=job.run, state=job.state, resume=False, config=job.config), 202
+
+
+def _read_json(path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+@bp.post("/api/train/stop")
+def stop():
+    job = manager().stop()
+    return jsonify(job.summary()), 202
+
+
+@bp.get("/api/train/status")
+def status():
+    job = manager().job
+    if job is None:
+        return jsonify(state="idle", active=False, run=None)
+    return jsonify(job.summary())
+
+
+@bp.get("/api/runs/<name>/events")
+def events(name: str):
+    """SSE: the run's events (``id:`` = seq), replayed after ``Last-Event-ID`` / ``?after=``, then live."""
+    name = valid_name(name)
+    jobs = manager()
+    active = jobs.job is not None and jobs.job.active and jobs.job.run == name
+    if not active:
+        run_dir(name)  # 404 for a run that neither exists nor is starting
+    after = sse.last_event_id(request.headers, request.args)
+    return sse.response(jobs.stream(name, after))

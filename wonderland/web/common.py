@@ -1,0 +1,43 @@
+"""Small helpers shared by the API blueprints: errors with an HTTP status, JSON bodies, run lookup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import request
+
+from wonderland.config import check_run_name
+from wonderland.errors import UserError
+from wonderland.runs import RunDir, runs_root
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object; a 400 for anything else."""
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise ApiError(400, "expected a JSON object body (Content-Type: application/json)")
+    return data
+
+
+def valid_name(name: str, what: str = "run") -> str:
+    try:
+        return check_run_name(name)
+    except UserError as e:
+        raise ApiError(400, str(e).replace("run name", f"{what} name")) from None
+
+
+def run_dir(name: str, must_exist: bool = True) -> RunDir:
+    """The run called ``name`` under runs_root() (names only: never a path from a client)."""
+    run = RunDir(runs_root() / valid_name(name))
+    if must_exist and not run.exists():
+        raise ApiError(404, f"no run named {name!r}")
+    return run

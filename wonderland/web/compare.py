@@ -1,0 +1,227 @@
+"""Compare API: Base / Prompted / Trained (and Ollama) replies, streamed together over ONE response.
+
+Browsers allow ~6 HTTP/1.1 connections per origin. One stream per column would take four of
+them, a training progress stream a fifth, and a second tab would stall. So a compare request
+runs every column in its own worker thread and multiplexes their pieces into a single
+``text/event-stream`` response (``POST /api/compare``, read with ``fetch``): events ``token``,
+``done``, ``error``, ``status``, each tagged with its ``column``, then one ``end``.
+
+The local columns share one loaded model (:func:`wonderland.generate.load_run`, loaded lazily,
+once per run, with a visible loading state). The model's own lock interleaves their decode steps
+token by token and switches the adapter per step, so Base never runs with the adapter on.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+from flask import Blueprint, current_app, jsonify, request
+
+from wonderland.chat_format import with_system
+from wonderland.config import GenerationConfig, merge_config
+from wonderland.errors import UserError
+from wonderland.generate import ARMS, LoadedRun, load_run
+from wonderland.web import sse
+from wonderland.web.api_runs import summary
+from wonderland.web.common import ApiError, json_body, run_dir
+from wonderland.web.ollama import OllamaClient, OllamaError
+
+bp = Blueprint("compare_api", __name__)
+
+LOCAL_COLUMNS = tuple(a.name for a in ARMS)  # base, prompted, trained
+COLUMNS = (*LOCAL_COLUMNS, "ollama")
+SUGGESTED_PROMPTS = ("What time is it?", "Tell me a riddle.", "Who are you?", "Would you like some tea?",
+                     "Why is a raven like a writing-desk?")
+MAX_PROMPT_CHARS = 2_000
+MAX_TURNS = 40  # messages of history per column: more than any small model's context holds anyway
+
+
+class ModelCache:
+    """Which runs' models are loaded or loading. The models themselves live in load_run's cache."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.state: dict[str, str] = {}  # run -> loading | ready | error: <message>
+
+    def get(self, name: str) -> LoadedRun:
+        run = run_dir(name)
+        with self._lock:
+            if self.state.get(name) != "ready":
+                self.state[name] = "loading"
+        try:
+            loaded = load_run(run)  # blocks while another thread loads the same run, then shares it
+        except Exception as e:
+            with self._lock:
+                self.state[name] = f"error: {e}"
+            raise
+        with self._lock:
+            self.state[name] = "ready"
+        return loaded
+
+    def warm(self, name: str) -> str:
+        """Start loading ``name`` in the background (the page calls this when a run is picked)."""
+        with self._lock:
+            current = self.state.get(name)
+            if current in ("loading", "ready"):
+                return current
+            self.state[name] = "loading"
+        threading.Thread(target=self._load_quietly, args=(name,), daemon=True, name=f"load-{name}").start()
+        return "loading"
+
+    def _load_quietly(self, name: str) -> None:
+        try:
+            self.get(name)
+        except Exception:
+            pass  # recorded in self.state for the page to show
+
+    def status(self, name: str) -> str:
+        with self._lock:
+            return self.state.get(name, "unloaded")
+
+
+def _ext():
+    return current_app.extensions["wonderland"]
+
+
+def _usable_run(name: str):
+    run = run_dir(name)
+    item = summary(run, run.read())
+    if not item["has_adapter"]:
+        raise ApiError(400, f"run {run.name} has no finished adapter (status: {item['status']}); finish or resume its training first")
+    return run
+
+
+@bp.get("/api/compare/options")
+def options():
+    return jsonify(columns=[{"name": a.name, "description": a.description} for a in ARMS],
+                   suggested_prompts=list(SUGGESTED_PROMPTS), generation=GenerationConfig().to_dict())
+
+
+@bp.get("/api/ollama")
+def ollama_status():
+    return jsonify(OllamaClient(_ext().ollama_host).status())
+
+
+@bp.get("/api/model")
+def model_status():
+    name = request.args.get("run", "")
+    run_dir(name)
+    return jsonify(run=name, state=_ext().models.status(name))
+
+
+@bp.post("/api/model/load")
+def model_load():
+    name = str(json_body().get("run") or "")
+    _usable_run(name)
+    return jsonify(run=name, state=_ext().models.warm(name)), 202
+
+
+def _messages(history: Any, prompt: str, column: str) -> list[dict]:
+    msgs = history.get(column, []) if isinstance(history, dict) else None
+    if not isinstance(msgs, list) or len(msgs) > MAX_TURNS:
+        raise ApiError(400, f"history.{column} must be a list of at most {MAX_TURNS} messages")
+    out = []
+    for m in msgs:
+        if not (isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)):
+            raise ApiError(400, f"history.{column}: each message needs role user|assistant and text content")
+        out.append({"role": m["role"], "content": m["content"][:MAX_PROMPT_CHARS * 4]})
+    return out + [{"role": "user", "content": prompt}]
+
+
+def _parse(body: dict) -> tuple[str, list[str], dict[str, list[dict]], GenerationConfig]:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ApiError(400, "prompt is required: the message to send to every column")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ApiError(400, f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+    columns = body.get("columns", list(LOCAL_COLUMNS))
+    if not isinstance(columns, list) or not columns or len(set(columns)) != len(columns) or any(c not in COLUMNS for c in columns):
+        raise ApiError(400, f"columns must be a list of distinct names from {', '.join(COLUMNS)}")
+    history = body.get("history")
+    history = {} if history is None else history
+    if not isinstance(history, dict):
+        raise ApiError(400, "history must be an object: column -> list of messages")
+    gen_raw = {} if body.get("gen") is None else body["gen"]
+    if not isinstance(gen_raw, dict):
+        raise ApiError(400, "gen must be an object of generation settings")
+    try:
+        gen = merge_config(GenerationConfig, gen_raw, source="gen")
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
+    return prompt.strip(), columns, {c: _messages(history, prompt.strip(), c) for c in columns}, gen
+
+
+@bp.post("/api/compare")
+def compare():
+    """Body: ``{"run", "prompt", "columns"?, "history"?: {column: [messages]}, "gen"?: {...}}``."""
+    body = json_body()
+    prompt, columns, conversations, gen = _parse(body)
+    run = _usable_run(str(body.get("run") or ""))
+    system_prompt = run.read().get("system_prompt") or ""
+    ext = _ext()
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+
+    def pump(column: str, pieces) -> None:
+        parts: list[str] = []
+        try:
+            for piece in pieces:
+                if cancel.is_set():
+                    break
+                parts.append(piece)
+                events.put(("token", {"column": column, "text": piece}))
+            events.put(("done", {"column": column, "text": "".join(parts)}))
+        except (UserError, OllamaError) as e:
+            events.put(("error", {"column": column, "message": str(e)}))
+        except Exception as e:  # one failing column must not take the others down
+            events.put(("error", {"column": column, "message": f"{type(e).__name__}: {e}"}))
+        finally:
+            close = getattr(pieces, "close", None)
+            if close:
+                close()
+
+    def local(column: str) -> None:
+        try:
+            loaded = ext.models.get(run.name)
+        except Exception as e:
+            events.put(("error", {"column": column, "message": f"could not load the model: {e}"}))
+            return
+        events.put(("status", {"column": column, "state": "ready"}))
+        pump(column, loaded.stream(column, conversations[column], gen))
+
+    def ollama(column: str) -> None:
+        client = OllamaClient(ext.ollama_host)
+        status = client.status()
+        if not status["available"]:
+            events.put(("error", {"column": column, "message": status["message"], "unavailable": True}))
+            return
+        events.put(("status", {"column": column, "state": "ready", "model": status["model"]}))
+        pump(column, client.stream_chat(status["model"], with_system(conversations[column], system_prompt), gen))
+
+    def stream():
+        loading = ext.models.status(run.name) != "ready"
+        yield sse.frame({"run": run.name, "columns": columns, "gen": gen.to_dict()}, event="start")
+        for column in columns:
+            state = "loading" if column in LOCAL_COLUMNS and loading else "waiting"
+            yield sse.frame({"column": column, "state": state}, event="status")
+        for column in columns:
+            target = ollama if column == "ollama" else local
+            threading.Thread(target=target, args=(column,), daemon=True, name=f"compare-{column}").start()
+        remaining = len(columns)
+        try:
+            while remaining:
+                try:
+                    kind, payload = events.get(timeout=sse.KEEPALIVE_S)
+                except queue.Empty:
+                    yield sse.KEEPALIVE
+                    continue
+                if kind in ("done", "error"):
+                    remaining -= 1
+                yield sse.frame(payload, event=kind)
+            yield sse.frame({"run": run.name}, event="end")
+        finally:
+            cancel.set()  # the browser went away (or we are done): workers stop at their next piece
+
+    return sse.response(stream())
