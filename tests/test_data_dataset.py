@@ -121,6 +121,15 @@ def test_no_persona_and_other_character(alice_path, tmp_path):
     assert stats["valid_records"] >= 0.1 * stats["dialogue_records"]
 
 
+def test_one_long_conversation_still_splits_near_the_target(alice_path, tmp_path):
+    # the Mock Turtle speaks almost only in one long exchange (chapters IX-X)
+    out = tmp_path / "mock"
+    stats = build_dataset(alice_path, "Mock Turtle", out, persona=False)
+    assert 1 <= stats["valid_records"] <= 0.2 * stats["dialogue_records"]
+    lines = lambda f: {ln for r in load_chat_jsonl(out / f) for ln in r["source"]["lines"]}  # noqa: E731
+    assert not lines("train.jsonl") & lines("valid.jsonl")
+
+
 def test_aliases_and_few_lines_warning(alice_path, tmp_path):
     warnings: list[str] = []
     stats = build_dataset(alice_path, "Knave", tmp_path / "knave", warn=warnings.append)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}  {count}")
         return 0
 
-    name = "-".join(args.character.lower().split()) or "character"
+    name = "-".join(re.sub(r"^the\s+", "", args.character.strip().lower()).split()) or "character"
     out = Path(args.out).expanduser() if args.out else home() / "data" / name
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")

@@ -196,31 +196,29 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
         dialogue.append(_record(system, user, answer, t.lines, "dialogue", context=context,
                                 exchange=t.exchange))
 
-    # split by exchange
-    exchanges = sorted({r["_exchange"] for r in dialogue})
-    rng.shuffle(exchanges)
+    # split by exchange; an exchange longer than the validation target (one long conversation) is
+    # cut into runs of consecutive turns, so the split stays near the target
     target = round(valid_fraction * len(dialogue))
     if valid_fraction > 0 and target == 0 and len(dialogue) >= 2:
         target = 1
-    valid_ex: set[int] = set()
-    count = Counter(r["_exchange"] for r in dialogue)
-    n = 0
-    for e in exchanges:
-        if n >= target:
-            break
-        if n + count[e] > target * 1.5 and n > 0:
-            continue
-        valid_ex.add(e)
-        n += count[e]
-    split_of_text: dict[str, str] = {}
-    line_split: dict[int, str] = {}
+    cap = max(2, target)
+    units: list[list[dict]] = []
     for r in dialogue:
-        sp = "valid" if r["_exchange"] in valid_ex else "train"
-        a = r["messages"][2]["content"].lower()
-        sp = split_of_text.setdefault(a, sp)
-        r["_split"] = sp
-        for ln in r["source"]["lines"]:
-            line_split.setdefault(ln, sp)
+        if units and units[-1][-1]["_exchange"] == r["_exchange"] and len(units[-1]) < cap:
+            units[-1].append(r)
+        else:
+            units.append([r])
+    rng.shuffle(units)
+    n = 0
+    for u in units:
+        valid_unit = target > n and n + len(u) <= max(target * 1.5, target + 1)
+        n += len(u) if valid_unit else 0
+        for r in u:
+            r["_split"] = "valid" if valid_unit else "train"
+    # the same words said twice (rare) stay on one side
+    split_of_text: dict[str, str] = {}
+    for r in dialogue:
+        r["_split"] = split_of_text.setdefault(r["messages"][2]["content"].lower(), r["_split"])
 
     # persona pairs, each in its source line's split
     persona_recs: list[dict] = []
