@@ -194,6 +194,12 @@ def analyse(book: Book, warn=None) -> Analysis:
                 before = _match_before(text, before_start, s.start)
                 if before is not None and (hit is None or not _is_pronoun(before)):
                     hit = before
+            if hit is None and k == 0 and b > 0 and not text[bstart:s.start].strip():
+                # a paragraph that opens with the quote, after "…, singing a sort of lullaby:--"
+                pb = by_block.get(b - 1)
+                intro_start = pb[-1].end + 1 if pb else blocks[b - 1][0]
+                if re.search(r":\s*(?:--|\u2014)?\s*$", text[intro_start:blocks[b - 1][1]]):
+                    hit = _match_before(text, intro_start, blocks[b - 1][1], intro=True)
             if hit is None:
                 continue
             kind, m, off = hit
@@ -334,7 +340,9 @@ def _match_after(text: str, a: int, z: int):
     return None
 
 
-def _match_before(text: str, a: int, z: int):
+def _match_before(text: str, a: int, z: int, intro: bool = False):
+    """The clause introducing a quote. ``intro``: a narration paragraph ending in a colon that
+    introduces the next paragraph (a song, a recitation): the speech verb need not end the clause."""
     seg = text[a:z]
     if not seg.strip() or not _TAIL_OK.search(seg):
         return None
@@ -353,7 +361,7 @@ def _match_before(text: str, a: int, z: int):
                 continue
             # the verb must end the clause: only a short adverbial may follow it
             rest = tail[m.end():]
-            if len(rest.split()) > 10:
+            if len(rest.split()) > 10 and not intro:
                 continue
             if best is None or m.end() > best[1].end():
                 best = (kind, m)
@@ -364,7 +372,7 @@ def _match_before(text: str, a: int, z: int):
         m = _BEFORE_AND.match(tail.lstrip())
         if m and len(tail[m.end():].split()) <= 10 and _clean_name(m.group("name")):
             return "name_and_verb", m, off + (len(tail) - len(tail.lstrip()))
-        m = _BEFORE_PRON_AND.search(tail)
+        m = None if intro else _BEFORE_PRON_AND.search(tail)
         if m:
             return "pron_and_verb", m, off
         return None
