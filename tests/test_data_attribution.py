@@ -118,6 +118,39 @@ def test_traps(style):
 
 
 @pytest.mark.parametrize("style", STYLES_UNDER_TEST)
+def test_introducing_clauses(style):
+    spans, _ = run("""\
+      When the party came near, they all stopped, and the Hatter said
+    severely `Who is this?'
+
+      The Hatter turned crimson, and, after glaring at her for a
+    moment, screamed `Off with her head!'
+
+      The Hatter turned away from her, and said to the March Hare
+    `Turn them over!'
+
+      The Hatter began nursing his cup again, singing a sort of
+    lullaby to it as he did so:
+
+            `Speak roughly to your little cup,
+              And beat it when it sneezes.'
+    """, style)
+    assert [(s.speaker, s.attribution) for s in spans] == [("Hatter", "explicit")] * 4
+
+
+@pytest.mark.parametrize("style", STYLES_UNDER_TEST)
+def test_the_one_spoken_to_is_not_the_speaker(style):
+    spans, _ = run("""\
+      `It must be removed,' said Alice, and she asked the Hatter, who
+    was passing, `Will you remove it?'
+
+      `Very well,' said Alice, and she called the March Hare, who was
+    passing, `My dear!  Come here!'
+    """, style)
+    assert [s.speaker for s in spans] == ["Alice", "Alice", "Alice", "Alice"]
+
+
+@pytest.mark.parametrize("style", STYLES_UNDER_TEST)
 def test_multi_paragraph_song_is_one_span(style):
     spans, warnings = run("""\
       `Twinkle, twinkle, little bat!

@@ -33,9 +33,12 @@ _VERB_WORDS = (
     "yelled pleaded persisted retorted returned inquired enquired grumbled bawled suggested explained "
     "declared insisted protested agreed urged ventured whimpered panted gasped squeaked snapped demanded "
     "responded stammered hissed sang read cackled echoed mused wondered moaned groaned faltered chorused "
-    "called cried laughed sneered whined croaked hinted concluded resumed"
+    "called cried laughed sneered whined croaked hinted concluded resumed "
+    "saying shouting crying screaming singing muttering whispering repeating exclaiming"
 ).split()
 VERB = r"(?i:went\s+on|broke\s+in|called\s+out|cried\s+out|" + "|".join(sorted(set(_VERB_WORDS), key=len, reverse=True)) + r")\b"
+# verbs whose object, right after them, is the one spoken to: "she asked the Hatter, `…'"
+_ADDRESSING = re.compile(r"(?i:asked|answered|interrupted|urged|thanked|begged|called)\b")
 _ADV = r"(?:(?:[a-z]+ly|then|again|at\s+once|both|all|together|also|still|now|only|first|at\s+last)\s+)"
 _CAP = r"[A-Z][a-z]+"
 _NAME = (
@@ -70,7 +73,9 @@ _BEFORE = [
     ("pron_verb", re.compile(r"\b" + _PRON + _SP + r"(?:" + _ADV + r")*" + VERB)),
 ]
 _BEFORE_AND = re.compile(
-    r"^(?:(?:and|but|so|then|here|just\s+then)\s+)*" + _NAME + r"\b[\s\S]*?\b(?:and|then)\s+(?:then\s+)?(?:"
+    r"^(?:(?:and|but|so|then|here|just\s+then)\s+)*"
+    r"(?:(?:in|at|on|after|before|during|for|by)\s+(?:[a-z]+\s+){0,4}?)?"  # "and in a very short time the Queen …"
+    + _NAME + r"\b[\s\S]*?\b(?:and|then)\s*(?:,[^,]{0,80},\s*)?(?:then\s+)?(?:"  # "and, after glaring at her, screamed"
     + _ADV + r")*" + VERB
 )
 # the King, who had been busily writing in his note-book, cackled out `…'
@@ -81,7 +86,9 @@ _BEFORE_REL = re.compile(
 _BEFORE_PRON_AND = re.compile(
     r"\b" + _PRON + r"\s+[a-z]+\b[^.;!?]*?\band\s+(?:then\s+)?(?:" + _ADV + r")*" + VERB + r"[^.;!?]{0,40}$"
 )
-_TAIL_OK = re.compile(r"(?:[,:\-\u2014]|" + VERB + r"(?:\s+(?:out|aloud|up))?)\s*\(?\s*$")
+# the clause before a quote introduces it: it ends in , : -- or has a speech verb among its last words
+# ("the Queen said severely `…'", "and said to the Knave `…'")
+_TAIL_OK = re.compile(r"(?:[,:\-\u2014]|" + VERB + r"(?:\s+[\w']+){0,6})\s*\(?\s*$")
 
 _STOP = set(
     "I He She It They We You The This That These Those Then But And So Or Oh Here There What Why How When Where "
@@ -359,6 +366,8 @@ def _match_before(text: str, a: int, z: int, intro: bool = False):
                 continue
             if kind == "name_verb" and re.search(r",\s*$", tail[: m.start()]) and "who" in tail[max(0, m.start() - 6): m.start()]:
                 continue
+            if kind == "verb_name" and _ADDRESSING.match(tail, m.start()):
+                continue  # "and asked the Hatter, `…'": the Hatter is spoken to
             # the verb must end the clause: only a short adverbial may follow it
             rest = tail[m.end():]
             if len(rest.split()) > 10 and not intro:
