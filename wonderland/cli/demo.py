@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     data_dir = home() / "data" / f"demo-{args.character.lower()}"
     print(f"[1/3] Building the {args.character} dataset ...", flush=True)
-    stats = build_dataset(args.book, args.character, data_dir, warn=lambda m: print(f"  warning: {m}", file=sys.stderr), overwrite=True)
+    stats = build_dataset(args.book, args.character, data_dir, warn=lambda m: print(f"  warning: {m}", file=sys.stderr))
     print(f"  {stats['character_utterances']} lines by {args.character}: {stats['train_records']} train / "
           f"{stats['valid_records']} valid records in {data_dir}")
     timings["data_s"] = time.perf_counter() - t0
