@@ -167,6 +167,25 @@ def test_multi_paragraph_song_is_one_span(style):
 
 
 @pytest.mark.parametrize("style", STYLES_UNDER_TEST)
+def test_poem_whose_stanzas_do_not_reopen_the_quote(style):
+    spans, warnings = run("""\
+      The Hatter sang this, very slowly:--
+
+    `"Will you walk a little faster?" said a whiting to a snail.
+    "There's a porpoise close behind us, and he's treading on my tail.
+
+    Will you, won't you, will you join the dance?"
+
+    `"What matters it how far we go?" his scaly friend replied.'
+
+      `Thank you,' said Alice.
+    """, style)
+    assert not warnings and len(spans) == 2
+    assert spans[0].speaker == "Hatter" and "Will you, won" in spans[0].text.replace("\u2019", "'")
+    assert spans[1].speaker == "Alice"
+
+
+@pytest.mark.parametrize("style", STYLES_UNDER_TEST)
 def test_verse_block_inside_speech(style):
     spans, warnings = run("""\
       `I had to sing

@@ -102,7 +102,8 @@ def find_spans(text: str, start: int, end: int, style: QuoteStyle, line_of=None,
                         pieces.append(text[piece_start:j])
                         j = piece_start = k + 1
                         continue
-                    if not _closes_before_opening(text, k, end, style):
+                    if not _inner_quote_open(text[span_start + 1: j], style) and \
+                            not _closes_before_opening(text, k, end, style):
                         cut = j
                         break
                     j = m.end()
@@ -120,6 +121,23 @@ def find_spans(text: str, start: int, end: int, style: QuoteStyle, line_of=None,
         spans.append(RawSpan(span_start, stop, body, closed))
         i = stop + 1 if closed else stop
     return spans
+
+
+_INNER = {"gutenberg": ('"', '"'), "curly": ("\u2018", "\u2019"), "curly-single": ("\u201c", "\u201d")}
+
+
+def _inner_quote_open(body: str, style: QuoteStyle) -> bool:
+    """Is a nested quote still open at the end of ``body``? (A poem quoted inside speech, whose
+    stanzas do not reopen the outer quote: the speech goes on.)"""
+    marks = _INNER.get(style.name)
+    if marks is None:
+        return False
+    io, ic = marks
+    if io == ic:
+        return body.count(io) % 2 == 1
+    opens = len(re.findall(f"(?<![A-Za-z]){io}", body))
+    closes = len(re.findall(f"{ic}(?![A-Za-z])", body))
+    return opens > closes
 
 
 def _closes_before_opening(text: str, k: int, end: int, style: QuoteStyle, max_lines: int = 80) -> bool:
