@@ -1,0 +1,209 @@
+"""The MLX backend (mlx-lm) through the real CLI on Linux CPU, on a tiny random llama.
+
+Runs the real mlx-lm training loop and generation (the ``mlx[cpu]`` build): files, metrics,
+adapter loadable by plain ``mlx_lm.load``, stop/resume, schedule parity with the torch backend,
+and the install message when MLX is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wonderland.cli import main
+from wonderland.events import StopFlag, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland."
+LINES = [
+    ("What time is it?", "It's always six o'clock now: always tea-time."),
+    ("Who are you?", "I'm the Hatter, and this is my tea-party."),
+    ("Tell me a riddle.", "Why is a raven like a writing-desk?"),
+    ("Any more tea?", "Take some more tea, it's very easy to take more than nothing."),
+    ("What is wrong with your watch?", "It was the best butter, you know, the best butter."),
+    ("Where is the March Hare?", "He's in the March, and mad as ever, at the table."),
+    ("Why move round the table?", "Because the things get used up, of course. Clean cup!"),
+    ("Do you know Time?", "If you knew Time as well as I do, you wouldn't talk about wasting it."),
+]
+
+
+def write_dataset(folder: Path, n_valid: int = 2) -> Path:
+    """A hand-made chat dataset: 6 train / 2 valid records, system + user + assistant."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": u},
+                             {"role": "assistant", "content": a}]} for u, a in LINES]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[n_valid:]))
+    (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:n_valid]))
+    (folder / "stats.json").write_text(json.dumps({"character": "Hatter", "book": "Alice", "system_prompt": SYSTEM}))
+    return folder
+
+
+@pytest.fixture
+def dataset(tmp_path) -> Path:
+    return write_dataset(tmp_path / "data")
+
+
+def mlx_args(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--backend", "mlx", "--data", str(dataset), "--model", str(model), "--out", str(out),
+            "--iters", "4", "--batch-size", "2", "--lr", "1e-2", "--val-every", "2", "--save-every", "2",
+            "--warmup", "0", "--schedule", "constant", *extra]
+
+
+def test_mlx_train_writes_mlx_lm_adapter_and_metrics(dataset, tiny_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(mlx_args(dataset, tiny_model, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "run.json"]
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    ckpt = out / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter", "optimizer.safetensors", "trainer_state.json"]
+
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    assert [r["event"] for r in records] == ["started", "step", "step", "eval", "checkpoint", "step", "step", "eval", "finished"]
+    assert records[0]["backend"] == "mlx" and records[0]["device"].startswith("cpu")
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for r in steps:
+        assert math.isfinite(r["loss"]) and r["learning_rate"] == pytest.approx(1e-2)
+        assert r["tokens"] > 0 and r["tokens_per_second"] > 0 and r["peak_memory_gb"] > 0
+    assert steps[-1]["eta_s"] == 0
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["backend"] == "mlx" and info["adapter_format"] == "mlx-lm"
+    assert {"mlx", "mlx-lm"} <= info["versions"].keys()
+    assert info["result"]["step"] == 4 and math.isfinite(info["result"]["val_loss"])
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
+    assert config["lora_parameters"] == {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": [
+        "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]}
+    assert "Adapter saved to" in capsys.readouterr().out
+
+    # plain mlx-lm, no wonderland code: load the base + adapter and generate
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(tiny_model), adapter_path=str(out / "adapter"))
+    text = mlx_lm.generate(model, tokenizer, prompt="What time is it?", max_tokens=4)
+    assert isinstance(text, str) and text
+
+
+def test_mlx_adapter_changes_the_output_and_base_stays_pure(dataset, tiny_model, tmp_path):
+    import mlx.core as mx
+
+    from wonderland.backends import get_backend
+    from wonderland.config import GenerationConfig
+    from wonderland.generate import load_run
+
+    out = tmp_path / "run"
+    assert main(mlx_args(dataset, tiny_model, out, "--lr", "0.1", "--iters", "12", "--rank", "16",
+                         "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")) == 0
+    loaded = load_run(str(out))
+    assert loaded.model.has_adapter
+    plain = get_backend("mlx").load(tiny_model)
+    records = [json.loads(line) for line in (Path(loaded.info["data"]["path"]) / "train.jsonl").read_text().splitlines()]
+    on, n = loaded.model.loss(records, adapter=True)
+    off, n_off = loaded.model.loss(records, adapter=False)
+    ref, _ = plain.loss(records)
+    assert n == n_off > 0 and on < off - 1.0  # trained on these records: clearly lower NLL
+    assert off == pytest.approx(ref, rel=1e-5)  # adapter off == a model loaded without it
+
+    gen = GenerationConfig(temperature=0, max_tokens=12)
+    msgs = [{"role": "user", "content": "What time is it?"}]
+    base_ref = "".join(plain.stream(loaded.messages_for("base", msgs), gen))
+    trained_ref = "".join(loaded.stream("trained", msgs, gen))
+    assert trained_ref != base_ref
+    # interleave a trained and a base stream on one model: neither leaks into the other
+    base_stream, trained_stream = loaded.stream("base", msgs, gen), loaded.stream("trained", msgs, gen)
+    parts: dict[str, list[str]] = {"base": [], "trained": []}
+    for b, t in zip(base_stream, trained_stream):
+        parts["base"].append(b)
+        parts["trained"].append(t)
+    parts["base"] += list(base_stream)
+    parts["trained"] += list(trained_stream)
+    assert "".join(parts["base"]) == base_ref and "".join(parts["trained"]) == trained_ref
+
+    sampled = GenerationConfig(temperature=1.0, top_p=0.9, max_tokens=12, seed=7)
+    first = "".join(loaded.stream("trained", msgs, sampled))
+    mx.random.seed(123)  # the global RNG must not matter: each stream has its own seeded key
+    assert "".join(loaded.stream("trained", msgs, sampled)) == first
+
+
+def test_mlx_stop_then_resume_matches_an_uninterrupted_run(dataset, tiny_model, tmp_path):
+    import mlx.core as mx
+
+    from wonderland.config import TrainConfig
+    from wonderland.train import train
+
+    config = TrainConfig(model=str(tiny_model), backend="mlx", iters=5, batch_size=2, lr=1e-2, warmup=2,
+                         val_every=0, save_every=0)
+    straight = train(config, dataset, out=str(tmp_path / "a"), log=lambda m: None)
+    stop = StopFlag()
+    stopped = train(config, dataset, out=str(tmp_path / "b"), should_stop=stop, log=lambda m: None,
+                    subscribers=[lambda r: r["event"] == "step" and r["step"] == 2 and stop.set()])
+    info = stopped.read()
+    assert info["status"] == "stopped" and info["result"]["step"] == 2
+    assert sorted(p.name for p in stopped.checkpoints.iterdir()) == ["step-000002"]
+    assert not stopped.adapter.exists()
+
+    assert main(["train", "--resume", str(tmp_path / "b")]) == 0
+    records = read_metrics(stopped.metrics)
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    kinds = [r["event"] for r in records]
+    assert kinds.count("stopped") == 1 and kinds.count("resumed") == 1 and kinds[-1] == "finished"
+    assert [r["step"] for r in records if r["event"] == "step"] == [1, 2, 3, 4, 5]
+    # same data order, optimizer moments and schedule position: the same adapter
+    a = mx.load(str(straight.adapter / "adapters.safetensors"))
+    b = mx.load(str(stopped.adapter / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert mx.abs(a[k] - b[k]).max().item() < 1e-5, k
+    lrs = [r["learning_rate"] for r in read_metrics(straight.metrics) if r["event"] == "step"]
+    assert lrs == [r["learning_rate"] for r in records if r["event"] == "step"]
+
+
+@pytest.mark.parametrize("schedule,warmup,iters", [("cosine", 5, 60), ("cosine", 1, 10), ("constant", 0, 8), ("constant", 3, 8)])
+def test_mlx_schedule_equals_the_torch_schedule(schedule, warmup, iters):
+    from wonderland.backends.mlx_backend import lr_schedule
+    from wonderland.backends.torch_backend import lr_at
+    from wonderland.config import TrainConfig
+
+    cfg = TrainConfig(lr=1e-3, schedule=schedule, warmup=warmup, iters=iters)
+    fn = lr_schedule(cfg)
+    import mlx.core as mx
+
+    for step in range(iters):
+        assert fn(mx.array(step)).item() == pytest.approx(lr_at(step, cfg), rel=1e-5), step
+
+
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def test_backend_mlx_without_mlx_says_what_to_install(dataset, tiny_model, tmp_path):
+    # a meta-path finder that answers for mlx/mlx_lm as Python does when a package is not installed
+    code = ("import sys\n"
+            "class NotInstalled:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('mlx', 'mlx_lm'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NotInstalled())\n"
+            "from wonderland.cli import main\n"
+            f"sys.exit(main({mlx_args(dataset, tiny_model, tmp_path / 'run')!r}))")
+    proc = _run_python(code)
+    assert proc.returncode == 2, proc.stderr
+    assert "the mlx backend needs 'mlx', which is not installed: pip install 'wonderland[mlx]'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_importing_wonderland_never_imports_mlx():
+    proc = _run_python("import sys, wonderland, wonderland.cli, wonderland.train, wonderland.generate, "
+                       "wonderland.adapters, wonderland.backends.torch_backend\n"
+                       "from wonderland.cli import build_parser; build_parser()\n"
+                       "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,465 @@
+"""MLX backend (mlx-lm): LoRA training and streamed generation on Apple Silicon, and on Linux CPU.
+
+Training is mlx-lm's own loop (:func:`mlx_lm.tuner.train` with :class:`TrainingArgs`), LoRA
+layers come from :func:`mlx_lm.tuner.linear_to_lora_layers`, and a :class:`TrainingCallback`
+turns mlx-lm's per-step reports into our events. We plug three things into that loop through
+its documented hooks: the batches (``iterate_batches``: the same seeded per-epoch shuffle as the
+torch backend, so a checkpoint's data position is its step number), the loss (``loss``: the
+assistant tokens of :func:`wonderland.chat_format.encode_chat`, exactly the tokens the torch
+backend trains on), and the optimizer (AdamW with the torch backend's warmup/cosine schedule and
+gradient clipping). The final adapter is what mlx-lm writes (``adapters.safetensors`` +
+``adapter_config.json``): ``mlx_lm.load(model, adapter_path=run/adapter)`` loads it unchanged.
+
+Linux CPU traps (see ../shared/NOTES.md): the ``mlx-cpu`` wheel links a reference BLAS (~3-5
+GFLOP/s matmuls). Loading Debian's OpenBLAS into the global symbol scope *before* ``mlx.core``
+is imported makes libmlx resolve ``cblas_sgemm`` to it (~20x faster matmuls, measured), with no
+``LD_PRELOAD`` or re-exec needed. bf16/fp16 are slow on CPU, so weights are cast to float32 there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from wonderland.errors import UserError
+
+OPENBLAS_LIBS = ("libopenblas.so.0", "libopenblasp.so.0")  # Debian: libopenblas0-pthread
+
+
+def _preload_openblas() -> str | None:
+    """Put OpenBLAS first in the global symbol scope so libmlx binds cblas_* to it.
+
+    Must run before ``mlx.core`` is first imported (a library's symbols are bound when it loads).
+    Returns the library used, or None (not Linux, not installed, or mlx already loaded).
+    """
+    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules or os.environ.get("WONDERLAND_MLX_BLAS") == "bundled":
+        return None
+    for name in OPENBLAS_LIBS:
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+            return name
+        except OSError:
+            continue
+    print("wonderland: MLX on Linux CPU is ~10x slower without OpenBLAS; install it with "
+          "`sudo apt-get install libopenblas0-pthread`", file=sys.stderr)
+    return None
+
+
+BLAS = _preload_openblas()
+
+import mlx.core as mx  # noqa: E402  (after the OpenBLAS preload, on purpose)
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
+from mlx_lm import load as mlx_load  # noqa: E402
+from mlx_lm import stream_generate  # noqa: E402
+from mlx_lm.sample_utils import apply_top_p, make_logits_processors  # noqa: E402
+from mlx_lm.tuner import TrainingArgs, evaluate, linear_to_lora_layers  # noqa: E402
+from mlx_lm.tuner import train as mlx_train  # noqa: E402
+from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
+
+from wonderland.backends.base import TrainJob, TrainResult  # noqa: E402
+from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids  # noqa: E402
+from wonderland.config import GenerationConfig, TrainConfig  # noqa: E402
+from wonderland.events import Checkpoint, Eval, Resumed, Sample, Started, Step, Stopped  # noqa: E402
+from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir  # noqa: E402
+
+KEEP_CHECKPOINTS = 2
+ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's file names
+ADAPTER_CONFIG = "adapter_config.json"
+PAD_TO = 32  # pad batches to multiples of 32 tokens, as mlx-lm does: few shapes, few recompiles
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def device_name() -> str:
+    if mx.metal.is_available():
+        return "gpu (metal)"
+    return f"cpu ({'OpenBLAS' if BLAS else 'bundled reference BLAS'})"
+
+
+def _config_overrides(model_path: Path) -> dict:
+    """Keys mlx-lm reads at the top level of config.json that transformers 5 nests in
+    ``rope_parameters`` (mlx-lm silently defaults rope_theta to 10000 otherwise)."""
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{model_path}: cannot read config.json ({e}); give a Hugging Face model folder") from None
+    rope = cfg.get("rope_parameters") or {}
+    out = {}
+    if "rope_theta" not in cfg and "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    if cfg.get("rope_scaling") is None and rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def load_base(model_path: Path, dtype: str = "auto"):
+    """mlx-lm model + TokenizerWrapper, float32 on CPU (bf16/fp16 matmuls are slow there)."""
+    try:
+        model, tokenizer = mlx_load(str(model_path), model_config=_config_overrides(model_path))
+    except ValueError as e:  # e.g. "Model type x not supported."
+        raise UserError(f"mlx-lm cannot load {model_path}: {e}; use --backend torch for this model") from None
+    target = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}.get(dtype)
+    if dtype == "auto" and not mx.metal.is_available():
+        target = mx.float32
+    if target is not None:
+        model.set_dtype(target)
+    return model, tokenizer
+
+
+def lora_parameters(cfg: TrainConfig, model) -> dict:
+    """mlx-lm's ``lora_parameters``: our target names (PEFT style, ``q_proj``) -> layer-relative
+    keys (``self_attn.q_proj``), and ``scale = alpha / rank``."""
+    linears = [name for name, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    keys = sorted(n for n in linears if n.rsplit(".", 1)[-1] in cfg.target_modules or n in cfg.target_modules)
+    found = {k.rsplit(".", 1)[-1] for k in keys} | set(keys)
+    missing = [t for t in cfg.target_modules if t not in found]
+    if missing:
+        raise UserError(f"--targets {','.join(missing)} not found in the model's layers; choose from "
+                        f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in linears}))}")
+    return {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout, "keys": keys}
+
+
+def adapter_config(cfg: TrainConfig, model, model_path: Path) -> dict:
+    """The adapter_config.json mlx-lm writes (the fields ``mlx_lm.load(adapter_path=)`` reads,
+    plus the training settings, as ``mlx_lm.lora`` records them)."""
+    n_layers = len(model.layers)
+    return {
+        "model": str(model_path),
+        "fine_tune_type": "lora",
+        "num_layers": cfg.layers if 0 < cfg.layers < n_layers else n_layers,
+        "lora_parameters": lora_parameters(cfg, model),
+        "batch_size": cfg.batch_size,
+        "iters": cfg.iters,
+        "learning_rate": cfg.lr,
+        "lr_schedule": {"name": cfg.schedule, "warmup": cfg.warmup},
+        "optimizer": "adamw",
+        "optimizer_config": {"adamw": {"weight_decay": cfg.weight_decay}},
+        "grad_clip": cfg.grad_clip,
+        "max_seq_length": cfg.max_seq_len,
+        "mask_prompt": True,
+        "seed": cfg.seed,
+    }
+
+
+def lr_schedule(cfg: TrainConfig):
+    """mlx schedule equal to the torch backend's ``lr_at``: warmup lr*(s+1)/w for s < w, then
+    constant or cosine from lr down to 10 % of lr at the last step."""
+    w = cfg.warmup
+    if cfg.schedule == "cosine":
+        main = optim.cosine_decay(cfg.lr, max(1, cfg.iters - w), 0.1 * cfg.lr)
+    else:
+        main = lambda step: mx.array(cfg.lr, mx.float32)  # noqa: E731
+    if w == 0:
+        return main
+    warm = optim.linear_schedule(cfg.lr / w, cfg.lr, w - 1) if w > 1 else (lambda step: mx.array(cfg.lr, mx.float32))
+    return optim.join_schedules([warm, main], [w])
+
+
+class ClippedAdamW(optim.AdamW):
+    """AdamW that clips the global gradient norm first (the torch backend's ``--grad-clip``)."""
+
+    def __init__(self, max_grad_norm: float = 0.0, **kw) -> None:
+        super().__init__(**kw)
+        self.max_grad_norm = max_grad_norm
+
+    def update(self, model, gradients: dict) -> None:
+        if self.max_grad_norm:
+            gradients, _ = optim.clip_grad_norm(gradients, self.max_grad_norm)
+        super().update(model, gradients)
+
+
+def collate(batch: Sequence[Encoded]) -> tuple[mx.array, mx.array]:
+    """(B, T) token ids and a (B, T) 0/1 mask of the label positions; T - 1 is a multiple of 32."""
+    longest = max(len(e.input_ids) for e in batch)
+    width = 1 + PAD_TO * max(1, math.ceil((longest - 1) / PAD_TO))
+    ids = [[0] * width for _ in batch]
+    mask = [[0] * width for _ in batch]
+    for row, e in enumerate(batch):
+        ids[row][: len(e.input_ids)] = e.input_ids
+        mask[row][: len(e.labels)] = [int(t != IGNORE) for t in e.labels]
+    return mx.array(ids, mx.int32), mx.array(mask, mx.int32)
+
+
+def summed_nll(model, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Sum of next-token NLLs at label positions, and their count."""
+    logits = model(ids[:, :-1]).astype(mx.float32)
+    targets, m = ids[:, 1:], mask[:, 1:]
+    return (nn.losses.cross_entropy(logits, targets) * m).sum(), m.sum()
+
+
+def mean_loss(model, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """mlx-lm's loss contract: (mean loss, token count)."""
+    total, n = summed_nll(model, ids, mask)
+    return total / mx.maximum(n, 1), n
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """Records of step ``step``: a fresh seeded shuffle each epoch (the torch backend's order), so
+    the data position of a checkpoint is just its step number."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+class Batches:
+    """mlx-lm's ``iterate_batches`` hook. Training (``loop=True``): the batch of each step from
+    ``start_step`` on, remembering its real token count for the Step event. Evaluation: the
+    dataset in order, the last batch possibly smaller (as the torch backend evaluates)."""
+
+    def __init__(self, start_step: int, seed: int) -> None:
+        self.step, self.seed = start_step, seed
+        self.tokens: dict[int, int] = {}  # step (1-based, after it runs) -> real tokens
+
+    def __call__(self, dataset, batch_size, max_seq_length, loop=False, seed=None, comm_group=None):
+        if not loop:
+            for i in range(0, len(dataset), batch_size):
+                yield collate(dataset[i : i + batch_size])
+            return
+        while True:
+            batch = [dataset[i] for i in batch_indices(self.step, len(dataset), batch_size, self.seed)]
+            self.step += 1
+            self.tokens[self.step] = sum(len(e.input_ids) for e in batch)
+            yield collate(batch)
+
+
+class _StopRequested(Exception):
+    """Raised from the callback to leave mlx-lm's loop after a step when a stop was asked for."""
+
+    def __init__(self, step: int, checkpoint: Path) -> None:
+        super().__init__(f"stopped at step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+# ----------------------------------------------------------------------------- the backend
+class MLXBackend:
+    name = "mlx"
+
+    def train(self, job: TrainJob) -> TrainResult:
+        cfg, emit = job.config, job.emit
+        mx.random.seed(cfg.seed)
+        model, tokenizer = load_base(job.model_path, cfg.dtype)
+        model.freeze()
+        acfg = adapter_config(cfg, model, job.model_path)
+        linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"])
+        hf_tok = tokenizer._tokenizer
+        train_set = [encode_chat(hf_tok, r["messages"], cfg.max_seq_len) for r in job.train_records]
+        valid_set = [encode_chat(hf_tok, r["messages"], cfg.max_seq_len) for r in job.valid_records]
+        optimizer = ClippedAdamW(max_grad_norm=cfg.grad_clip, learning_rate=lr_schedule(cfg),
+                                 weight_decay=cfg.weight_decay)
+        start = 0
+        if job.resume_from:
+            start = self._load_checkpoint(job.resume_from, model, optimizer)
+            emit(Resumed(step=start, total_steps=cfg.iters, checkpoint=str(job.resume_from)))
+        trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+        emit(Started(step=start, total_steps=cfg.iters, run=job.run.name, backend=self.name, model=str(job.model_path),
+                     device=device_name(), train_records=len(train_set), valid_records=len(valid_set),
+                     trainable_params=trainable))
+        batches = Batches(start, cfg.seed)
+        state = {"loss": None, "val_loss": None}
+
+        def run_eval(step: int) -> None:
+            t0 = time.perf_counter()
+            val = evaluate(model, valid_set, batch_size=cfg.batch_size, num_batches=cfg.val_batches or -1,
+                           max_seq_length=cfg.max_seq_len, loss=mean_loss, iterate_batches=batches)
+            model.train()
+            state["val_loss"] = val
+            emit(Eval(step=step, total_steps=cfg.iters, val_loss=val, val_time_s=time.perf_counter() - t0))
+
+        backend = self
+
+        class Reporter(TrainingCallback):
+            """mlx-lm reports every step (steps_per_report=1); each report becomes our Step event,
+            then the torch backend's per-step order: eval, sample, checkpoint, stop check."""
+
+            t_start = time.perf_counter()
+
+            def on_train_loss_report(self, info: dict) -> None:
+                step = start + info["iteration"]
+                elapsed = time.perf_counter() - self.t_start
+                tokens = batches.tokens.pop(step, 0)
+                state["loss"] = info["train_loss"]
+                emit(Step(step=step, total_steps=cfg.iters, loss=info["train_loss"], learning_rate=info["learning_rate"],
+                          tokens=tokens, tokens_per_second=tokens * info["iterations_per_second"], elapsed_s=elapsed,
+                          eta_s=elapsed / info["iteration"] * (cfg.iters - step), peak_memory_gb=peak_memory_gb()))
+                if valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
+                    run_eval(step)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    backend._sample(job, model, tokenizer, step)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
+                    backend._save_checkpoint(job, model, optimizer, acfg, step)
+                if step < cfg.iters and job.should_stop():
+                    raise _StopRequested(step, backend._save_checkpoint(job, model, optimizer, acfg, step))
+
+        if job.should_stop():  # asked before the first step: nothing to train, keep the position
+            ckpt = self._save_checkpoint(job, model, optimizer, acfg, start)
+            emit(Stopped(step=start, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=0.0))
+            return TrainResult("stopped", start)
+        tmp = staging_dir(job.run.adapter)
+        args = TrainingArgs(batch_size=cfg.batch_size, iters=cfg.iters - start, val_batches=cfg.val_batches or -1,
+                            steps_per_report=1, steps_per_eval=cfg.iters + 1, steps_per_save=cfg.iters + 1,
+                            max_seq_length=cfg.max_seq_len, adapter_file=str(tmp / ADAPTER_WEIGHTS))
+        reporter = Reporter()
+        try:
+            with _quiet_mlx_console():
+                # val_dataset=None: mlx-lm would evaluate at its own cadence (step 1, every K, before
+                # the last step); the callback evaluates at ours instead.
+                mlx_train(model, optimizer, train_set, None, args=args, loss=mean_loss, iterate_batches=batches,
+                          training_callback=reporter)
+        except _StopRequested as stop:
+            shutil.rmtree(tmp, ignore_errors=True)
+            emit(Stopped(step=stop.step, total_steps=cfg.iters, checkpoint=str(stop.checkpoint),
+                         elapsed_s=time.perf_counter() - reporter.t_start))
+            return TrainResult("stopped", stop.step, state["loss"], state["val_loss"])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if valid_set:
+            run_eval(cfg.iters)
+        atomic_write_json(tmp / ADAPTER_CONFIG, acfg)  # mlx-lm already wrote adapters.safetensors
+        atomic_replace_dir(tmp, job.run.adapter)
+        return TrainResult("finished", cfg.iters, state["loss"], state["val_loss"], extra={"device": device_name()})
+
+    # --- checkpoints: the adapter as mlx-lm writes it + optimizer state; data position = step
+    def _save_checkpoint(self, job: TrainJob, model, optimizer, acfg: dict, step: int) -> Path:
+        final = job.run.checkpoints / f"step-{step:06d}"
+        tmp = staging_dir(final)
+        (tmp / "adapter").mkdir()
+        mx.save_safetensors(str(tmp / "adapter" / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
+        atomic_write_json(tmp / "adapter" / ADAPTER_CONFIG, acfg)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        atomic_write_json(tmp / "trainer_state.json", {"step": step, "config": job.config.to_dict()})
+        atomic_replace_dir(tmp, final)
+        for old in sorted(job.run.checkpoints.glob("step-*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+        job.emit(Checkpoint(step=step, total_steps=job.config.iters, path=str(final)))
+        return final
+
+    def _load_checkpoint(self, ckpt: Path, model, optimizer) -> int:
+        if not (ckpt / "adapter" / ADAPTER_WEIGHTS).exists():
+            raise UserError(f"{ckpt} is not an MLX checkpoint (no adapter/{ADAPTER_WEIGHTS}); resume it with the backend that wrote it")
+        model.load_weights(str(ckpt / "adapter" / ADAPTER_WEIGHTS), strict=False)
+        # AdamW moments + step count (hence the schedule position). mlx's global RNG key cannot be
+        # set back, so with --dropout > 0 a resumed run draws different dropout masks.
+        optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))
+        mx.eval(model.parameters(), optimizer.state)
+        return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
+
+    def _sample(self, job: TrainJob, model, tokenizer, step: int) -> None:
+        chat = MLXChatModel(model, tokenizer, job.model_path)
+        messages = [{"role": "system", "content": job.system_prompt}, {"role": "user", "content": job.config.sample_prompt}]
+        reply = "".join(chat.stream(messages, GenerationConfig(temperature=0.0, max_tokens=48)))
+        model.train()
+        job.emit(Sample(step=step, total_steps=job.config.iters, prompt=job.config.sample_prompt, reply=reply))
+
+    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto") -> "MLXChatModel":
+        """``device`` is accepted for the protocol; MLX runs on its default device (Metal, else CPU)."""
+        model, tokenizer = load_base(Path(model_path))
+        if adapter_path is not None:
+            from mlx_lm.tuner.utils import load_adapters
+
+            load_adapters(model, str(adapter_path))
+        model.eval()
+        return MLXChatModel(model, tokenizer, Path(model_path))
+
+
+def peak_memory_gb() -> float:
+    """MLX allocator peak (GB); on CPU add nothing else, torch's figure is RSS (see bench/)."""
+    return mx.get_peak_memory() / 1e9
+
+
+class _quiet_mlx_console:
+    """mlx-lm's trainer draws its own progress table on stdout; our events drive the UI."""
+
+    def __enter__(self):
+        from mlx_lm.cli_ui import make_console
+
+        self.console = make_console()
+        self.previous, self.console.quiet = self.console.quiet, True
+
+    def __exit__(self, *exc):
+        self.console.quiet = self.previous
+
+
+# ----------------------------------------------------------------------------- generation
+class MLXChatModel:
+    """Generation via ``mlx_lm.stream_generate``. The adapter is switched per decode step by
+    setting every LoRA layer's scale (0 = pure base model) under a lock: mlx bakes the scale into
+    the graph when a step is built, and ``stream_generate`` builds each step inside ``next()``, so
+    interleaved streams (Base / Prompted / Trained columns) never see each other's setting."""
+
+    def __init__(self, model, tokenizer, model_path: Path) -> None:
+        self.model, self.tokenizer, self.model_path = model, tokenizer, model_path
+        self._lora = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
+        self._scales = [m.scale for m in self._lora]
+        self.has_adapter = bool(self._lora)
+        self._lock = threading.Lock()
+
+    def _set_adapter(self, on: bool) -> None:
+        for m, s in zip(self._lora, self._scales):
+            m.scale = s if on else 0.0
+
+    def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
+        ids = prompt_ids(self.tokenizer._tokenizer, messages)
+        processors = make_logits_processors(repetition_penalty=gen.repetition_penalty,
+                                            repetition_context_size=len(ids) + gen.max_tokens) \
+            if gen.repetition_penalty != 1.0 else None
+        steps = stream_generate(self.model, self.tokenizer, ids, max_tokens=gen.max_tokens,
+                                sampler=make_sampler(gen), logits_processors=processors)
+        while True:
+            with self._lock:
+                self._set_adapter(adapter)
+                try:
+                    response = next(steps)
+                except StopIteration:
+                    return
+                finally:
+                    self._set_adapter(True)
+            if response.text:
+                yield response.text
+
+    def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
+        total, count = 0.0, 0
+        for r in records:
+            ids, mask = collate([encode_chat(self.tokenizer._tokenizer, r["messages"], max_seq_len)])
+            with self._lock:
+                self._set_adapter(adapter)
+                try:
+                    nll, n = summed_nll(self.model, ids, mask)
+                    mx.eval(nll, n)
+                finally:
+                    self._set_adapter(True)
+            total, count = total + nll.item(), count + n.item()
+        return total, count
+
+
+def make_sampler(gen: GenerationConfig):
+    """Temperature + top-p sampling with the stream's own seeded key (interleaved streams stay
+    reproducible); greedy at temperature 0. Same order as the torch backend: temperature first."""
+    if gen.temperature == 0:
+        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+    key = [mx.random.key(gen.seed)]
+
+    def sample(logprobs: mx.array) -> mx.array:
+        key[0], sub = mx.random.split(key[0])
+        scaled = logprobs / gen.temperature
+        if gen.top_p < 1.0:
+            scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), gen.top_p)
+        return mx.random.categorical(scaled, key=sub)
+
+    return sample
+
+
+BACKEND = MLXBackend()
