@@ -147,14 +147,16 @@ def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: i
                 pairs.append(PersonaPair(prompt, best[1], name, round(best[0], 3)))
         if pairs:
             per_topic.append(pairs)
-    # round-robin over topics so a small limit still covers many of them
+    # round-robin over topics so a small limit still covers many of them; each line answers once
     rng.shuffle(per_topic)
     out: list[PersonaPair] = []
+    answered: set[int] = set()
     depth = 0
     while len(out) < limit and any(depth < len(p) for p in per_topic):
         for p in per_topic:
-            if depth < len(p) and len(out) < limit:
+            if depth < len(p) and len(out) < limit and p[depth].answer_index not in answered:
                 out.append(p[depth])
+                answered.add(p[depth].answer_index)
         depth += 1
     return out
 
