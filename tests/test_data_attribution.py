@@ -231,11 +231,14 @@ def test_curly_style_with_nested_quotes_and_lf():
 def test_crlf_gutenberg_header_title_and_chapters():
     body = ("Title: A Tiny Tea\r\n\r\n*** START OF THE PROJECT GUTENBERG EBOOK A TINY TEA ***\r\n"
             "                CHAPTER I\r\n\r\n  `Hello,' said the Hatter.\r\n\r\n"
-            "                CHAPTER II\r\n\r\n  `Goodbye,' said the Hatter.\r\n"
+            "                CHAPTER II\r\n\r\n  `Goodbye,' said the Hatter.\r\n\r\n"
+            "  The Hatter shook his head.  `No,' he said.\r\n"
             "*** END OF THE PROJECT GUTENBERG EBOOK A TINY TEA ***\r\n`Footer quote,' said Nobody.\r\n")
     an = analyse(parse_book(body.encode(), "t.txt"))
     assert an.book.title == "A Tiny Tea"
-    assert [(s.text, s.chapter, s.line) for s in an.spans] == [("Hello,", 1, 6), ("Goodbye,", 2, 10)]
+    assert [(s.text, s.chapter, s.line, s.attribution) for s in an.spans] == [
+        ("Hello,", 1, 6, "explicit"), ("Goodbye,", 2, 10, "explicit"), ("No,", 2, 12, "pronoun")]
+    assert {s.speaker for s in an.spans} == {"Hatter"}
 
 
 def test_find_spans_styles_directly():

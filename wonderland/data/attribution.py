@@ -406,15 +406,8 @@ def _canonical_names(surface: Counter) -> dict[str, str]:
         longer = [m for m in multi if m.split()[-1] == n]
         if len(longer) == 1:
             names[n] = longer[0]
-    # resolve chains
-    for n in list(names):
-        seen = set()
-        while names[n] != n and names[n] not in seen:
-            seen.add(n)
-            if names[names[n]] == names[n]:
-                break
-            names[n] = names[names[n]]
-    return names
+    # at most two hops, no cycles: "Queen of Hearts" -> "Queen" -> ("Red Queen", if that were the only one)
+    return {n: names[c] for n, c in names.items()}
 
 
 def _mention_regex(names: dict[str, str]) -> re.Pattern:
@@ -460,13 +453,17 @@ def _compatible(name: str, cls: str, genders: dict[str, Counter], evidence: bool
     return total == 0 or c[cls] > 0
 
 
+_PARA_BREAK = re.compile(r"\n[ \t]*\n")
+
+
 def _paragraph_starts(text: str, a: int, z: int) -> list[int]:
-    return [a] + [m.end() for m in re.finditer(r"\n[ \t]*\n", text[a:z])]
+    """Offsets where the paragraphs of ``text[a:z]`` start."""
+    return [a] + [m.end() for m in _PARA_BREAK.finditer(text, a, z)]
 
 
 def _blocks(text: str, a: int, z: int, raw: list[RawSpan]):
     """Paragraphs (blank-line separated), merged where a span crosses a paragraph break."""
-    pstarts = [a] + [a + m.end() for m in re.finditer(r"\n[ \t]*\n", text[a:z])]
+    pstarts = _paragraph_starts(text, a, z)
     pend = pstarts[1:] + [z]
     para_block = list(range(len(pstarts)))
     for r in raw:
