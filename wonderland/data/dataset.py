@@ -178,7 +178,6 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
     # dialogue records
     turns = _turns(an)
     dialogue: list[dict] = []
-    char_turns: list[_Turn] = []
     for k, t in enumerate(turns):
         if t.speaker not in targets:
             continue
@@ -192,7 +191,6 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
             context = prev.lines
         if not user:
             user = best_prompt_for(answer, rng) or rng.choice(_OPENERS)
-        char_turns.append(t)
         dialogue.append(_record(system, user, answer, t.lines, "dialogue", context=context,
                                 exchange=t.exchange))
 
@@ -222,7 +220,7 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
 
     # persona pairs, each in its source line's split
     persona_recs: list[dict] = []
-    if persona and char_turns:
+    if persona and dialogue:
         answers = [r["messages"][2]["content"] for r in dialogue]
         others = [an.display_name(n) for n, _ in an.speaker_counts() if n not in targets][:6]
         limit = int(PERSONA_SHARE * len(dialogue))
