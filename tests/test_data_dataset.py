@@ -130,6 +130,12 @@ def test_one_long_conversation_still_splits_near_the_target(alice_path, tmp_path
     assert not lines("train.jsonl") & lines("valid.jsonl")
 
 
+def test_no_validation_set_means_no_valid_file(alice_path, tmp_path):
+    stats = build_dataset(alice_path, "Hatter", tmp_path / "h", valid_fraction=0)
+    assert stats["valid_records"] == 0 and not (tmp_path / "h" / "valid.jsonl").exists()
+    assert len(load_chat_jsonl(tmp_path / "h" / "train.jsonl")) == stats["train_records"]
+
+
 def test_aliases_and_few_lines_warning(alice_path, tmp_path):
     warnings: list[str] = []
     stats = build_dataset(alice_path, "Knave", tmp_path / "knave", warn=warnings.append)

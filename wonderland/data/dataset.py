@@ -280,7 +280,8 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
     try:
         atomic_write_jsonl(stage / "utterances.jsonl", (s.record() for s in an.spans))
         atomic_write_jsonl(stage / "train.jsonl", train)
-        atomic_write_jsonl(stage / "valid.jsonl", valid)
+        if valid:  # no empty file: readers treat a missing valid.jsonl as "no validation set"
+            atomic_write_jsonl(stage / "valid.jsonl", valid)
         atomic_write_json(stage / "stats.json", stats)
         atomic_replace_dir(stage, out_dir)
     except BaseException:
