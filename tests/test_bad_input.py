@@ -1,0 +1,100 @@
+"""Bad input to `wonderland train` / `chat`: one-line error naming the fix, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train_cli import write_dataset
+from wonderland.cli import main
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_dataset(tmp_path / "data")
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def assert_user_error(code, err, *needles):
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("wonderland ") and "error:" in last
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--rank", "0"], ["--rank must be > 0"]),
+    (["--lr", "0"], ["--lr must be > 0"]),
+    (["--iters", "-3"], ["--iters must be > 0"]),
+    (["--batch-size", "99"], ["--batch-size 99 is larger than the dataset (6 training records)"]),
+    (["--model", "/no/such/model"], ["model not found", "/no/such/model"]),
+])
+def test_bad_training_options(capsys, dataset, tmp_path, args, needles):
+    out = tmp_path / "run"
+    code, err = run_cli(capsys, "train", "--data", str(dataset), "--out", str(out), *args)
+    assert_user_error(code, err, *needles)
+    assert not out.exists()
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    code, err = run_cli(capsys, "train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
+    assert_user_error(code, err, "data folder not found", "wonderland data")
+    assert not (tmp_path / "run").exists()
+
+
+def test_malformed_jsonl_names_file_and_line(capsys, dataset, tmp_path):
+    lines = (dataset / "train.jsonl").read_text().splitlines()
+    lines[2] = '{"messages": [oops'
+    (dataset / "train.jsonl").write_text("\n".join(lines) + "\n")
+    code, err = run_cli(capsys, "train", "--data", str(dataset), "--out", str(tmp_path / "run"))
+    assert_user_error(code, err, "train.jsonl:3", "malformed JSON")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_jsonl(capsys, dataset, tmp_path):
+    (dataset / "train.jsonl").write_text("")
+    code, err = run_cli(capsys, "train", "--data", str(dataset), "--out", str(tmp_path / "run"))
+    assert_user_error(code, err, "train.jsonl")
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_not_writable(capsys, dataset, tiny_model, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, err = run_cli(capsys, "train", "--data", str(dataset), "--model", str(tiny_model),
+                        "--out", str(blocker / "run"))
+    assert_user_error(code, err, "cannot write the run", "--out")
+
+
+def test_existing_run_is_never_overwritten_without_the_flag(capsys, dataset, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(dataset), "--model", str(tiny_model), "--out", str(out), "--iters", "2",
+            "--batch-size", "2", "--val-every", "0", "--save-every", "0"]
+    assert main(args) == 0
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    code, err = run_cli(capsys, *args)
+    assert_user_error(code, err, "already holds a run", "--overwrite")
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert main([*args, "--overwrite", "--lr", "0.05"]) == 0
+
+
+def test_unknown_run_for_chat(capsys):
+    code, err = run_cli(capsys, "chat", "--run", "no-such-run", "--prompt", "hi")
+    assert_user_error(code, err, "no run named or found at 'no-such-run'")
+
+
+def test_no_traceback_from_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "wonderland", "train", "--data", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -1,0 +1,77 @@
+"""Configuration: precedence (command line > YAML > preset > defaults), validation, run.json round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from wonderland.cli import build_parser
+from wonderland.cli.train import resolve_config
+from wonderland.config import PRESETS, GenerationConfig, TrainConfig, merge_config
+from wonderland.errors import UserError
+from wonderland.runs import RunDir
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["train", "--data", "d", *argv])
+
+
+def test_defaults_when_nothing_is_given():
+    assert resolve_config(parse()) == TrainConfig()
+
+
+def test_command_line_beats_yaml_beats_preset_beats_defaults(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("# wonderland train --config c.yaml\niters: 33\nlr: 0.005\nmax-seq-len: 64\n")
+    config = resolve_config(parse("--preset", "quality", "--config", str(yaml_file), "--lr", "0.002"))
+    assert config.lr == 0.002  # command line
+    assert config.iters == 33 and config.max_seq_len == 64  # YAML (dash or underscore keys)
+    assert config.rank == PRESETS["quality"]["rank"]  # preset
+    assert config.seed == TrainConfig().seed  # default
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("iters: [1, 2]\n", "'iters' must be int"),
+    ("itrs: 5\n", "unknown option 'itrs'"),
+    ("- just\n- a list\n", "expected a mapping"),
+    ("iters: 5\n  bad: indent\n", "not valid YAML"),
+])
+def test_bad_yaml_is_a_user_error(tmp_path, yaml_text, message):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(yaml_text)
+    with pytest.raises(UserError, match=message):
+        resolve_config(parse("--config", str(yaml_file)))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("rank", 0, "--rank must be > 0"), ("lr", -1.0, "--lr must be > 0"), ("iters", 0, "--iters must be > 0"),
+    ("batch_size", 0, "--batch-size must be > 0"), ("dropout", 1.0, "--dropout"), ("schedule", "linear", "--schedule"),
+    ("targets", " , ", "--targets"),
+])
+def test_impossible_hyperparameters(field, value, message):
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**{field: value})
+
+
+def test_generation_config_validates():
+    with pytest.raises(UserError, match="top_p"):
+        GenerationConfig(top_p=0)
+    assert GenerationConfig(temperature=0).temperature == 0
+
+
+def test_alpha_is_peft_lora_alpha_and_scale_is_alpha_over_rank():
+    config = merge_config(TrainConfig, {"rank": 4, "alpha": 32})
+    assert config.scale == 8.0
+
+
+def test_run_json_round_trip(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.path.mkdir()
+    info = {"schema_version": 1, "status": "running", "config": TrainConfig(iters=7).to_dict()}
+    run.write(info)
+    assert run.read() == info
+    assert TrainConfig(**run.read()["config"]) == TrainConfig(iters=7)
+    run.update(status="finished")
+    assert run.read()["status"] == "finished" and "updated" in run.read()
+    assert json.loads(run.run_json.read_text())["config"]["iters"] == 7
