@@ -34,7 +34,7 @@ _VERB_WORDS = (
     "declared insisted protested agreed urged ventured whimpered panted gasped squeaked snapped demanded "
     "responded stammered hissed sang read cackled echoed mused wondered moaned groaned faltered chorused "
     "called cried laughed sneered whined croaked hinted concluded resumed "
-    "saying shouting crying screaming singing muttering whispering repeating exclaiming"
+    "saying shouting crying screaming singing muttering whispering repeating exclaiming asking calling"
 ).split()
 VERB = r"(?i:went\s+on|broke\s+in|called\s+out|cried\s+out|" + "|".join(sorted(set(_VERB_WORDS), key=len, reverse=True)) + r")\b"
 # verbs whose object, right after them, is the one spoken to: "she asked the Hatter, `…'"
@@ -106,6 +106,8 @@ _TITLE_GENDER = {"king": "m", "duke": "m", "lord": "m", "sir": "m", "mr": "m", "
                  "boy": "m", "man": "m", "prince": "m", "uncle": "m", "queen": "f", "duchess": "f", "lady": "f",
                  "mrs": "f", "miss": "f", "mother": "f", "sister": "f", "girl": "f", "princess": "f", "aunt": "f"}
 _SENT_END = re.compile(r"[.!?;]")
+_GROUP_WORDS = re.compile(r"\b(?:they|we|everybody|everyone|all of them|the others|the whole party|the party|"
+                          r"the crowd|the jury|in chorus)\b", re.I)
 _CLAUSE_END = re.compile(r"[.!?;:,(]|--")
 
 
@@ -310,6 +312,12 @@ def analyse(book: Book, warn=None) -> Analysis:
             others.discard(prev.speaker)
             if others and _subject_in(between, others, names, subj_re):
                 continue
+            if _GROUP_WORDS.search(between):
+                continue  # "…, and they all crowded round it, asking, `…'"
+            parts = _SENT_END.split(between)
+            tail = parts[-1].strip(" \t\n()")
+            if len(parts) > 1 and tail and not re.search(VERB, tail):
+                continue  # a new sentence of narration that introduces nobody: "There was no `…'"
             s.speaker, s.attribution, s.rule = prev.speaker, prev.attribution, "continuation"
 
     # 5. turn-taking: A, B, ? -> A (pure-speech paragraphs of one exchange)
