@@ -89,6 +89,20 @@ def test_implicit_turn_taking(style):
 
 
 @pytest.mark.parametrize("style", STYLES_UNDER_TEST)
+def test_a_quote_does_not_inherit_the_speaker_across_a_new_scene(style):
+    spans, _ = run("""\
+      First the Hatter marked out a course, (`the shape doesn't matter,'
+    said the Hatter,) and then the party was placed along it.  There
+    was no `One, two, three, and away,' but they began running.
+
+      `The race is over!' said the Hatter, and they all crowded round
+    him, panting, and asking, `But who has won?'
+    """, style)
+    assert [(s.speaker, s.group) for s in spans] == [("Hatter", False), (None, False), ("Hatter", False),
+                                                     (None, True)]
+
+
+@pytest.mark.parametrize("style", STYLES_UNDER_TEST)
 def test_group_lines_belong_to_nobody(style):
     spans, _ = run("""\
       `No room!  No room!' they cried out when they saw Alice.
