@@ -378,8 +378,8 @@ def _match_before(text: str, a: int, z: int, intro: bool = False):
                 continue  # "and asked the Hatter, `…'": the Hatter is spoken to
             # the verb must end the clause: only a short adverbial may follow it
             rest = tail[m.end():]
-            if len(rest.split()) > 10 and not intro:
-                continue
+            if len(rest.split()) > 10 and not intro or _GROUP_WORDS.search(rest):
+                continue  # "said the Hatter, and they all crowded round him, asking, `…'": not his
             if best is None or m.end() > best[1].end():
                 best = (kind, m)
     if best is None:
