@@ -4,8 +4,9 @@ Each span gets a speaker and how it was decided:
 
 * ``explicit``: a speech verb next to a name, in either order, right after the span
   (`` `…,' said the Hatter ``, `` `…' the Hatter went on ``) or introducing it
-  (`` the Hatter said, `…' ``, `` the White Rabbit, who said in a low voice, `…' ``); a later span of
-  the same paragraph continues it when the narration in between names nobody else;
+  (`` the Hatter said, `…' ``, `` the White Rabbit, who said in a low voice, `…' ``, or a narration
+  paragraph ending in a colon before a song); a later span of the same paragraph continues it when
+  the narration in between names nobody else, no group, and starts no new scene;
 * ``pronoun``: `` `…,' he said `` resolved to the latest grammatical subject (or speaker) of a
   compatible gender, learnt from the book's own he/she/it usage;
 * ``implicit``: an unattributed paragraph of pure speech in an A–B–? exchange goes to A;
@@ -13,8 +14,8 @@ Each span gets a speaker and how it was decided:
   and of unnamed speakers (``said one of the jury``).
 
 Precision comes first: a name inside someone else's speech is never looked at, a name in narration
-counts only as a grammatical subject or next to a speech verb, and every rule stands down when
-another character could be meant.
+counts only as a grammatical subject or next to a speech verb ("asked the Hatter" names the
+listener), and every rule stands down when another character could be meant.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ _STOP = set(
     "Who Whom Which Yes No Well Now Come Alas Ah Do Don Your His Her Its Their My Our One Some All Everybody "
     "Nobody Everyone Anybody Somebody Nothing Presently Just Once After Before As At In On If For Not Only "
     "Majesty Sir Madam Miss Mrs Mr Let Please Perhaps First Next Last Soon Still Even Suddenly Again Quite "
-    "Very Chapter Alice's".split()
+    "Very Chapter".split()
 )
 # gender evidence: forms that cannot be an object pointing at someone else ("her", "him" and "it" can:
 # "the Caterpillar called after her")
