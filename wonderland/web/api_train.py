@@ -117,10 +117,10 @@ def stop():
 
 @bp.get("/api/train/status")
 def status():
-    job = manager().job
-    if job is None:
+    jobs = manager()
+    if jobs.job is None:
         return jsonify(state="idle", active=False, run=None)
-    return jsonify(job.summary())
+    return jsonify({**jobs.job.summary(), "listeners": jobs.listener_count})
 
 
 @bp.get("/api/runs/<name>/events")

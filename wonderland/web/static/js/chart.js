@@ -19,7 +19,8 @@ export class LossChart {
       legend: { show: !compact },
       cursor: { drag: { x: true, y: false } },
       axes: [
-        { label: compact ? undefined : "step", stroke: "#6c6778", grid: { stroke: "#eee9df" } },
+        { label: compact ? undefined : "step", stroke: "#6c6778", grid: { stroke: "#eee9df" },
+          incrs: [1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000] },  // whole steps only
         { label: compact ? undefined : "loss", stroke: "#6c6778", grid: { stroke: "#eee9df" }, size: 50 },
       ],
       series: [
@@ -41,7 +42,10 @@ export class LossChart {
   addStep(step, loss) { this.curve.step.push(step); this.curve.loss.push(loss); this.redraw(); }
   addEval(step, valLoss) { this.curve.val_step.push(step); this.curve.val_loss.push(valLoss); this.redraw(); }
   get points() { return this.curve.step.length + this.curve.val_step.length; }
-  redraw() { this.plot.setData(seriesData(this.curve)); }
+  redraw() {
+    this.plot.setData(seriesData(this.curve));
+    this.container.dataset.points = this.points;  // for tests and curious users: how many points are drawn
+  }
   destroy() { this.observer.disconnect(); this.plot.destroy(); }
 }
 

@@ -28,8 +28,8 @@ export async function init() {
 }
 
 export async function show() {
-  await refreshRuns();
   ollama = await api("/api/ollama");
+  await refreshRuns();
   buildColumns();
 }
 
@@ -53,6 +53,7 @@ function buildColumns() {
       el("header", {}, el("b", { text: TITLES[name] }), el("small", {})), el("div", { class: "thread" }));
     col.querySelector("small").textContent = description[name];
     const thread = col.querySelector(".thread");
+    if (name === "ollama" && ollama.available) thread.querySelectorAll(".bubble.note").forEach((n) => n.remove());
     if (name === "ollama" && !ollama.available && !thread.children.length) {
       thread.append(el("div", { class: "bubble note", text: `${ollama.message}. Start one with \`ollama serve\` (OLLAMA_HOST=${ollama.host}) to add this column.` }));
     }

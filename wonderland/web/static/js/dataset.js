@@ -29,12 +29,12 @@ export function show() { refresh(); }
 
 export async function refresh(selectName) {
   const { datasets } = await api("/api/datasets");
-  const select = $("#dataset-select");
-  fillSelect(select, datasets, selectName || current, (d) => `${d.name} (${d.character ?? "?"})`);
+  const picker = $("#dataset-select");
+  fillSelect(picker, datasets, selectName || current, (d) => `${d.name} (${d.character ?? "?"})`);
   bus.emit("datasets", datasets);
   $("#dataset-empty").hidden = datasets.length > 0;
-  select.hidden = datasets.length === 0;
-  if (datasets.length) await select(select.value);
+  picker.hidden = datasets.length === 0;
+  if (datasets.length) await select(picker.value);
   else { $("#dataset-stats").hidden = true; $("#records-card").hidden = true; }
 }
 
@@ -70,8 +70,11 @@ async function select(name) {
     [stats.character ?? "–", "character"], [bookTitle(stats.book), "book"],
     [fmt(stats.character_utterances), "lines spoken"], [fmt(stats.train_records), "train records"], [fmt(stats.valid_records), "valid records"],
   ];
-  grid.replaceChildren(...cells.map(([v, k]) => el("div", { title: String(v) }, el("b", { text: v }), el("span", { text: k }))));
-  const spans = stats.spans_by_attribution || {};
+  grid.replaceChildren(...cells.map(([v, k]) => el("div", { title: String(v), class: k === "book" ? "wide" : "" }, el("b", { text: v }), el("span", { text: k }))));
+  // Prefer the character's own lines; fall back to every quoted span in the book.
+  const own = stats.character_utterances_by_attribution;
+  const spans = own || stats.spans_by_attribution || {};
+  $("#attribution-title").textContent = own ? `How ${stats.character}'s lines were attributed` : "How the book's quoted lines were attributed";
   const total = Object.values(spans).reduce((a, b) => a + b, 0) || 1;
   $("#attribution-bars").replaceChildren(...Object.entries(spans).sort((a, b) => b[1] - a[1]).map(([kind, n]) =>
     el("div", { class: "bar" }, el("span", { text: kind }), el("div", { class: "track" }, el("i", { style: `width:${(100 * n / total).toFixed(1)}%` })), el("span", { class: "n", text: n }))));

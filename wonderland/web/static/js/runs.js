@@ -35,11 +35,11 @@ function row(r) {
     el("td", { text: fmt(r.val_loss) }),
     el("td", { text: duration(r.duration_s) }),
     el("td", {}, sparkline(r.curve)),
-    el("td", { class: "actions-cell" },
+    el("td", {}, el("div", { class: "row-actions" },
       r.has_adapter ? el("button", { class: "small", text: "Compare", onclick: stop(() => bus.emit("compare-run", r.name)) }) : null,
       r.status === "stopped" && r.resumable ? el("button", { class: "small", text: "Resume", onclick: stop(() => bus.emit("resume", r.name)) }) : null,
       r.has_eval ? el("button", { class: "small", text: "Report", onclick: stop(() => { location.hash = `#eval?run=${encodeURIComponent(r.name)}`; }) }) : null,
-      el("button", { class: "small danger", text: "Delete", onclick: stop(() => remove(r.name)) })));
+      el("button", { class: "small danger", text: "Delete", onclick: stop(() => remove(r.name)) }))));
 }
 
 async function remove(name) {

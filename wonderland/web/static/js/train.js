@@ -28,6 +28,8 @@ export async function init() {
   bus.on("dataset-selected", (name) => { $("#train-dataset").value = name; });
   bus.on("resume", (name) => { location.hash = "#train"; resume(name); });
   chart = new LossChart($("#loss-chart"), { height: 280 });
+  const { datasets } = await api("/api/datasets");
+  fillSelect($("#train-dataset"), datasets, null, (d) => `${d.name} (${d.character ?? "?"})`);
   await refreshStatus(true);
 }
 
@@ -160,6 +162,8 @@ function watch(name, fresh) {
     const summary = JSON.parse(e.data);
     source.close(); source = null;
     setState(summary.state);
+    if (summary.state === "finished") say(`${name} finished: talk to it on the Compare page.`, "ok");
+    else if (summary.state === "stopped") say(`${name} stopped; its last checkpoint is kept, resume it any time.`);
     refreshStatus(false);
     bus.emit("runs-changed");
   });

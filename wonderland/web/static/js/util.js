@@ -66,7 +66,7 @@ export function fmt(x, digits = 3) {
   if (x === null || x === undefined || Number.isNaN(x)) return "–";
   if (typeof x !== "number") return String(x);
   if (x !== 0 && (Math.abs(x) < 1e-3 || Math.abs(x) >= 1e5)) return x.toExponential(2);
-  return Number.isInteger(x) ? String(x) : x.toFixed(digits);
+  return Number.isInteger(x) ? String(x) : String(parseFloat(x.toFixed(digits)));
 }
 
 export function duration(seconds) {
