@@ -23,6 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from wonderland.backends import torch_fast
 from wonderland.backends.base import TrainJob, TrainResult
 from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids
 from wonderland.config import GenerationConfig, TrainConfig
@@ -143,7 +144,9 @@ class TorchBackend:
         n_layers = base.config.num_hidden_layers
         model = get_peft_model(base, lora_config(cfg, n_layers))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        fast = torch_fast.prepare_model(model, device) if torch_fast.enabled(device) else None  # CUDA levers
+        optimizer = (torch_fast.make_optimizer(params, cfg.lr, cfg.weight_decay, fast) if fast
+                     else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
         train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
         valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
         pad = tokenizer.pad_token_id
@@ -182,11 +185,15 @@ class TorchBackend:
                 return TrainResult("stopped", step, loss_value, val_loss)
             t0 = time.perf_counter()
             batch = [train_set[i] for i in batch_indices(step, len(train_set), cfg.batch_size, cfg.seed)]
-            ids, labels, mask = collate(batch, pad, device)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, n = summed_loss(model, ids, labels, mask)
+            if fast:
+                loss_sum, n, tokens = torch_fast.batch_loss(model, batch, pad, device, fast)
+            else:
+                ids, labels, mask = collate(batch, pad, device)
+                loss_sum, n = summed_loss(model, ids, labels, mask)
+                tokens = int(mask.sum())
             loss = loss_sum / max(n, 1)  # mean NLL per assistant token
             loss.backward()
             if cfg.grad_clip:
@@ -195,8 +202,8 @@ class TorchBackend:
             optimizer.zero_grad(set_to_none=True)
             step, steps_done, loss_value = step + 1, steps_done + 1, loss.item()
             dt, elapsed = time.perf_counter() - t0, time.perf_counter() - t_start
-            emit(Step(step=step, total_steps=cfg.iters, loss=loss_value, learning_rate=lr, tokens=int(mask.sum()),
-                      tokens_per_second=float(mask.sum()) / dt, elapsed_s=elapsed,
+            emit(Step(step=step, total_steps=cfg.iters, loss=loss_value, learning_rate=lr, tokens=tokens,
+                      tokens_per_second=tokens / dt, elapsed_s=elapsed,
                       eta_s=elapsed / steps_done * (cfg.iters - step), peak_memory_gb=peak_memory_gb(device)))
             if valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
                 val_loss = evaluate()

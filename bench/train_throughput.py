@@ -1,0 +1,420 @@
+"""LoRA training throughput on one GPU: plain HF+PEFT vs Liger vs wonderland's fast path.
+
+Every trainer runs in its own subprocess (Liger and torch.compile patch transformers globally)
+on the same random-initialised Llama-3.2-shaped model, the same LoRA (r=16, alpha=32, dropout 0,
+q,k,v,o,gate,up,down), the same data and AdamW lr 1e-4, no gradient checkpointing. Each prints
+one JSON line; the parent adds ratios to the plain baseline.
+
+    python bench/train_throughput.py                       # 1B and 3B, default trainers
+    python bench/train_throughput.py --sizes 1b --trainers hf,wl --steps 10
+    python bench/train_throughput.py --chat .benchdata/hatter_tokens.json   # + packed chat data
+    python bench/train_throughput.py --prepare-chat DATA_DIR OUT.json       # tokenize (CPU, here)
+    python bench/train_throughput.py --check               # fused loss/grad vs plain on the GPU
+
+Trainers: ``hf`` (the bare loop ``model(ids, labels=ids).loss.backward(); opt.step()``, SDPA),
+``hf_compile`` (the same, ``torch.compile(model)``), ``liger`` (the same after
+``apply_liger_kernel_to_llama()``), ``wl`` (wonderland's default fast path, torch_fast.FastOptions()) and its variants in WL_VARIANTS
+(one lever changed each).
+
+Tokens are counted the same way for every trainer: real (non-padding) input tokens per step.
+MFU counts 4 FLOPs per frozen weight per token (forward + input gradient; frozen weights get no
+weight gradient), 6 per LoRA weight, and causal attention (6 * T * d_attn per token per layer),
+over the H100 SXM dense bf16 peak of 989 TFLOP/s. Unsloth is not measured here (see README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK_FLOPS = 989e12  # H100 SXM bf16 dense, datasheet
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {  # Llama-3.2 1B / 3B, tied embeddings
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, head_dim=128),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),  # smoke test of this script on a CPU
+}
+# Issue 7's reference numbers (H100 80GB, torch 2.11, transformers 5.17): NOT measured by this script.
+UNSLOTH_REFERENCE = {"1b": {"tokens_per_s": 73_550, "peak_gib": 11.0}, "3b": {"tokens_per_s": 31_800, "peak_gib": 24.5}}
+
+
+WL_VARIANTS = {  # wonderland's fast path: the default, and one lever changed at a time
+    "wl": {},
+    "wl_liger": dict(liger_kernels=True, compile_layers=False),
+    "wl_liger_compile": dict(liger_kernels=True),
+    "wl_nopack": dict(pack=False),
+    "wl_pack1024": dict(pack_capacity=1024),
+    "wl_chunked": dict(liger_loss=False),
+}
+
+
+def build_model(size: str, device: str = "cuda", seed: int = 0):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
+                      rope_theta=500000.0, rms_norm_eps=1e-5, **SHAPES[size])
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model.config.use_cache = False
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def flops_per_step(model, lengths: list[int]) -> float:
+    cfg = model.get_base_model().config
+    frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2)
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d_attn = cfg.num_attention_heads * cfg.head_dim
+    tokens = sum(lengths)
+    return (4 * frozen + 6 * lora) * tokens + 6 * d_attn * cfg.num_hidden_layers * sum(t * t for t in lengths)
+
+
+def random_batches(steps: int, batch: int, seq: int, vocab: int, seed: int = 1):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(steps)]
+
+
+def chat_batches(path: str, steps: int, batch: int, seed: int = 1):
+    """Lists of Encoded records: a seeded shuffle of the tokenized chat data, cycled."""
+    import random
+
+    from wonderland.chat_format import Encoded
+
+    recs = [Encoded(r["input_ids"], r["labels"]) for r in json.loads(Path(path).read_text())]
+    rng, out, pool = random.Random(seed), [], []
+    for _ in range(steps):
+        step = []
+        while len(step) < batch:
+            if not pool:
+                pool = recs[:]
+                rng.shuffle(pool)
+            step.append(pool.pop())
+        out.append(step)
+    return out
+
+
+def worker(args) -> dict:
+    import torch
+
+    from wonderland.backends import torch_fast as tf
+    from wonderland.backends.torch_backend import collate
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    trainer, dev = args.trainer, torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if trainer == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()  # rope, rms_norm, swiglu, fused linear CE (class-wide patch)
+    model = build_model(args.size, args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    steps = args.warmup + args.steps
+    if args.chat:
+        data = chat_batches(args.chat, steps, args.chat_batch)
+    else:
+        data = random_batches(steps, args.batch, args.seq, model.config.vocab_size)
+
+    if trainer.startswith("wl"):
+        opts = tf.FastOptions(**WL_VARIANTS[trainer])
+        tf.prepare_model(model, dev, opts)
+        opt = tf.make_optimizer(params, 1e-4, 0.0, opts)
+
+        def step_fn(b):
+            if args.chat:
+                loss, n, tokens = tf.batch_loss(model, b, 0, dev, opts)
+                lengths = [len(e.input_ids) for e in b]
+            else:
+                ids = b.to(dev, non_blocking=True)
+                loss, n = tf.summed_loss(model, ids, ids, use_liger="liger_loss" in opts.applied)
+                tokens, lengths = ids.numel(), [ids.shape[1]] * ids.shape[0]
+            return loss / n, tokens, lengths
+        levers = opts.applied
+    else:
+        if trainer == "hf_compile":
+            model = torch.compile(model)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step_fn(b):
+            if args.chat:
+                ids, labels, mask = collate(b, 0, dev)
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+                return out.loss, int(mask.sum()), [len(e.input_ids) for e in b]
+            ids = b.to(dev, non_blocking=True)
+            return model(input_ids=ids, labels=ids).loss, ids.numel(), [ids.shape[1]] * ids.shape[0]
+        levers = [trainer]
+
+    model.train()
+    sync()
+    losses, tok, flops, t0 = [], 0, 0.0, 0.0
+    t_first = time.perf_counter()
+    for i, b in enumerate(data):
+        if i == args.warmup:
+            sync()
+            t0 = time.perf_counter()
+            warm_s = t0 - t_first
+        loss, tokens, lengths = step_fn(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            tok += tokens
+            flops += flops_per_step(model if trainer != "hf_compile" else model._orig_mod, lengths)
+        losses.append(loss.detach())
+    sync()
+    dt = time.perf_counter() - t0
+    prof = profile_top(step_fn, opt, data[-2:]) if args.profile else None
+    return {"profile_ms_per_step": prof, "trainer": trainer, "size": args.size, "data": "chat" if args.chat else f"random {args.batch}x{args.seq}",
+            "tokens_per_s": round(tok / dt), "mfu": round(flops / dt / PEAK_FLOPS, 4),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None, "steps": args.steps,
+            "step_ms": round(1000 * dt / args.steps, 1), "warmup_s": round(warm_s, 1),
+            "loss_first": round(float(losses[0]), 4), "loss_last": round(float(losses[-1]), 4), "levers": levers}
+
+
+def profile_top(step_fn, opt, batches, top: int = 10) -> list:
+    """The kernels that take the most GPU time, in ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for b in batches:
+            loss, _, _ = step_fn(b)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
+    return [[e.key[:60], round(e.device_time_total / 1000 / len(batches), 1)] for e in events]
+
+
+def check(args) -> dict:
+    """Fused loss and LoRA gradients vs the plain path on the GPU, bf16, one batch (1B shapes, real
+    model width; random tokens). Also packed vs padded loss on variable-length records."""
+    import torch
+
+    from wonderland.backends import torch_fast as tf
+    from wonderland.backends.torch_backend import collate, summed_loss
+    from wonderland.chat_format import Encoded
+
+    dev = torch.device("cuda")
+    model = build_model("1b")
+    for n, p in model.named_parameters():  # non-zero LoRA B so every LoRA gradient is non-trivial
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, 128256, (4, 1024), generator=torch.Generator().manual_seed(3)).to(dev)
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss, n = fn()
+        (loss / n).backward()
+        return float(loss / n), torch.cat([p.grad.float().flatten() for p in params])
+
+    mask = torch.ones_like(ids)
+    # float32 reference: the same (bf16-valued) weights upcast, the plain path
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    model.float()
+    ref32_loss, ref32_g = grads(lambda: summed_loss(model, ids, ids, mask))
+    for n, p in model.named_parameters():
+        p.data = p.data.to(dtypes[n])
+    ref_loss, ref_g = grads(lambda: summed_loss(model, ids, ids, mask))
+    out = {"check": "gpu-equivalence", "loss_fp32_ref": round(ref32_loss, 5), "loss_plain": round(ref_loss, 5),
+           "grad_rel_err_plain_vs_fp32": float((ref_g - ref32_g).norm() / ref32_g.norm())}
+
+    def record(name, loss, g):
+        out[f"loss_{name}"] = round(loss, 5)
+        out[f"grad_rel_err_{name}_vs_plain"] = float((g - ref_g).norm() / ref_g.norm())
+        out[f"grad_rel_err_{name}_vs_fp32"] = float((g - ref32_g).norm() / ref32_g.norm())
+
+    for name, kw in (("chunked", dict(use_liger=False)), ("liger", dict(use_liger=True))):
+        record(name, *grads(lambda: tf.summed_loss(model, ids, ids, **kw)))
+    opts = tf.prepare_model(model, dev, tf.FastOptions())
+    record("fast_default", *grads(lambda: tf.summed_loss(model, ids, ids, use_liger="liger_loss" in opts.applied)))
+    out["levers"] = opts.applied
+    g = torch.Generator().manual_seed(4)
+    recs = [Encoded(t := torch.randint(0, 49152, (n,), generator=g).tolist(), [-100] * 5 + t[5:])
+            for n in (300, 120, 77, 500, 41, 260)]
+    with torch.no_grad():
+        padded, n_pad = summed_loss(model, *collate(recs, 0, dev))
+        p = tf.pack(recs, 0, dev)
+        packed, n_pack = tf.summed_loss(model, p.input_ids, p.labels, None, p.position_ids, use_liger=True)
+    out.update(pack_rows=list(p.input_ids.shape), loss_padded=float(padded / n_pad), loss_packed=float(packed / n_pack),
+               pack_rel_err=abs(float(packed / n_pack) / float(padded / n_pad) - 1), labelled=[n_pad, n_pack])
+    return out
+
+
+def e2e(args) -> list[dict]:
+    """The real trainer (wonderland.train.train -> TorchBackend.train) on a chat dataset, plain path
+    (twice: the run-to-run noise floor) and fast path, on a random-init model of the first size's
+    shapes with the given tokenizer: tokens/s and peak memory from metrics.jsonl, and how far the
+    adapters of the runs are apart."""
+    import shutil
+    import statistics
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from wonderland.backends import torch_fast as tf
+    from wonderland.config import TrainConfig
+    from wonderland.train import train
+
+    tok_dir, data_dir = args.e2e
+    work = Path(tempfile.mkdtemp(prefix="wl-e2e-"))
+    os.environ["WONDERLAND_HOME"] = str(work / "home")
+    size = args.sizes.split(",")[0]
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[size])
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(work / "model")
+    for f in Path(tok_dir).iterdir():
+        shutil.copy(f, work / "model" / f.name)
+    train_cfg = dict(model=str(work / "model"), backend="torch", device=args.device, iters=args.e2e_iters,
+                     batch_size=args.chat_batch, lr=1e-4, warmup=2, rank=16, alpha=32, max_seq_len=1024, val_every=0,
+                     save_every=0, targets=",".join(TARGETS), dtype="bfloat16")
+    out, adapters = [], {}
+    for label, mode in (("plain", "0"), ("plain_again", "0"), ("fast", "1")):
+        os.environ[tf.ENV] = mode
+        t0 = time.perf_counter()
+        run = train(TrainConfig(**train_cfg), data_dir, out=str(work / label), log=lambda m: None)
+        wall = time.perf_counter() - t0
+        steps = [json.loads(line) for line in run.metrics.read_text().splitlines() if '"event": "step"' in line]
+        adapters[label] = load_file(str(run.adapter / "adapter_model.safetensors"))
+        timed = steps[3:]  # after compilation / autotuning
+        out.append({"e2e": label, "size": size, "iters": len(steps), "records_per_step": args.chat_batch,
+                    "tokens_per_s": round(sum(s["tokens"] for s in timed) / sum(s["tokens"] / s["tokens_per_second"] for s in timed)),
+                    "median_step_tokens": statistics.median(s["tokens"] for s in steps), "wall_s": round(wall, 1),
+                    "peak_gib": round(steps[-1]["peak_memory_gb"] * 1e9 / 2**30, 2),
+                    "loss_first": round(steps[0]["loss"], 4), "loss_last": round(steps[-1]["loss"], 4)})
+        torch.cuda.empty_cache() if args.device == "cuda" else None
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def dist(a, b):  # relative distance of the LoRA B matrices (zero at init), and max abs diff of all
+        keys = sorted(adapters[a])
+        bs = [k for k in keys if "lora_B" in k]
+        num = sum(float((adapters[a][k].float() - adapters[b][k].float()).norm() ** 2) for k in bs) ** 0.5
+        den = sum(float(adapters[b][k].float().norm() ** 2) for k in bs) ** 0.5
+        return {"lora_B_rel_diff": num / den, "max_abs_diff": max(float((adapters[a][k].float() - adapters[b][k].float()).abs().max()) for k in keys)}
+
+    out.append({"e2e": "adapter_distance", "plain_again_vs_plain": dist("plain_again", "plain"), "fast_vs_plain": dist("fast", "plain")})
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def prepare_chat(data_dir: str, out: str) -> None:
+    """Tokenize a chat dataset's train.jsonl with the embedded model's tokenizer (here, on the CPU)."""
+    from transformers import AutoTokenizer
+
+    from wonderland.chat_format import encode_chat
+    from wonderland.data import load_chat_jsonl
+    from wonderland.models import embedded_model_path
+
+    tok = AutoTokenizer.from_pretrained(embedded_model_path())
+    recs = [encode_chat(tok, r["messages"], 1024) for r in load_chat_jsonl(Path(data_dir) / "train.jsonl")]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps([{"input_ids": e.input_ids, "labels": e.labels} for e in recs]))
+    lens = sorted(len(e.input_ids) for e in recs)
+    print(json.dumps({"records": len(recs), "tokens_min": lens[0], "tokens_median": lens[len(lens) // 2], "tokens_max": lens[-1]}))
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    import torch
+
+    out = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    for pkg in ("torch", "transformers", "peft", "liger-kernel", "triton"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1b,3b")
+    p.add_argument("--trainers", default="hf,liger,wl")
+    p.add_argument("--steps", type=int, default=15, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--chat", help="tokenized chat records (from --prepare-chat): also bench --chat-trainers on them (first size)")
+    p.add_argument("--chat-trainers", default="hf,wl")
+    p.add_argument("--chat-batch", type=int, default=64, help="records per step on chat data")
+    p.add_argument("--profile", action="store_true", help="add the top GPU kernels per step to each trainer's line")
+    p.add_argument("--check", action="store_true", help="only the GPU equivalence check")
+    p.add_argument("--e2e", nargs=2, metavar=("TOKENIZER_DIR", "DATA_DIR"),
+                   help="only the end-to-end run of `wonderland train` (plain twice, fast once) on a chat dataset")
+    p.add_argument("--e2e-iters", type=int, default=20)
+    p.add_argument("--prepare-chat", nargs=2, metavar=("DATA_DIR", "OUT"))
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with --sizes tiny)")
+    p.add_argument("--timeout", type=int, default=300, help="seconds per trainer subprocess")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--trainer", help=argparse.SUPPRESS)
+    p.add_argument("--size", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.prepare_chat:
+        prepare_chat(*args.prepare_chat)
+        return 0
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return 0
+    if args.e2e:
+        for line in e2e(args):
+            print(json.dumps(line), flush=True)
+        return 0
+    if args.check:
+        print(json.dumps(check(args)), flush=True)
+        return 0
+    print(json.dumps({"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
+    runs = [(s, t, None) for s in args.sizes.split(",") for t in args.trainers.split(",")]
+    if args.chat:
+        runs += [(args.sizes.split(",")[0], t, args.chat) for t in args.chat_trainers.split(",")]
+    results: dict[tuple, dict] = {}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for size, trainer, chat in runs:
+        cmd = [sys.executable, __file__, "--worker", "--trainer", trainer, "--size", size, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
+               "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile"] if args.profile else []) + (["--chat", chat] if chat else [])
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            r = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+                "trainer": trainer, "size": size, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        except subprocess.TimeoutExpired:
+            r = {"trainer": trainer, "size": size, "error": f"timeout after {args.timeout}s"}
+        base = results.get((size, "hf", chat))
+        if base and "tokens_per_s" in r and "tokens_per_s" in base:
+            r["vs_hf"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+            if r["peak_gib"]:
+                r["peak_vs_hf"] = round(r["peak_gib"] / base["peak_gib"], 2)
+        if not chat and "tokens_per_s" in r and size in UNSLOTH_REFERENCE:
+            r["vs_unsloth_reference_not_measured"] = round(r["tokens_per_s"] / UNSLOTH_REFERENCE[size]["tokens_per_s"], 2)
+        results[(size, trainer, chat)] = r
+        print(json.dumps(r), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The fast training path of the PyTorch backend (used on CUDA): same maths, less work.
+
+What it changes, and why each pays (measured numbers: bench/README.md, "GPU training speed"):
+
+* **Loss without the vocabulary logits.** The plain path builds (B, T, V) logits (V = 128k for
+  Llama-3: 4 GiB in float32 for 8 x 1024 tokens) and their gradient. Here the loss is taken only
+  at labelled positions (prompt and padding tokens never reach the LM head) and through a fused
+  linear cross-entropy that works on a few hundred rows at a time and computes the gradient of
+  the hidden states in the forward pass, so the logits never exist in full. On CUDA it is Liger's
+  Triton kernel; elsewhere (and when Liger is missing) :class:`ChunkedLinearCrossEntropy`, the
+  same algorithm in plain PyTorch, which the CPU tests check against the plain loss.
+* **Fused RMSNorm / SwiGLU / RoPE** through Liger's kernels, or regional ``torch.compile`` of the
+  decoder layers (one compiled graph reused by every layer; Inductor fuses the same elementwise
+  chains). Regional compile is the default: on an H100 (1B shapes, 8 x 1024 tokens) it ran at
+  61.6k tokens/s, Liger's layer kernels at 43.7k, both together at 52.3k.
+* **Packing.** Short chat records are packed first-fit-decreasing into rows, with position ids
+  restarting at 0 for each record. transformers then builds a block-diagonal causal mask from the
+  position ids (``attention_mask=None``), so no record attends across its neighbours and the
+  loss is that of the padded batch, with no compute spent on padding.
+* **Fused AdamW** (one kernel for all LoRA tensors) over the trainable LoRA parameters only.
+
+Gradient checkpointing stays off: LoRA on 1B/3B models at 8 x 1024 tokens fits an 80 GB GPU.
+Set ``WONDERLAND_TORCH_FAST=0`` to force the plain path (for comparisons or debugging), ``=1``
+to use it on any device (the CPU tests do), ``auto`` (default) uses it on CUDA only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from wonderland.chat_format import IGNORE, Encoded
+
+ENV = "WONDERLAND_TORCH_FAST"
+CE_CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk of the pure-PyTorch fused loss (256 MiB)
+FAST_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # plain lm_head, no logit scaling/softcap
+
+
+@dataclass
+class FastOptions:
+    """Levers of the fast path. Defaults: the fastest combination measured on an H100."""
+
+    liger_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE (CUDA + liger-kernel installed)
+    compile_layers: bool = True  # regional torch.compile of decoder layers (CUDA only)
+    fused_loss: bool = True  # loss at labelled positions only, without materialising logits
+    liger_loss: bool = True  # Liger's Triton kernel for that loss (CUDA); else the PyTorch one
+    pack: bool = True  # pack short records into rows (position ids reset per record)
+    pack_capacity: int = 0  # tokens per packed row (0 = the batch's longest record)
+    fused_adamw: bool = True  # torch's fused AdamW (CUDA and CPU)
+    applied: list[str] = field(default_factory=list)  # what prepare_model actually turned on
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether TorchBackend.train takes the fast path on ``device`` (see ``WONDERLAND_TORCH_FAST``)."""
+    mode = os.environ.get(ENV, "auto").strip().lower()
+    if mode in ("0", "false", "off", "no"):
+        return False
+    if mode in ("1", "true", "on", "yes"):
+        return True
+    return device.type == "cuda"
+
+
+def liger_available() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _base(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def prepare_model(model, device: torch.device, opts: FastOptions | None = None) -> FastOptions:
+    """Turn on the kernel levers of ``opts`` that this model and device support, in place."""
+    opts = opts or FastOptions()
+    base = _base(model)
+    cuda = device.type == "cuda"
+    if cuda and opts.liger_kernels and base.config.model_type == "llama" and liger_available():
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        # Patches this instance's norms and MLPs (LoRA-wrapped projections still run inside them)
+        # and transformers' llama RoPE function; the causal-LM forward is untouched (we never call it).
+        apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False, model=base)
+        opts.applied.append("liger_kernels")
+    if cuda and opts.compile_layers:
+        for layer in base.model.layers:
+            layer.compile()  # same code and shapes in every layer: compiled once, reused
+        opts.applied.append("compile_layers")
+    if opts.fused_loss and fused_loss_supported(model):
+        opts.applied.append("liger_loss" if cuda and opts.liger_loss and liger_available() else "chunked_loss")
+    if opts.pack:
+        opts.applied.append("pack")
+    if opts.fused_adamw:
+        opts.applied.append("fused_adamw")
+    return opts
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float, opts: FastOptions):
+    fused = "fused_adamw" in opts.applied
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
+# ----------------------------------------------------------------------------- fused loss
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h @ weight.T`` against ``targets``, ``chunk`` rows at a time.
+
+    The gradients are computed during the forward pass (softmax minus one-hot, times the chunk's
+    rows), so memory holds one chunk of logits at a time instead of all of them and the backward
+    pass is a multiplication by the incoming scalar. Logits are computed in the weights' dtype and
+    the softmax in float32, exactly as the plain path's ``cross_entropy(logits.float())``.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, need_grad: bool):
+        acc = torch.promote_types(h.dtype, torch.float32)  # float32 softmax for bf16/fp16 weights
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad and h.requires_grad else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad and weight.requires_grad else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            logits = (hc @ weight.t()).to(acc)  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+            g = g.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s : s + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w.addmm_(g.t().to(acc), hc.to(acc))
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, use_liger: bool = False) -> torch.Tensor:
+    """sum_i CE(h_i @ weight.T, targets_i) for (N, H) rows whose targets are all real labels."""
+    if use_liger:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=IGNORE, reduction="sum")
+    chunk = max(16, CE_CHUNK_BYTES // (4 * weight.shape[0]))
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, need_grad)
+
+
+def fused_loss_supported(model) -> bool:
+    """The fused loss needs a plain ``lm_head`` Linear (no bias, no adapter) and unscaled logits."""
+    base = _base(model)
+    head = getattr(base, "lm_head", None)
+    return (base.config.model_type in FAST_LOSS_MODEL_TYPES and type(head) is torch.nn.Linear
+            and head.bias is None and not getattr(base.config, "final_logit_softcapping", None))
+
+
+def summed_loss(model, ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, use_liger: bool = False) -> tuple[torch.Tensor, int]:
+    """Like ``torch_backend.summed_loss`` (sum of next-token NLLs at labelled positions, and their
+    count) but the LM head runs only on labelled positions and its logits are never stored."""
+    base = _base(model)
+    hidden = base.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    targets = labels[:, 1:].reshape(-1)
+    keep = (targets != IGNORE).nonzero().squeeze(1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    loss = linear_cross_entropy_sum(h, base.lm_head.weight, targets.index_select(0, keep), use_liger=use_liger)
+    return loss, int(keep.numel())
+
+
+# ----------------------------------------------------------------------------- packing
+@dataclass
+class Packed:
+    input_ids: torch.Tensor  # (R, L)
+    labels: torch.Tensor  # (R, L), IGNORE on padding and on each record's first token
+    position_ids: torch.Tensor  # (R, L), restarting at 0 for each record (and for the padding tail)
+    tokens: int  # real (non-padding) tokens
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing: record indices grouped into rows of at most ``capacity`` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: int | None = None, multiple: int = 8) -> Packed:
+    """Pack records into rows of ``capacity`` tokens (default: the longest record, rounded up to
+    ``multiple``), so attention costs at most what the padded batch's would and padding is gone.
+
+    A record's first label is set to IGNORE: its target position is the previous record's last
+    token, which must not predict across the boundary (chat records start with a prompt token
+    that carries no label anyway, so the loss equals the padded batch's)."""
+    lengths = [len(e.input_ids) for e in batch]
+    cap = capacity or -(-max(lengths) // multiple) * multiple
+    rows = pack_rows(lengths, cap)
+    L = max(sum(lengths[i] for i in row) for row in rows)
+    L = -(-L // multiple) * multiple
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), L), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            e, n = batch[i], lengths[i]
+            ids[r, at : at + n] = torch.tensor(e.input_ids)
+            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:])
+            pos[r, at : at + n] = torch.arange(n)
+            at += n
+        pos[r, at:] = torch.arange(L - at)  # the padding tail is a segment of its own
+    return Packed(ids.to(device), labels.to(device), pos.to(device), sum(lengths))
+
+
+def batch_loss(model, batch: Sequence[Encoded], pad_id: int, device: torch.device, opts: FastOptions) -> tuple[torch.Tensor, int, int]:
+    """Summed loss, labelled-token count and real-token count of one batch on the fast path."""
+    use_liger = "liger_loss" in opts.applied
+    fused = use_liger or "chunked_loss" in opts.applied
+    if "pack" in opts.applied:
+        p = pack(batch, pad_id, device, capacity=max(opts.pack_capacity, max(len(e.input_ids) for e in batch)))
+        ids, labels, mask, pos, tokens = p.input_ids, p.labels, None, p.position_ids, p.tokens
+    else:
+        from wonderland.backends.torch_backend import collate
+
+        ids, labels, mask = collate(batch, pad_id, device)
+        pos, tokens = None, int(mask.sum())
+    if fused:
+        loss, n = summed_loss(model, ids, labels, mask, pos, use_liger=use_liger)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
+        targets = labels[:, 1:]
+        n = int((targets != IGNORE).sum())
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+    return loss, n, tokens
