@@ -1,0 +1,143 @@
+"""The OpenAI-compatible API, driven by the real ``openai`` client against a real server on loopback.
+
+A minimal Flask app registering the blueprint (as the web app's ``create_app`` does) runs in
+werkzeug's threaded server on a free port; the run is a tiny trained run copied under
+``$WONDERLAND_HOME/runs``. Expected replies come from the same run through ``wonderland.generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import urllib.request
+
+import openai
+import pytest
+from flask import Flask
+from werkzeug.serving import make_server
+
+from tests.export_helpers import SYSTEM, train_tiny_run
+from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT, with_system
+from wonderland.config import DEFAULT_MODEL, GenerationConfig
+from wonderland.generate import generate, load_run
+from wonderland.web.openai_api import bp
+
+PROMPT = [{"role": "user", "content": "Who are you?"}]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model):
+    return train_tiny_run(tmp_path_factory.mktemp("api-run"), tiny_model)
+
+
+@pytest.fixture
+def api(trained_run, wl_home):
+    """(client, base_url, run): the run installed as $WONDERLAND_HOME/runs/hatter, a live server."""
+    shutil.copytree(trained_run.path, wl_home / "runs" / "hatter")
+    app = Flask(__name__)
+    app.register_blueprint(bp)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}/v1"
+    try:
+        yield openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120), url, load_run("hatter")
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def _expected(loaded, messages, system, adapter, **gen) -> str:
+    return generate(loaded.model, with_system(messages, system), GenerationConfig(**gen), adapter=adapter)
+
+
+def test_models_lists_the_base_and_the_finished_runs(api, wl_home):
+    client, _, loaded = api
+    shutil.copytree(wl_home / "runs" / "hatter", wl_home / "runs" / "unfinished")
+    info = json.loads((wl_home / "runs" / "unfinished" / "run.json").read_text())
+    (wl_home / "runs" / "unfinished" / "run.json").write_text(json.dumps({**info, "status": "stopped"}))
+    models = {m.id: m for m in client.models.list()}
+    assert DEFAULT_MODEL in models and loaded.info["model"]["id"] in models
+    assert "hatter" in models and "unfinished" not in models
+    assert models["hatter"].model_extra["character"] == "Hatter"
+
+
+def test_trained_and_base_arms_non_streaming(api):
+    client, _, loaded = api
+    reply = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=10, seed=1)
+    want = _expected(loaded, PROMPT, SYSTEM, True, temperature=0, max_tokens=10, seed=1)
+    assert reply.choices[0].message.content == want and reply.choices[0].message.role == "assistant"
+    assert reply.object == "chat.completion" and reply.model == "hatter"
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 5
+
+    base_id = loaded.info["model"]["id"]
+    base = client.chat.completions.create(model=base_id, messages=PROMPT, temperature=0, max_tokens=10)
+    assert base.choices[0].message.content == _expected(loaded, PROMPT, NEUTRAL_SYSTEM_PROMPT, False, temperature=0, max_tokens=10)
+    assert base.choices[0].message.content != want  # the adapter is really off for the base name
+
+
+def test_streaming_matches_non_streaming(api):
+    client, _, loaded = api
+    kw = dict(model="hatter", messages=PROMPT, temperature=0.8, top_p=0.95, max_tokens=12, seed=7)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole == _expected(loaded, PROMPT, SYSTEM, True, temperature=0.8, top_p=0.95, max_tokens=12, seed=7)
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals in (["stop"], ["length"])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_raw_sse_ends_with_done(api):
+    _, url, _ = api
+    body = json.dumps({"model": "hatter", "messages": PROMPT, "stream": True, "max_tokens": 4}).encode()
+    req = urllib.request.Request(f"{url}/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        events = [line for line in r.read().decode().split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+def test_request_system_prompt_replaces_the_runs(api):
+    client, _, loaded = api
+    messages = [{"role": "system", "content": "You are a pirate."}, *PROMPT]
+    reply = client.chat.completions.create(model="hatter", messages=messages, temperature=0, max_tokens=10)
+    assert reply.choices[0].message.content == _expected(loaded, PROMPT, "You are a pirate.", True, temperature=0, max_tokens=10)
+
+
+def test_stop_sequences_and_length(api):
+    client, _, loaded = api
+    full = _expected(loaded, PROMPT, SYSTEM, True, temperature=0, max_tokens=12)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert stop.strip() and full.index(stop) > 0  # a real cut: some text before, some after
+    cut = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=12, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=12, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == full[:full.index(stop)]
+    short = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=2)
+    assert short.choices[0].finish_reason == "length"
+
+
+def test_errors_are_openai_style(api):
+    client, url, _ = api
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="march-hare", messages=PROMPT)
+    assert e.value.body["code"] == "model_not_found" and "hatter" in e.value.body["message"]
+    bad = [({"temperature": 3}, "temperature"), ({"max_tokens": 0}, "max_tokens"), ({"n": 2}, "n"),
+           ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+           ({"stop": ["a", "b", "c", "d", "e"]}, "stop")]
+    for override, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": "hatter", "messages": PROMPT, **override})
+        assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
+    req = urllib.request.Request(f"{url}/chat/completions", data=b"not json", headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and "error" in json.loads(e.value.read())

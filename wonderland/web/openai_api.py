@@ -1,0 +1,294 @@
+"""An OpenAI-compatible API, so any OpenAI client can talk to a trained character.
+
+``GET /v1/models`` lists the base model(s) and every run with a finished adapter;
+``POST /v1/chat/completions`` answers, streamed (server-sent events: ``data: {chunk}`` lines, then
+``data: [DONE]``) or not. The ``model`` field picks the arm:
+
+* a run name: the trained arm (adapter on), with the run's system prompt unless the request
+  brings its own system message;
+* a base model id (e.g. ``smollm2-135m-instruct``): the base arm (adapter off), neutral system
+  prompt unless the request brings one. Base ids win over a run of the same name.
+
+``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``) and ``seed`` map onto
+:class:`wonderland.config.GenerationConfig`; unset fields keep its defaults (temperature 0.7, not
+OpenAI's 1.0: they suit the small models). ``stop`` (a string or up to 4) ends the reply before
+the first match. Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``.
+
+Usage: ``OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused")``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from flask import Blueprint, Response, jsonify, request
+
+from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT, prompt_ids, with_system
+from wonderland.config import DEFAULT_MODEL, GenerationConfig
+from wonderland.errors import UserError
+
+bp = Blueprint("openai_api", __name__, url_prefix="/v1")
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4  # as OpenAI
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+@bp.errorhandler(APIError)
+def _api_error(e: APIError):
+    return jsonify({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}}), e.status
+
+
+@bp.errorhandler(UserError)
+def _user_error(e: UserError):
+    return _api_error(APIError(400, str(e)))
+
+
+# ----------------------------------------------------------------------------- models
+def _finished_runs() -> list:
+    from wonderland.runs import list_runs
+
+    out = []
+    for run in list_runs():
+        try:
+            info = run.read()
+        except UserError:  # a corrupt run.json must not take the listing down
+            continue
+        if info.get("status") == "finished" and (run.adapter / "adapter_config.json").exists():
+            out.append((run, info))
+    return out
+
+
+def _base_ids(runs: list) -> list[str]:
+    ids = [DEFAULT_MODEL]
+    for _, info in runs:
+        mid = (info.get("model") or {}).get("id")
+        if mid and mid not in ids:
+            ids.append(mid)
+    return ids
+
+
+@bp.get("/models")
+def list_models():
+    runs = _finished_runs()
+    data = [{"id": mid, "object": "model", "created": 0, "owned_by": "wonderland", "arm": "base"}
+            for mid in _base_ids(runs)]
+    for run, info in runs:
+        data.append({"id": run.name, "object": "model", "created": int(run.run_json.stat().st_mtime),
+                     "owned_by": "wonderland", "arm": "trained", "character": info.get("character"),
+                     "base_model": (info.get("model") or {}).get("id")})
+    return jsonify({"object": "list", "data": data})
+
+
+@dataclass
+class Target:
+    """What a ``model`` name resolves to: a loaded model, which arm, the default system prompt."""
+
+    model: Any  # wonderland.backends.ChatModel
+    adapter: bool
+    system_prompt: str
+
+
+_base_cache: dict[str, Any] = {}
+_base_lock = threading.Lock()
+
+
+def _resolve(name: str) -> Target:
+    from wonderland.generate import load_run
+
+    runs = _finished_runs()
+    if name in _base_ids(runs):
+        # reuse a loaded run on this base with its adapter switched off, else load the base alone
+        for run, info in runs:
+            if (info.get("model") or {}).get("id") == name:
+                return Target(load_run(run).model, False, NEUTRAL_SYSTEM_PROMPT)
+        return Target(_load_base(name), False, NEUTRAL_SYSTEM_PROMPT)
+    for run, info in runs:
+        if run.name == name:
+            loaded = load_run(run)
+            return Target(loaded.model, True, loaded.system_prompt)
+    known = ", ".join([*_base_ids(runs), *(r.name for r, _ in runs)])
+    raise APIError(404, f"The model {name!r} does not exist; available: {known}", param="model", code="model_not_found")
+
+
+def _load_base(model_id: str):
+    from wonderland.backends import get_backend
+    from wonderland.models import resolve_model
+
+    with _base_lock:
+        if model_id not in _base_cache:
+            path = resolve_model(model_id, log=lambda m: None)
+            _base_cache[model_id] = get_backend("auto", log=lambda m: None).load(Path(path), None)
+        return _base_cache[model_id]
+
+
+# ----------------------------------------------------------------------------- request parsing
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list[dict]
+    system: str | None  # the request's own system prompt, if any
+    gen: GenerationConfig
+    stream: bool
+    include_usage: bool
+    stop: list[str]
+
+
+def _number(body: dict, key: str, kind: type, lo: float | None = None, hi: float | None = None):
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+        raise APIError(400, f"{key} must be {'an integer' if kind is int else 'a number'} (got {value!r})", param=key)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise APIError(400, f"{key} must be between {lo} and {hi} (got {value})", param=key)
+    return kind(value)
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        if all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            return "".join(p["text"] for p in content)
+        raise APIError(400, f"messages[{i}].content: only text parts are supported", param=f"messages[{i}].content")
+    raise APIError(400, f"messages[{i}].content must be a string", param=f"messages[{i}].content")
+
+
+def parse_request(body: Any) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "model is required: a run name or a base model id (see GET /v1/models)", param="model")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise APIError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    messages, systems = [], []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
+        text = _content(m, i)
+        (systems if m["role"] == "system" else messages).append({"role": m["role"], "content": text})
+    if not messages or messages[-1]["role"] != "user":
+        raise APIError(400, "the last message must come from the user", param="messages")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
+    fields = {"temperature": _number(body, "temperature", float, 0, 2), "top_p": _number(body, "top_p", float, 0, 1),
+              "max_tokens": max_tokens, "seed": _number(body, "seed", int)}
+    if fields["top_p"] == 0:
+        raise APIError(400, "top_p must be greater than 0", param="top_p")
+    gen = GenerationConfig(**{k: v for k, v in fields.items() if v is not None})
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
+    options = body.get("stream_options") or {}
+    return ChatRequest(model, messages, "\n\n".join(s["content"] for s in systems) if systems else None, gen,
+                       bool(body.get("stream", False)), bool(options.get("include_usage")), stop)
+
+
+# ----------------------------------------------------------------------------- generation
+class Reply:
+    """Streams the model's pieces, cut at the first stop sequence; knows why it ended."""
+
+    def __init__(self, target: Target, req: ChatRequest) -> None:
+        self.target, self.req = target, req
+        self.messages = with_system(req.messages, req.system or target.system_prompt)
+        self.text = ""
+        self.finish_reason = "stop"
+
+    def pieces(self) -> Iterator[str]:
+        stream = self.target.model.stream(self.messages, self.req.gen, adapter=self.target.adapter)
+        hold = max((len(s) for s in self.req.stop), default=1) - 1  # chars that may begin a stop sequence
+        buf, sent = "", 0
+        try:
+            for piece in stream:
+                buf += piece
+                cut = min((i for i in (buf.find(s) for s in self.req.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    if cut > sent:
+                        yield buf[sent:cut]
+                    self.text = buf[:cut]
+                    return
+                if len(buf) - hold > sent:
+                    yield buf[sent:len(buf) - hold]
+                    sent = len(buf) - hold
+            if len(buf) > sent:
+                yield buf[sent:]
+            self.text = buf
+            if self._n_tokens(buf) >= self.req.gen.max_tokens:
+                self.finish_reason = "length"
+        finally:
+            close = getattr(stream, "close", None)  # stop the model's decoding loop early
+            if close:
+                close()
+
+    def _tokenizer(self):
+        return getattr(self.target.model, "tokenizer", None)
+
+    def _n_tokens(self, text: str) -> int:
+        """Completion length in tokens, by re-encoding the text (the ChatModel yields text only)."""
+        tok = self._tokenizer()
+        return len(tok.encode(text, add_special_tokens=False)) if tok is not None else 0
+
+    def usage(self) -> dict | None:
+        tok = self._tokenizer()
+        if tok is None:
+            return None
+        prompt = len(prompt_ids(tok, self.messages))
+        completion = self._n_tokens(self.text)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    req = parse_request(request.get_json(silent=True))
+    target = _resolve(req.model)
+    reply = Reply(target, req)
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if not req.stream:
+        text = "".join(reply.pieces())
+        body = {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": reply.finish_reason, "logprobs": None}]}
+        usage = reply.usage()
+        if usage:
+            body["usage"] = usage
+        return jsonify(body)
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def events() -> Iterator[str]:
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            for piece in reply.pieces():
+                yield chunk({"content": piece})
+        except Exception as e:  # headers are sent: report in-band, as OpenAI does
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            return
+        yield chunk({}, reply.finish_reason)
+        if req.include_usage:
+            usage = reply.usage()
+            yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': req.model, 'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return Response(events(), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
