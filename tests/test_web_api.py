@@ -234,6 +234,19 @@ def test_train_bad_inputs(client, wl_home):
     assert client.get("/api/train/status").json == {"state": "idle", "active": False, "run": None}
 
 
+def test_a_job_that_fails_reports_why(client, wl_home, tmp_path):
+    write_dataset(wl_home)
+    missing = tmp_path / "no-model-here"
+    r = client.post("/api/train", json={"dataset": "tiny", "name": "doomed", "config": {"model": str(missing)}})
+    assert r.status_code == 202
+    frames = list(sse_frames(client.get("/api/runs/doomed/events", buffered=False)))
+    end = frames[-1]
+    assert end[1] == "end" and end[2]["state"] == "failed" and str(missing) in end[2]["error"]
+    assert any(f[1] == "log" and "error" in f[2]["message"] for f in frames)
+    status = client.get("/api/train/status").json
+    assert status["state"] == "failed" and not status["active"] and status["error"] == end[2]["error"]
+
+
 def read_until(frames, predicate):
     """Consume SSE frames until predicate(frame) is true; returns the frames read (incl. that one)."""
     seen = []

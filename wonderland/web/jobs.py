@@ -149,7 +149,7 @@ class TrainingManager:
         q, job = self._subscribe(name)
         try:
             sent = after
-            if job is not None:
+            if job is not None and after < 0:  # a reconnecting client already has the log
                 for line in list(job.log):
                     yield sse.frame(line, event="log")
             for rec in read_metrics(RunDir(runs_root() / name).metrics, after):
