@@ -84,6 +84,11 @@ def test_mlx_train_writes_mlx_lm_adapter_and_metrics(dataset, tiny_model, tmp_pa
         "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]}
     assert "Adapter saved to" in capsys.readouterr().out
 
+    # Compare on the CLI serves an MLX run like a torch one
+    assert main(["chat", "--run", str(out), "--prompt", "What time is it?", "--compare", "--max-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert ">>> What time is it?" in text and all(arm in text for arm in ("[    base]", "[prompted]", "[ trained]"))
+
     # plain mlx-lm, no wonderland code: load the base + adapter and generate
     import mlx_lm
 
@@ -100,8 +105,10 @@ def test_mlx_adapter_changes_the_output_and_base_stays_pure(dataset, tiny_model,
     from wonderland.generate import load_run
 
     out = tmp_path / "run"
-    assert main(mlx_args(dataset, tiny_model, out, "--lr", "0.1", "--iters", "12", "--rank", "16",
+    assert main(mlx_args(dataset, tiny_model, out, "--lr", "0.1", "--iters", "12", "--rank", "16", "--sample-every", "6",
                          "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")) == 0
+    samples = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "sample"]
+    assert [r["step"] for r in samples] == [6, 12] and all(isinstance(r["reply"], str) for r in samples)
     loaded = load_run(str(out))
     assert loaded.model.has_adapter
     plain = get_backend("mlx").load(tiny_model)

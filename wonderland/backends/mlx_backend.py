@@ -316,8 +316,8 @@ class MLXBackend:
             with _quiet_mlx_console():
                 # val_dataset=None: mlx-lm would evaluate at its own cadence (step 1, every K, before
                 # the last step); the callback evaluates at ours instead.
-                mlx_train(model, optimizer, train_set, None, args=args, loss=mean_loss, iterate_batches=batches,
-                          training_callback=reporter)
+                mlx_train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=None, args=args,
+                          loss=mean_loss, iterate_batches=batches, training_callback=reporter)
         except _StopRequested as stop:
             shutil.rmtree(tmp, ignore_errors=True)
             emit(Stopped(step=stop.step, total_steps=cfg.iters, checkpoint=str(stop.checkpoint),
@@ -358,6 +358,7 @@ class MLXBackend:
         return int(json.loads((ckpt / "trainer_state.json").read_text())["step"])
 
     def _sample(self, job: TrainJob, model, tokenizer, step: int) -> None:
+        model.eval()  # no dropout while sampling
         chat = MLXChatModel(model, tokenizer, job.model_path)
         messages = [{"role": "system", "content": job.system_prompt}, {"role": "user", "content": job.config.sample_prompt}]
         reply = "".join(chat.stream(messages, GenerationConfig(temperature=0.0, max_tokens=48)))

@@ -1,0 +1,175 @@
+"""Training and decoding speed of the two backends (PyTorch+PEFT, MLX) on the same data and model.
+
+Each backend runs in its own subprocess (fair peak-memory numbers, and MLX's OpenBLAS preload must
+happen before mlx is imported) through ``wonderland.train.train`` with identical settings: the
+embedded SmolLM2-135M-Instruct, the Hatter dataset, LoRA r=8 alpha=16 on q,k,v,o of every layer,
+batch 4, max 256 tokens, AdamW lr 1e-3 cosine. Prints one JSON object.
+
+    python bench/backends.py                                  # both backends, 20 steps each
+    python bench/backends.py --backends mlx --iters 30
+    python bench/backends.py --data DIR --model PATH          # any dataset / HF folder
+    python bench/backends.py --mlx-bundled-blas               # + MLX with the wheel's own BLAS (slow)
+    python bench/backends.py --blas-probe                     # Linux: MLX matmul GFLOP/s per BLAS setup
+
+On Apple Silicon (MLX on Metal, torch on MPS), from a checkout set up with ``make setup``:
+
+    .venv/bin/python bench/backends.py --backends torch,mlx
+
+Numbers per backend: ``train_tokens_per_s`` (real, non-padding tokens per second of step time,
+median over steps 2..N: step 1 includes compilation / warm-up), ``first_step_s``, ``train_wall_s``
+(setup + all steps + final eval), ``peak_rss_gb`` after training (process maximum resident set),
+``framework_peak_gb`` (torch CUDA allocator / MLX allocator peak as the Step events report it; on
+CPU torch reports RSS there), ``decode_tokens_per_s`` (greedy, 64 new tokens with the adapter on,
+prompt processing included), final ``loss`` / ``val_loss``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child(backend: str, data: str, model: str, iters: int, out: str) -> dict:
+    """Train and decode with one backend in this process; return the measurements."""
+    from wonderland.config import GenerationConfig, TrainConfig
+    from wonderland.events import read_metrics
+    from wonderland.train import train
+
+    cfg = TrainConfig(model=model, backend=backend, iters=iters, val_every=0, save_every=0, warmup=2)
+    t0 = time.perf_counter()
+    run = train(cfg, data, out=out, log=lambda m: None)
+    wall = time.perf_counter() - t0
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB -> GB (Linux); bytes on macOS
+    if sys.platform == "darwin":
+        rss_gb /= 1024
+    records = read_metrics(run.metrics)
+    steps = [r for r in records if r["event"] == "step"]
+    started = next(r for r in records if r["event"] == "started")
+    info = run.read()
+
+    from wonderland.generate import load_run
+
+    loaded = load_run(run)
+    messages = loaded.messages_for("trained", [{"role": "user", "content": "What time is it?"}])
+    gen = GenerationConfig(temperature=0, max_tokens=64, repetition_penalty=1.0)
+    "".join(loaded.model.stream(messages, GenerationConfig(temperature=0, max_tokens=4)))  # warm-up
+    t1 = time.perf_counter()
+    text = "".join(loaded.model.stream(messages, gen))
+    decode_s = time.perf_counter() - t1
+    from transformers import AutoTokenizer
+
+    n_new = len(AutoTokenizer.from_pretrained(info["model"]["path"])(text, add_special_tokens=False)["input_ids"])
+    return {
+        "backend": backend,
+        "device": started["device"],
+        "steps": len(steps),
+        "train_tokens_per_s": round(statistics.median(r["tokens_per_second"] for r in steps[1:]), 1),
+        "first_step_s": round(steps[0]["elapsed_s"], 2),
+        "train_wall_s": round(wall, 1),
+        "peak_rss_gb": round(rss_gb, 2),
+        "framework_peak_gb": round(max(r["peak_memory_gb"] for r in steps), 3),
+        "decode_tokens_per_s": round(n_new / decode_s, 1),
+        "decode_new_tokens": n_new,
+        "loss": round(info["result"]["loss"], 3),
+        "val_loss": round(info["result"]["val_loss"], 3) if info["result"].get("val_loss") is not None else None,
+    }
+
+
+PROBE = """
+import ctypes, sys, time
+if sys.argv[1] == "ctypes":  # what wonderland.backends.mlx_backend does before importing mlx
+    ctypes.CDLL("libopenblas.so.0", mode=ctypes.RTLD_GLOBAL)
+import mlx.core as mx
+a, b = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024))
+mx.eval(a @ b)
+t = time.perf_counter()
+for _ in range(10):
+    mx.eval(a @ b)
+print(2 * 1024**3 * 10 / (time.perf_counter() - t) / 1e9)
+"""
+
+
+def blas_probe() -> dict:
+    """float32 1024x1024 matmul GFLOP/s in MLX: bundled BLAS, OpenBLAS loaded in-process with
+    RTLD_GLOBAL before mlx (our way), and OpenBLAS through LD_PRELOAD (the NOTES.md way)."""
+    out = {}
+    for mode, env in [("bundled", {}), ("ctypes_rtld_global", {}), ("ld_preload", {"LD_PRELOAD": "libopenblas.so.0"})]:
+        proc = subprocess.run([sys.executable, "-c", PROBE, "ctypes" if mode.startswith("ctypes") else mode],
+                              capture_output=True, text=True, env={**os.environ, **env}, check=True)
+        out[mode] = round(float(proc.stdout.strip()), 1)
+    return out
+
+
+def hatter_dataset(folder: Path) -> Path:
+    from wonderland.data import build_dataset
+
+    build_dataset(None, "Hatter", folder)
+    return folder
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backends", default="torch,mlx")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--data", help="dataset folder (default: the Hatter dataset built from the default book)")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--mlx-bundled-blas", action="store_true", help="also run MLX without the OpenBLAS preload")
+    p.add_argument("--bundled-iters", type=int, default=5, help="steps for the (slow) bundled-BLAS run")
+    p.add_argument("--blas-probe", action="store_true", help="only measure MLX matmul GFLOP/s per BLAS setup")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.data, args.model, args.iters, args.out)))
+        return 0
+    if args.blas_probe:
+        print(json.dumps({"mlx_matmul_gflops_float32_1024": blas_probe()}, indent=2))
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="wl-bench-") as tmp:
+        data = args.data or str(hatter_dataset(Path(tmp) / "data"))
+        runs = [(b, args.iters, {}) for b in args.backends.split(",")]
+        if args.mlx_bundled_blas:
+            runs.append(("mlx", args.bundled_iters, {"WONDERLAND_MLX_BLAS": "bundled"}))
+        results = []
+        for backend, iters, env in runs:
+            out = Path(tmp) / f"run-{len(results)}"
+            cmd = [sys.executable, __file__, "--child", backend, "--data", data, "--model", args.model,
+                   "--iters", str(iters), "--out", str(out)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=REPO)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-3000:])
+                return proc.returncode
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            if env:
+                result["variant"] = "bundled BLAS (no OpenBLAS preload)"
+            results.append(result)
+            print(json.dumps(result), file=sys.stderr)
+        from wonderland.data import load_chat_jsonl
+
+        n_train = len(load_chat_jsonl(Path(data) / "train.jsonl"))
+    report = {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "model": args.model,
+        "train_records": n_train,
+        "settings": "LoRA r=8 alpha=16 q,k,v,o all layers, batch 4, max_seq_len 256, lr 1e-3 cosine, warmup 2",
+        "results": results,
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
