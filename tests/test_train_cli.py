@@ -177,3 +177,25 @@ def test_base_arm_never_uses_the_adapter(dataset, tiny_model, tmp_path):
     assert "".join(base_parts) == "".join(plain.stream(loaded.messages_for("base", msgs), gen))
     assert "".join(trained_parts) == "".join(loaded.stream("trained", msgs, gen))
     assert "".join(trained_parts) != "".join(base_parts)
+
+
+def test_runs_lists_finished_runs(dataset, tiny_model, capsys):
+    assert main(["runs"]) == 0
+    assert "No runs in" in capsys.readouterr().out
+    args = ["train", "--data", str(dataset), "--model", str(tiny_model), "--name", "hatter-test", "--iters", "2",
+            "--batch-size", "2", "--val-every", "0", "--save-every", "0"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["runs", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["status"], r["step"]) for r in rows] == [("hatter-test", "finished", 2)]
+
+
+def test_yaml_configs_in_the_repo_are_valid():
+    from wonderland.config import TrainConfig, load_yaml, merge_config
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        assert path.read_text().startswith("# wonderland train ")
+        merge_config(TrainConfig, load_yaml(path), source=str(path))

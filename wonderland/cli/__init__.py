@@ -19,7 +19,7 @@ from wonderland import __version__
 from wonderland.errors import UserError
 
 # Order is the order shown in --help. Add a command by adding its module name here.
-COMMANDS = ["demo", "data", "train", "chat", "serve", "export"]
+COMMANDS = ["demo", "data", "train", "chat", "runs", "eval", "serve", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
