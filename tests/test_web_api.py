@@ -182,6 +182,10 @@ def test_build_dataset_from_default_book_and_upload(client, alice_path, monkeypa
     rows = client.get("/api/datasets/hatter/records?per_page=200").json["records"]
     assert rows and all(row["reply"] for row in rows) and any(row["attribution"] for row in rows)
 
+    speakers = client.get("/api/characters").json["characters"]
+    assert {"name": "Hatter", "lines": r.json["stats"]["character_utterances"]} in speakers
+    assert speakers[0]["lines"] >= speakers[-1]["lines"]
+
     book = alice_path.read_bytes()
     r = client.post("/api/datasets", data={"character": "Queen", "name": "queen-upload",
                                            "book": (io.BytesIO(book), "alice.txt")}, content_type="multipart/form-data")

@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://{shown}:{server.server_port}/" + (f"?token={token}" if token else "")
     print(f"wonderland web app: {url}", flush=True)
     if token:
-        print("  reachable from other machines: share the URL (with its token) only with people you trust", flush=True)
+        print("  reachable from other machines at this computer's address (same port and token); "
+              "share the token only with people you trust", flush=True)
     print("  press Ctrl-C to stop", flush=True)
     try:
         server.serve_forever()

@@ -126,6 +126,18 @@ def build():
     return jsonify(name=name, stats=stats, warnings=warnings), 201
 
 
+@bp.get("/api/characters")
+def characters():
+    """Who speaks in the default book, most lines first (the page's character suggestions)."""
+    from wonderland.data import list_characters
+
+    try:
+        found = list_characters(None)
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
+    return jsonify(characters=[{"name": n, "lines": c} for n, c in found[:40]])
+
+
 @bp.get("/api/datasets/<name>")
 def stats(name: str):
     path = dataset_dir(name)

@@ -12,6 +12,8 @@ export async function init() {
     radio.addEventListener("change", () => { $("#upload-field").hidden = form.elements.book_source.value !== "upload"; });
   }
   form.addEventListener("submit", (e) => { e.preventDefault(); build(form); });
+  // Suggest the default book's speakers, fetched on first focus (reading the book takes ~1 s).
+  form.elements.character.addEventListener("focus", suggestCharacters, { once: true });
   $("#dataset-select").addEventListener("change", (e) => select(e.target.value));
   for (const b of $$("#records-card .seg button")) {
     b.addEventListener("click", () => {
@@ -59,6 +61,13 @@ async function build(form) {
   } catch (err) {
     msg.className = "msg error"; msg.textContent = err.message;
   } finally { button.disabled = false; }
+}
+
+async function suggestCharacters() {
+  try {
+    const { characters } = await api("/api/characters");
+    $("#character-list").replaceChildren(...characters.map((c) => el("option", { value: c.name, label: `${c.lines} lines` })));
+  } catch { /* suggestions are optional: the field still takes any name */ }
 }
 
 async function select(name) {
