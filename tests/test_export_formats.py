@@ -274,3 +274,42 @@ def test_ollama_alpha_reproduces_a_fractional_or_mlx_scale(trained, tmp_path):
     got = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), str(tmp_path / "ollama-adapter")).eval()
     for ids in trained["ids"]:
         torch.testing.assert_close(_logits(got, ids), _logits(want, ids), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def mlx_run(trained, tmp_path_factory):
+    """The same run as if trained by the MLX backend: its adapter in mlx-lm format (converted
+    exactly by wonderland.adapters.peft_to_mlx), run.json saying backend mlx."""
+    from wonderland.adapters import peft_to_mlx
+    from wonderland.runs import RunDir
+
+    path = tmp_path_factory.mktemp("mlx-run") / "hatter"
+    shutil.copytree(trained["run"].path, path)
+    shutil.rmtree(path / "adapter")
+    info = json.loads((path / "run.json").read_text())
+    peft_to_mlx(trained["run"].adapter, path / "adapter", base_model_path=info["model"]["path"])
+    (path / "run.json").write_text(json.dumps({**info, "backend": "mlx", "adapter_format": "mlx-lm"}))
+    return RunDir(path)
+
+
+def test_mlx_run_exports_through_peft(trained, mlx_run, tmp_path):
+    assert (mlx_run.adapter / "adapters.safetensors").exists()
+    export(mlx_run, "merged", tmp_path / "merged", log=lambda m: None)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    diff, _, texts = _compare(model, trained["tok"], trained)
+    assert diff < 1e-4 and texts == trained["text"]
+    export(mlx_run, "ollama", tmp_path / "ollama", log=lambda m: None)
+    # mlx-lm stores scale 2.0; Ollama ignores it and needs the integer alpha that gives it back
+    written = json.loads((tmp_path / "ollama" / "adapter" / "adapter_config.json").read_text())
+    assert written["lora_alpha"] == 16 and written["r"] == 8 and "lora_parameters" not in written
+    export(mlx_run, "mlx", tmp_path / "mlx", log=lambda m: None)
+    assert (tmp_path / "mlx" / "adapters.safetensors").read_bytes() == (mlx_run.adapter / "adapters.safetensors").read_bytes()
+    assert not list(tmp_path.glob(".*"))  # no staging or conversion folders left
+
+
+def test_mlx_export_of_a_torch_run(trained, tmp_path):
+    result = export(trained["run"], "mlx", tmp_path / "mlx", log=lambda m: None)
+    assert {"adapters.safetensors", "adapter_config.json"} <= set(result.files)
+    cfg = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert cfg["lora_parameters"]["scale"] == pytest.approx(2.0) and cfg["lora_parameters"]["rank"] == 8
+    assert "mlx_lm.generate" in result.commands[0]
