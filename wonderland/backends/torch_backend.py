@@ -23,10 +23,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from wonderland import distributed
 from wonderland.backends import torch_fast
 from wonderland.backends.base import TrainJob, TrainResult
 from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids
 from wonderland.config import GenerationConfig, TrainConfig
+from wonderland.errors import UserError
 from wonderland.events import Checkpoint, Eval, Resumed, Sample, Started, Step, Stopped
 from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
 
@@ -98,6 +100,13 @@ def summed_loss(model, ids, labels, mask) -> tuple[torch.Tensor, int]:
     return loss, n
 
 
+def batch_loss(model, batch: Sequence[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """The plain path: padded batch, full logits. Summed loss, labelled tokens, real tokens."""
+    ids, labels, mask = collate(batch, pad_id, device)
+    loss, n = summed_loss(model, ids, labels, mask)
+    return loss, n, int(mask.sum())
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant/cosine."""
     if step < cfg.warmup:
@@ -139,7 +148,9 @@ class TorchBackend:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        device = pick_device(cfg.device)
+        world, device = distributed.setup(pick_device(cfg.device))  # one process per GPU under torchrun
+        if cfg.batch_size < world.size:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be at least the process count ({world.size})")
         tokenizer, base = load_base(job.model_path, device, pick_dtype(cfg.dtype, device))
         n_layers = base.config.num_hidden_layers
         model = get_peft_model(base, lora_config(cfg, n_layers))
@@ -150,6 +161,9 @@ class TorchBackend:
         train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
         valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
         pad = tokenizer.pad_token_id
+        # DDP all-reduces LoRA gradients when several processes train (the loss function is its module)
+        step_loss = distributed.wrap_loss(model, (lambda m, b: torch_fast.batch_loss(m, b, pad, device, fast)) if fast
+                                          else (lambda m, b: batch_loss(m, b, pad, device)), world, device)
         step = 0
         if job.resume_from:
             step = self._load_checkpoint(job.resume_from, model, optimizer, device)
@@ -179,28 +193,25 @@ class TorchBackend:
         loss_value, val_loss = None, None
         t_start, steps_done = time.perf_counter(), 0
         while step < cfg.iters:
-            if job.should_stop():
+            if distributed.any_rank(job.should_stop(), world, device):
                 ckpt = self._save_checkpoint(job, model, optimizer, step)
                 emit(Stopped(step=step, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=time.perf_counter() - t_start))
                 return TrainResult("stopped", step, loss_value, val_loss)
             t0 = time.perf_counter()
-            batch = [train_set[i] for i in batch_indices(step, len(train_set), cfg.batch_size, cfg.seed)]
+            batch = [train_set[i] for i in distributed.shard(batch_indices(step, len(train_set), cfg.batch_size, cfg.seed), world)]
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if fast:
-                loss_sum, n, tokens = torch_fast.batch_loss(model, batch, pad, device, fast)
-            else:
-                ids, labels, mask = collate(batch, pad, device)
-                loss_sum, n = summed_loss(model, ids, labels, mask)
-                tokens = int(mask.sum())
-            loss = loss_sum / max(n, 1)  # mean NLL per assistant token
+            loss_sum, n, tokens = step_loss(batch)
+            total, n, tokens = distributed.global_counts(loss_sum, n, tokens, world)  # all ranks together
+            # mean NLL per assistant token of the global batch (x world size: DDP averages gradients)
+            loss = loss_sum * (world.size / max(n, 1))
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step, steps_done, loss_value = step + 1, steps_done + 1, loss.item()
+            step, steps_done, loss_value = step + 1, steps_done + 1, total / max(n, 1)
             dt, elapsed = time.perf_counter() - t0, time.perf_counter() - t_start
             emit(Step(step=step, total_steps=cfg.iters, loss=loss_value, learning_rate=lr, tokens=tokens,
                       tokens_per_second=tokens / dt, elapsed_s=elapsed,
@@ -213,15 +224,18 @@ class TorchBackend:
                 self._save_checkpoint(job, model, optimizer, step)
         if valid_set:
             val_loss = evaluate()
-        # --- save
-        tmp = staging_dir(job.run.adapter)
-        model.save_pretrained(tmp)
-        atomic_replace_dir(tmp, job.run.adapter)
+        # --- save (rank 0 only: the adapter is the same on every rank)
+        if world.is_main:
+            tmp = staging_dir(job.run.adapter)
+            model.save_pretrained(tmp)
+            atomic_replace_dir(tmp, job.run.adapter)
         return TrainResult("finished", step, loss_value, val_loss, extra={"device": str(device)})
 
     # --- checkpoints: adapter + optimizer + RNG; the data position is the step number
     def _save_checkpoint(self, job: TrainJob, model, optimizer, step: int) -> Path:
         final = job.run.checkpoints / f"step-{step:06d}"
+        if not distributed.world().is_main:
+            return final  # rank 0 writes it
         tmp = staging_dir(final)
         model.save_pretrained(tmp / "adapter")
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),

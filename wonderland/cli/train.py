@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of options (YAML and command line win over it)")
     p.add_argument("--resume", metavar="NAME_OR_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                   help="data-parallel processes, one per GPU (torchrun + DDP; gloo processes on CPU); --batch-size stays the global batch")
     add_train_options(p)
 
 
@@ -97,7 +99,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.data and not args.resume:
         raise UserError("--data is required (a folder from `wonderland data`), or --resume NAME to continue a run")
     config = resolve_config(args)
-    run_dir = run_training(config, args)
+    from wonderland import distributed
+
+    if args.num_gpus < 1:
+        raise UserError(f"--num-gpus must be >= 1 (got {args.num_gpus})")
+    if args.num_gpus > 1 and not distributed.launched():
+        return distributed.launch_train(args.num_gpus, config, args)
+    if not distributed.world().is_main:  # ranks > 0 under torchrun: train, write nothing
+        distributed.run_worker(config, args.data, args.resume)
+        return 0
+    try:
+        run_dir = run_training(config, args)
+    finally:
+        distributed.shutdown()
     info = run_dir.read()
     if info["status"] == "stopped":
         print(f"Stopped at step {info['result']['step']}; resume with: wonderland train --resume {run_dir.path}")
