@@ -39,7 +39,7 @@ OLLAMA_REPLY = ["Tea-time ", "is ", "all ", "the time. ", HOSTILE]
 def browser_page():
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 900})
+        page = browser.new_context(viewport={"width": 1360, "height": 900}).new_page()
         page.set_default_timeout(30_000)
         problems: list[str] = []
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -107,7 +107,15 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         page.wait_for_selector("#resume-btn:not([hidden])")
         stopped_points = int(page.get_attribute("#loss-chart", "data-points"))
         page.click("#resume-btn")
+        # A second tab (same browser, same connection pool) picks the live run up where it is.
+        tab2 = page.context.new_page()
+        tab2.goto(url + "/#train")
+        tab2.wait_for_selector("body[data-ready='1']")
+        wait_until(tab2, f"Number(document.querySelector('#loss-chart').dataset.points || 0) > {stopped_points}")
         page.wait_for_selector("#run-state.finished", timeout=180_000)
+        tab2.wait_for_selector("#run-state.finished")
+        assert tab2.get_attribute("#loss-chart", "data-points") == page.get_attribute("#loss-chart", "data-points")
+        tab2.close()
         assert page.inner_text("#progress-label").startswith("40 / 40")
         assert int(page.get_attribute("#loss-chart", "data-points")) > stopped_points
         assert page.locator("#train-log li").count() > 10 and "finished" in page.inner_text("#train-log")
