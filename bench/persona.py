@@ -1,0 +1,90 @@
+"""Benchmark: does the default demo reach the issue-5 target? Prints JSON.
+
+Builds the character's dataset from the book (``wonderland.data.build_dataset``), trains a run with a
+preset (default ``quick``, the demo's) plus any overrides, evaluates it with ``wonderland.evaluate``
+and prints base / prompted / trained metrics, the target checks and timings.
+
+    python bench/persona.py                                  # the default demo settings
+    python bench/persona.py --iters 90 --lr 1e-3             # a variant (preset + overrides)
+    python bench/persona.py --run RUN_DIR                    # re-evaluate an existing run, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+KEYS = ("perplexity", "in_character_rate", "persona_score", "marker_rate", "distinct_2", "repetition_rate",
+        "copy_rate", "retention_rate", "mean_words")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wonderland.cli.options import add_train_options, dataclass_overrides
+    from wonderland.config import PRESETS, TrainConfig, merge_config
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--book", help="book text (default: the default book lookup)")
+    p.add_argument("--character", default="Hatter")
+    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--run", help="evaluate this existing run instead of training one")
+    p.add_argument("--workdir", help="where data and run go (default: a new temp folder)")
+    add_train_options(p)
+    args = p.parse_args(argv)
+
+    from wonderland.evaluate import evaluate
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="wl-persona-"))
+    timings = {}
+    setting = None
+    if args.run:
+        run_ref = args.run
+    else:
+        from wonderland.data import build_dataset
+        from wonderland.train import train
+
+        t = time.perf_counter()
+        stats = build_dataset(args.book, args.character, work / "data", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        timings["data_s"] = round(time.perf_counter() - t, 2)
+        config = merge_config(TrainConfig, PRESETS[args.preset], dataclass_overrides(args, TrainConfig))
+        setting = {"preset": args.preset, **{k: v for k, v in config.to_dict().items()
+                                              if k in ("iters", "lr", "rank", "alpha", "targets", "layers", "batch_size",
+                                                       "schedule", "warmup", "threads")}}
+        print(f"training {setting} on {stats['train_records']} records ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        run = train(config, work / "data", out=str(work / "run"), log=lambda m: print(m, file=sys.stderr))
+        timings["train_s"] = round(time.perf_counter() - t, 2)
+        run_ref = run.path
+    if args.threads:  # the same CPU thread count for generation as for training
+        import torch
+
+        torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    result = evaluate(run_ref, log=lambda m: print(m, file=sys.stderr, flush=True))
+    timings["eval_s"] = round(time.perf_counter() - t, 2)
+    arms = {a: {k: result[a][k] for k in KEYS} for a in ("base", "prompted", "trained")}
+    print(json.dumps({
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()}: {platform.system()} {platform.machine()}, "
+                   f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f}",
+        "command": "python bench/persona.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "setting": setting or result["config"]["train"],
+        **arms,
+        "ppl_drop": result["target"]["ppl_drop"],
+        "target_passed": result["target"]["passed"],
+        "checks": {c["name"]: [c["passed"], c["measured"]] for c in result["target"]["checks"]},
+        "markers": list(result["config"]["persona"]["markers"]),
+        "timings": {**timings, **result["timings"]},
+        "report": f"{result['out']}/report.html",
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""``wonderland eval``: Base vs Prompted vs Trained on held-out data, with an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from wonderland.cli.options import add_generation_options, dataclass_overrides
+from wonderland.config import GenerationConfig
+
+HELP = "measure a run: held-out perplexity, persona score, distinctness, copying; writes an HTML report"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, metavar="NAME_OR_DIR", help="run name or folder")
+    p.add_argument("--prompts", metavar="FILE", help="held-out prompts, one per line (default: the packaged set)")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: RUN_DIR/eval)")
+    p.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda, mps)")
+    p.add_argument("--no-retention", action="store_true", help="skip the factual/arithmetic sanity prompts")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_generation_options(p)
+    p.epilog = "Generation defaults for eval: --max-tokens 60, others as listed; every arm uses the same settings."
+
+
+def _progress(event: dict) -> None:
+    if event["phase"] in ("generate", "retention"):
+        reply = event["reply"].replace("\n", " ")
+        print(f"[{event['done']:>3}/{event['total']}] {event['arm']:>8} | {event['prompt'][:40]:<40} | {reply[:70]}",
+              file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from wonderland.evaluate import default_generation, evaluate
+
+    gen = GenerationConfig(**{**default_generation().to_dict(), **dataclass_overrides(args, GenerationConfig)})
+    result = evaluate(args.run, prompts=args.prompts, out=args.out, gen=gen, device=args.device,
+                      retention=not args.no_retention, progress=None if args.quiet else _progress,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    arms = ("base", "prompted", "trained")
+    rows = [("perplexity", "{:.2f}"), ("in_character_rate", "{:.0%}"), ("persona_score", "{:+.3f}"),
+            ("distinct_2", "{:.3f}"), ("repetition_rate", "{:.3f}"), ("copy_rate", "{:.0%}"),
+            ("retention_rate", "{:.0%}")]
+    print(f"{'':<18}" + "".join(f"{a:>10}" for a in arms))
+    for key, fmt in rows:
+        cells = "".join(f"{fmt.format(result[a][key]) if result[a][key] is not None else '-':>10}" for a in arms)
+        print(f"{key:<18}{cells}")
+    for c in result["target"]["checks"]:
+        print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['description']}: {c['measured']}")
+    print(f"report: {result['out']}/report.html")
+    return 0

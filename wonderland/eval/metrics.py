@@ -1,0 +1,98 @@
+"""Text metrics that catch a model that parrots, loops or recites instead of talking.
+
+* distinct-n (Li et al. 2016): unique word n-grams / all word n-grams over all replies of an arm.
+  One reply given to every prompt scores ~1/len(prompts).
+* repetition rate: share of a reply's word trigrams that already occurred earlier in the same
+  reply (a loop such as "I am nothing, and I am nothing" scores high), averaged over replies.
+* copy rate: share of replies that reproduce a book line verbatim, i.e. share at least
+  ``COPY_N`` consecutive words with some line of the book (short catch-phrases are allowed,
+  recitation is not).
+* retention: plain factual/arithmetic prompts with expected substrings, to report (not hide) any
+  damage the adapter did to what the base model knew.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from wonderland.errors import UserError
+from wonderland.eval.persona import words
+
+COPY_N = 8  # words in a row shared with a book line that count as reciting it
+REPEAT_N = 3
+RETENTION_FILE = Path(__file__).with_name("retention.txt")
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(replies: Sequence[str], n: int) -> float:
+    """Unique n-grams / total n-grams across ``replies`` (0 when there are none)."""
+    grams = [g for r in replies for g in ngrams(words(r), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition_rate(reply: str, n: int = REPEAT_N) -> float:
+    """Share of the reply's n-grams that repeat an earlier n-gram of the same reply."""
+    grams = ngrams(words(reply), n)
+    if not grams:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeats = 0
+    for g in grams:
+        repeats += g in seen
+        seen.add(g)
+    return repeats / len(grams)
+
+
+class CopyDetector:
+    """Finds replies that contain ``n`` consecutive words of some book line."""
+
+    def __init__(self, book_lines: Iterable[str], n: int = COPY_N) -> None:
+        self.n = n
+        self._grams = {g for line in book_lines for g in ngrams(words(line), n)}
+
+    def copied(self, reply: str) -> bool:
+        return any(g in self._grams for g in ngrams(words(reply), self.n))
+
+    def rate(self, replies: Sequence[str]) -> float:
+        return sum(map(self.copied, replies)) / len(replies) if replies else 0.0
+
+
+@dataclass(frozen=True)
+class RetentionItem:
+    prompt: str
+    expected: tuple[str, ...]  # any of these, case-insensitive
+
+    def passed(self, reply: str) -> bool:
+        low = reply.lower()
+        return any(e.lower() in low for e in self.expected)
+
+
+def load_retention(path: Path = RETENTION_FILE) -> list[RetentionItem]:
+    """``prompt | expected | expected ...`` per line; ``#`` starts a comment line."""
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        prompt, *expected = [p.strip() for p in line.split(" | ")]
+        if not prompt or not expected:
+            raise UserError(f"{path}:{n}: expected 'prompt | answer | ...'")
+        items.append(RetentionItem(prompt, tuple(expected)))
+    return items
+
+
+def reply_stats(replies: Sequence[str], copies: CopyDetector) -> dict[str, float]:
+    """Distinctness, repetition, copying and length of one arm's replies."""
+    n = max(len(replies), 1)
+    return {
+        "distinct_1": round(distinct_n(replies, 1), 4),
+        "distinct_2": round(distinct_n(replies, 2), 4),
+        "repetition_rate": round(sum(repetition_rate(r) for r in replies) / n, 4),
+        "copy_rate": round(copies.rate(replies), 4),
+        "mean_words": round(sum(len(words(r)) for r in replies) / n, 2),
+        "empty_rate": round(sum(not words(r) for r in replies) / n, 4),
+    }

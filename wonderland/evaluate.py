@@ -1,0 +1,272 @@
+"""Did the LoRA do anything? Base vs Prompted vs Trained on held-out data, in numbers and pictures.
+
+``evaluate(run)`` (and ``wonderland eval --run RUN``) measures each arm of
+:data:`wonderland.generate.ARMS` with the same seeded decoding settings:
+
+1. held-out loss / perplexity on the assistant tokens of the run's ``valid.jsonl`` (the character's
+   real lines), with each arm's system prompt and adapter setting;
+2. replies to held-out everyday prompts (``wonderland/eval/prompts.txt``, disjoint from the
+   training prompts), scored for persona (:mod:`wonderland.eval.persona`), distinctness, repetition
+   and copying (:mod:`wonderland.eval.metrics`);
+3. a small retention sanity set (plain facts and arithmetic).
+
+It writes ``eval.json``, ``samples.jsonl``, ``report.html``, ``loss.png`` and ``persona.png`` into
+``out`` (default ``RUN/eval/``), all at once (staged, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from wonderland.config import GenerationConfig
+from wonderland.errors import UserError
+from wonderland.eval.metrics import CopyDetector, load_retention, reply_stats
+from wonderland.eval.persona import PersonaScorer
+from wonderland.eval.report import plot_loss, plot_persona, render_html
+from wonderland.fileio import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, staging_dir
+from wonderland.generate import ARMS, LoadedRun, load_run
+from wonderland.runs import RunDir, now_iso
+
+SCHEMA_VERSION = 1
+DEFAULT_PROMPTS = Path(__file__).with_name("eval") / "prompts.txt"
+EVAL_MAX_TOKENS = 60  # ~3.5 s per reply at ~17 tokens/s on one CPU core: 24 prompts x 3 arms in ~4 min
+RETENTION_MAX_TOKENS = 32
+OUTPUT_FILES = ("eval.json", "samples.jsonl", "report.html", "loss.png", "persona.png")
+
+# The target of issue 5, fixed before any training run.
+TARGET_PPL_DROP = 0.30  # trained perplexity at least 30 % below base
+TARGET_TRAINED_IN_CHARACTER = 0.70
+TARGET_BASE_IN_CHARACTER = 0.10
+TARGET_DISTINCT_KEEP = 0.75  # trained distinct-2 at least 75 % of base's: no collapse
+
+Progress = Callable[[dict], None]
+
+
+def default_generation() -> GenerationConfig:
+    """The decoding settings every arm shares unless the caller gives others."""
+    return GenerationConfig(max_tokens=EVAL_MAX_TOKENS)
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"prompts file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise UserError(f"{path}: expected a UTF-8 text file with one prompt per line") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise UserError(f"{path}: no prompts (one per line; lines starting with # are comments)")
+    return prompts
+
+
+def _data_files(loaded: LoadedRun) -> tuple[Path, list[dict], dict, list[dict]]:
+    """(data folder, valid records, stats, utterances) of the dataset the run was trained on."""
+    from wonderland.data import load_chat_jsonl
+
+    data_dir = Path(loaded.info.get("data", {}).get("path", ""))
+    utter = data_dir / "utterances.jsonl"
+    if not utter.exists():
+        raise UserError(f"run {loaded.run.name}: its dataset {data_dir} (with utterances.jsonl) is gone; "
+                        f"rebuild it with `wonderland data --out {data_dir}`")
+    valid = load_chat_jsonl(data_dir / "valid.jsonl") if (data_dir / "valid.jsonl").exists() \
+        and (data_dir / "valid.jsonl").stat().st_size else []
+    stats = json.loads((data_dir / "stats.json").read_text(encoding="utf-8")) if (data_dir / "stats.json").exists() else {}
+    utterances = [json.loads(ln) for ln in utter.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return data_dir, valid, stats, utterances
+
+
+def _split_lines(utterances: list[dict], stats: dict, character: str) -> tuple[list[str], list[str]]:
+    """The character's lines and everybody else's."""
+    who = {stats.get("character") or character, *stats.get("aliases", [])}
+    mine = [u["text"] for u in utterances if u.get("speaker") in who]
+    rest = [u["text"] for u in utterances if u.get("speaker") not in who]
+    if not mine:
+        raise UserError(f"no lines of {sorted(who)} in the run's utterances.jsonl; rebuild the dataset")
+    return mine, rest
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "eval.json").exists()):
+        raise UserError(f"{out} exists and is not an evaluation folder; choose another --out")
+
+
+def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] | None = None,
+             out: str | Path | None = None, gen: GenerationConfig | None = None, *, device: str = "auto",
+             retention: bool = True, progress: Progress | None = None,
+             log: Callable[[str], None] = lambda m: None) -> dict:
+    """Evaluate a finished run; write the report into ``out`` (default ``RUN/eval``); return eval.json.
+
+    ``prompts``: None (the packaged held-out set), a file (one per line) or a list of prompts.
+    ``progress`` receives ``{"phase", "done", "total", ...}`` after each reply (web app progress).
+    """
+    t0 = time.time()
+    gen = gen or default_generation()
+    if prompts is None or isinstance(prompts, (str, Path)):
+        prompts_file = str(prompts or DEFAULT_PROMPTS)
+        prompt_list = load_prompts(prompts_file)
+    else:
+        prompts_file, prompt_list = None, [p.strip() for p in prompts if p.strip()]
+        if not prompt_list:
+            raise UserError("no prompts to evaluate")
+    loaded = load_run(run_ref, device=device)
+    run = loaded.run
+    out_dir = Path(out).expanduser().resolve() if out else run.path / "eval"
+    _check_out(out_dir)
+    character = loaded.info.get("character") or "character"
+    data_dir, valid, stats, utterances = _data_files(loaded)
+    char_lines, other_lines = _split_lines(utterances, stats, character)
+    retention_items = load_retention() if retention else []
+    log(f"evaluating {run.name}: {len(prompt_list)} prompts, {len(valid)} held-out records, "
+        f"{len(retention_items)} retention prompts, arms {', '.join(a.name for a in ARMS)}")
+    progress = progress or (lambda p: None)
+    timings: dict[str, float] = {"load_s": round(time.time() - t0, 2)}
+
+    # 1. held-out loss with each arm's prompt and adapter
+    t = time.time()
+    results: dict[str, dict] = {}
+    n_tokens = 0
+    for arm in ARMS:
+        records = [{"messages": loaded.messages_for(arm, r["messages"])} for r in valid]
+        nll, n_tokens = loaded.model.loss(records, adapter=arm.adapter) if records else (0.0, 0)
+        loss = nll / n_tokens if n_tokens else None
+        results[arm.name] = {"loss": round(loss, 4) if loss is not None else None,
+                             "perplexity": round(math.exp(loss), 3) if loss is not None else None}
+        progress({"phase": "loss", "arm": arm.name, "done": 1, "total": 1})
+    timings["loss_s"] = round(time.time() - t, 2)
+
+    # 2. replies: prompt by prompt, every arm with the same settings and seed
+    total = (len(prompt_list) + len(retention_items)) * len(ARMS)
+    done = 0
+    replies: dict[str, list[str]] = {a.name: [] for a in ARMS}
+    gen_s = {a.name: 0.0 for a in ARMS}
+    for prompt in prompt_list:
+        for arm in ARMS:
+            t = time.time()
+            reply = "".join(loaded.stream(arm, [{"role": "user", "content": prompt}], gen)).strip()
+            gen_s[arm.name] += time.time() - t
+            replies[arm.name].append(reply)
+            done += 1
+            progress({"phase": "generate", "arm": arm.name, "prompt": prompt, "reply": reply, "done": done, "total": total})
+    retention_gen = GenerationConfig(**{**gen.to_dict(), "max_tokens": min(gen.max_tokens, RETENTION_MAX_TOKENS)})
+    retained: dict[str, list[dict]] = {a.name: [] for a in ARMS}
+    for item in retention_items:
+        for arm in ARMS:
+            reply = "".join(loaded.stream(arm, [{"role": "user", "content": item.prompt}], retention_gen)).strip()
+            retained[arm.name].append({"prompt": item.prompt, "reply": reply, "expected": list(item.expected),
+                                       "passed": item.passed(reply)})
+            done += 1
+            progress({"phase": "retention", "arm": arm.name, "prompt": item.prompt, "reply": reply, "done": done, "total": total})
+    timings["generate_s"] = round(sum(gen_s.values()), 2)
+    log(f"generated {total} replies in {time.time() - t0:.0f} s")
+
+    # 3. scores
+    t = time.time()
+    scorer = PersonaScorer.from_lines(char_lines, other_lines)
+    copies = CopyDetector(u["text"] for u in utterances)
+    scores = {}
+    for arm in ARMS:
+        arm_scores = scorer.score(replies[arm.name])
+        for s, reply in zip(arm_scores, replies[arm.name]):
+            s.in_character = s.in_character and not copies.copied(reply)  # reciting the book is not talking
+        scores[arm.name] = arm_scores
+        n = len(arm_scores)
+        r = results[arm.name]
+        r["in_character_rate"] = round(sum(s.in_character for s in arm_scores) / n, 4)
+        r["persona_score"] = round(sum(s.margin for s in arm_scores) / n, 4)
+        r["similarity_character"] = round(sum(s.similarity_character for s in arm_scores) / n, 4)
+        r["similarity_generic"] = round(sum(s.similarity_generic for s in arm_scores) / n, 4)
+        r["marker_rate"] = round(sum(bool(s.markers) for s in arm_scores) / n, 4)
+        r.update(reply_stats(replies[arm.name], copies))
+        ret = retained[arm.name]
+        r["retention_rate"] = round(sum(x["passed"] for x in ret) / len(ret), 4) if ret else None
+        r["retention"] = ret
+        r["generation_s"] = round(gen_s[arm.name], 2)
+        r["adapter"] = arm.adapter
+        r["system_prompt"] = loaded.messages_for(arm, [])[0]["content"]
+    timings["score_s"] = round(time.time() - t, 2)
+
+    samples = [{"prompt": p, **{a.name: replies[a.name][i] for a in ARMS},
+                "scores": {a.name: scores[a.name][i].to_dict() for a in ARMS}} for i, p in enumerate(prompt_list)]
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        **results,
+        "seed": gen.seed,
+        "model": loaded.info.get("model", {}),
+        "config": {
+            "generation": gen.to_dict(),
+            "retention_max_tokens": retention_gen.max_tokens,
+            "prompts_file": prompts_file,
+            "prompts": len(prompt_list),
+            "persona": {**scorer.config(), "copy_n": copies.n},
+            "train": loaded.info.get("config", {}),
+        },
+        "target": target_checks(results),
+        "meta": {"run": run.name, "run_path": str(run.path), "character": loaded.info.get("display_name")
+                 or stats.get("display_name") or character, "created": now_iso(), "data": str(data_dir),
+                 "model": loaded.info.get("model", {}), "valid_records": len(valid), "valid_tokens": n_tokens,
+                 "machine": f"{platform.system()} {platform.machine()}, {_cpu_count()} CPUs",
+                 "backend": loaded.info.get("backend"), "device": device},
+        "timings": timings,
+    }
+    _write(out_dir, result, samples, run, [a.name for a in ARMS], t0)
+    result["out"] = str(out_dir)
+    log(f"wrote {out_dir / 'report.html'}")
+    return result
+
+
+def target_checks(results: dict[str, dict]) -> dict:
+    """The issue-5 target as explicit pass/fail checks (None values fail)."""
+    b, p, t = results["base"], results["prompted"], results["trained"]
+
+    def check(name: str, description: str, passed: bool, measured: str) -> dict:
+        return {"name": name, "description": description, "passed": bool(passed), "measured": measured}
+
+    have_ppl = all(x.get("perplexity") for x in (b, p, t))
+    drop = 1 - t["perplexity"] / b["perplexity"] if have_ppl else None
+    checks = [
+        check("ppl_drop", f"held-out perplexity drops by >= {TARGET_PPL_DROP:.0%} (trained vs base)",
+              drop is not None and drop >= TARGET_PPL_DROP,
+              f"{drop:.1%} ({b['perplexity']:.2f} -> {t['perplexity']:.2f})" if drop is not None else "no valid set"),
+        check("trained_in_character", f"trained in character >= {TARGET_TRAINED_IN_CHARACTER:.0%}",
+              t["in_character_rate"] >= TARGET_TRAINED_IN_CHARACTER, f"{t['in_character_rate']:.0%}"),
+        check("base_in_character", f"base in character <= {TARGET_BASE_IN_CHARACTER:.0%}",
+              b["in_character_rate"] <= TARGET_BASE_IN_CHARACTER, f"{b['in_character_rate']:.0%}"),
+        check("persona_vs_prompted", "trained persona score > prompted",
+              t["persona_score"] > p["persona_score"], f"{t['persona_score']:+.3f} vs {p['persona_score']:+.3f}"),
+        check("ppl_vs_prompted", "trained perplexity < prompted", have_ppl and t["perplexity"] < p["perplexity"],
+              f"{t['perplexity']:.2f} vs {p['perplexity']:.2f}" if have_ppl else "no valid set"),
+        check("no_collapse", f"trained distinct-2 >= {TARGET_DISTINCT_KEEP:.0%} of base's",
+              t["distinct_2"] >= TARGET_DISTINCT_KEEP * b["distinct_2"], f"{t['distinct_2']:.3f} vs {b['distinct_2']:.3f}"),
+    ]
+    return {"ppl_drop": round(drop, 4) if drop is not None else None, "checks": checks,
+            "passed": all(c["passed"] for c in checks)}
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write(out_dir: Path, result: dict, samples: list[dict], run: RunDir, arms: list[str], t0: float) -> None:
+    stage = staging_dir(out_dir)
+    try:
+        plot_loss(run.metrics, stage / "loss.png", f"{run.name}: training")
+        plot_persona({a: [s["scores"][a]["margin"] for s in samples] for a in arms}, stage / "persona.png")
+        result["timings"]["total_s"] = round(time.time() - t0, 2)
+        atomic_write_jsonl(stage / "samples.jsonl", samples)
+        atomic_write_text(stage / "report.html", render_html(result, samples, arms))
+        atomic_write_json(stage / "eval.json", result)
+        atomic_replace_dir(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
