@@ -69,10 +69,12 @@ def delete(name: str):
     run = run_dir(name)
     if request.args.get("confirm") != run.name:
         raise ApiError(400, f"to delete run {run.name}, repeat its name: DELETE /api/runs/{run.name}?confirm={run.name}")
-    job = current_app.extensions["wonderland"].jobs.job
+    state = current_app.extensions["wonderland"]
+    job = state.jobs.job
     if job is not None and job.active and job.run == run.name:
         raise ApiError(409, f"run {run.name} is training; stop it first")
     shutil.rmtree(run.path)
+    state.models.forget(run.name)
     return jsonify(deleted=run.name)
 
 

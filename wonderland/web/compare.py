@@ -76,6 +76,10 @@ class ModelCache:
         except Exception:
             pass  # recorded in self.state for the page to show
 
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self.state.pop(name, None)
+
     def status(self, name: str) -> str:
         with self._lock:
             return self.state.get(name, "unloaded")

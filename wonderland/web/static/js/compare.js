@@ -6,7 +6,7 @@ import { $, api, bus, el, fillSelect, readEventStream, toast } from "./util.js";
 const TITLES = { base: "Base", prompted: "Prompted", trained: "Trained", ollama: "Ollama" };
 let options = null;
 let genSchema = [];
-let ollama = { available: false };
+let ollama = null;      // /api/ollama's answer, once asked
 let history = {};       // column -> [{role, content}] (each column keeps its own conversation)
 let columns = [];       // column names shown
 let busy = false;
@@ -46,15 +46,15 @@ async function refreshRuns(pick) {
 function buildColumns() {
   columns = [...options.columns.map((c) => c.name), "ollama"];
   const description = Object.fromEntries(options.columns.map((c) => [c.name, c.description]));
-  description.ollama = ollama.available ? `${ollama.model}, the run's character system prompt` : "optional: a local Ollama server";
+  description.ollama = ollama?.available ? `${ollama.model}, the run's character system prompt` : "optional: a local Ollama server";
   const existing = new Map([...$("#columns").children].map((c) => [c.dataset.column, c]));
   $("#columns").replaceChildren(...columns.map((name) => {
     const col = existing.get(name) || el("div", { class: `column ${name}`, dataset: { column: name } },
       el("header", {}, el("b", { text: TITLES[name] }), el("small", {})), el("div", { class: "thread" }));
     col.querySelector("small").textContent = description[name];
     const thread = col.querySelector(".thread");
-    if (name === "ollama" && ollama.available) thread.querySelectorAll(".bubble.note").forEach((n) => n.remove());
-    if (name === "ollama" && !ollama.available && !thread.children.length) {
+    if (name === "ollama") thread.querySelectorAll(".bubble.note").forEach((n) => n.remove());
+    if (name === "ollama" && ollama && !ollama.available && !thread.children.length) {
       thread.append(el("div", { class: "bubble note", text: `${ollama.message}. Start one with \`ollama serve\` (OLLAMA_HOST=${ollama.host}) to add this column.` }));
     }
     return col;
@@ -104,7 +104,7 @@ async function send(text) {
   const run = $("#compare-run").value;
   if (!prompt || busy) return;
   if (!run) { toast("train a run first: Compare needs a finished adapter", "error"); return; }
-  const active = columns.filter((c) => c !== "ollama" || ollama.available);
+  const active = columns.filter((c) => c !== "ollama" || ollama?.available);
   busy = true;
   $("#send-btn").disabled = true;
   $("#prompt").value = "";
