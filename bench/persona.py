@@ -7,6 +7,7 @@ and prints base / prompted / trained metrics, the target checks and timings.
     python bench/persona.py                                  # the default demo settings
     python bench/persona.py --iters 90 --lr 1e-3             # a variant (preset + overrides)
     python bench/persona.py --run RUN_DIR                    # re-evaluate an existing run, no training
+    python bench/persona.py --calibrate                      # the in-character rule on reference texts
 """
 
 from __future__ import annotations
@@ -25,6 +26,50 @@ KEYS = ("perplexity", "in_character_rate", "persona_score", "marker_rate", "dist
         "copy_rate", "retention_rate", "mean_words")
 
 
+def calibrate(book: str | None, character: str, other: str, workdir: Path) -> dict:
+    """The fixed in-character rule applied to texts whose answer is known, no model involved: the
+    character's real lines (each scored against all the *other* lines, markers re-derived without it),
+    the generic-assistant replies (each against the others) and a second character's lines."""
+    import torch
+
+    from wonderland.data import build_dataset
+    from wonderland.eval.persona import (PersonaScore, PersonaScorer, load_embedder, load_generic_replies,
+                                         style_markers, words)
+
+    stats = build_dataset(book, character, workdir / "calib-data")
+    utter = [json.loads(ln) for ln in (workdir / "calib-data" / "utterances.jsonl").read_text().splitlines()]
+    who = {stats["character"], *stats["aliases"]}
+    mine = [u["text"] for u in utter if u["speaker"] in who]
+    rest = [u["text"] for u in utter if u["speaker"] not in who]
+    theirs = [u["text"] for u in utter if u["speaker"] == other]
+    generic = load_generic_replies()
+    emb = load_embedder()
+    e_mine, e_gen, e_theirs = emb.encode(mine), emb.encode(generic), emb.encode(theirs)
+    k = 3
+
+    def near(sims):
+        return sims.topk(k, dim=1).values.mean(1).tolist()
+
+    def own(e):  # similarity to the others of the same set, never to itself
+        s = e @ e.T
+        s.fill_diagonal_(-2.0)
+        return s
+
+    markers = style_markers(mine, rest)
+    out = {}
+    for name, texts, sim_c, sim_g, loo_markers in (
+            ("character_lines", mine, near(own(e_mine)), near(e_mine @ e_gen.T), True),
+            ("generic_replies", generic, near(e_gen @ e_mine.T), near(own(e_gen)), False),
+            (f"{other}_lines", theirs, near(e_theirs @ e_mine.T), near(e_theirs @ e_gen.T), False)):
+        judged = []
+        for i, (t, c, g) in enumerate(zip(texts, sim_c, sim_g)):
+            mk = style_markers(mine[:i] + mine[i + 1:], rest) if loo_markers else markers
+            judged.append(PersonaScorer.judge(PersonaScore(c, g, c - g, sorted(set(words(t)) & mk.keys())), t))
+        out[name] = {"n": len(texts), "in_character_rate": round(sum(judged) / len(texts), 3),
+                     "mean_margin": round(float(torch.tensor(sim_c).sub(torch.tensor(sim_g)).mean()), 4)}
+    return {"character": stats["character"], "markers": markers, **out}
+
+
 def main(argv: list[str] | None = None) -> int:
     from wonderland.cli.options import add_train_options, dataclass_overrides
     from wonderland.config import PRESETS, TrainConfig, merge_config
@@ -35,12 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--run", help="evaluate this existing run instead of training one")
     p.add_argument("--workdir", help="where data and run go (default: a new temp folder)")
+    p.add_argument("--calibrate", action="store_true", help="only apply the in-character rule to reference texts")
+    p.add_argument("--other", default="Alice", help="the second character for --calibrate")
     add_train_options(p)
     args = p.parse_args(argv)
 
     from wonderland.evaluate import evaluate
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wl-persona-"))
+    if args.calibrate:
+        print(json.dumps(calibrate(args.book, args.character, args.other, work), indent=2))
+        return 0
     timings = {}
     setting = None
     if args.run:
