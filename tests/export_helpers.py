@@ -34,3 +34,15 @@ def train_tiny_run(base: Path, tiny_model: Path, name: str = "hatter", **overrid
                val_every=0, save_every=0, rank=8, alpha=16.0, seed=0)
     cfg.update(overrides)
     return train(TrainConfig(**cfg), write_dataset(base / f"{name}-data"), out=str(base / name), log=lambda m: None)
+
+
+_shared: dict[str, object] = {}
+
+
+def shared_tiny_run(tmp_path_factory, tiny_model: Path):
+    """One default run per test session, shared by the export and API test modules (they copy it
+    before changing anything)."""
+    key = str(tiny_model)
+    if key not in _shared:
+        _shared[key] = train_tiny_run(tmp_path_factory.mktemp("tiny-run"), tiny_model)
+    return _shared[key]

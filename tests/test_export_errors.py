@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.export_helpers import train_tiny_run
+from tests.export_helpers import shared_tiny_run
 
 import wonderland.export as export_mod
 from wonderland.cli import main
@@ -18,7 +18,7 @@ from wonderland.export.ollama import parse_modelfile, render_modelfile
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model):
-    return train_tiny_run(tmp_path_factory.mktemp("export-errors"), tiny_model)
+    return shared_tiny_run(tmp_path_factory, tiny_model)
 
 
 def _leftovers(folder: Path) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.export_helpers import PROMPTS, SYSTEM, train_tiny_run
+from tests.export_helpers import PROMPTS, SYSTEM, shared_tiny_run
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,7 +38,7 @@ GREEDY = GenerationConfig(temperature=0.0, max_tokens=12, repetition_penalty=1.0
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
     """The run, its prompts' token ids, and reference logits / greedy replies (adapter on and off)."""
-    run = train_tiny_run(tmp_path_factory.mktemp("export-run"), tiny_model)
+    run = shared_tiny_run(tmp_path_factory, tiny_model)
     loaded = load_run(run, device="cpu")
     tok = loaded.model.tokenizer
     chats = [with_system([{"role": "user", "content": p}], SYSTEM) for p in PROMPTS]

@@ -17,7 +17,7 @@ import pytest
 from flask import Flask
 from werkzeug.serving import make_server
 
-from tests.export_helpers import SYSTEM, train_tiny_run
+from tests.export_helpers import SYSTEM, shared_tiny_run
 from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT, with_system
 from wonderland.config import DEFAULT_MODEL, GenerationConfig
 from wonderland.generate import generate, load_run
@@ -28,7 +28,7 @@ PROMPT = [{"role": "user", "content": "Who are you?"}]
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model):
-    return train_tiny_run(tmp_path_factory.mktemp("api-run"), tiny_model)
+    return shared_tiny_run(tmp_path_factory, tiny_model)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ ollama     Modelfile (system prompt, ChatML template, parameters) + ``adapter/``
 
 from __future__ import annotations
 
+import shlex
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,13 +177,31 @@ def _write_gguf(src: RunSource, tmp: Path, gguf_type: str, final: Path, log, **_
     write_model_gguf(model.state_dict(), src.base_config, src.base_path, tmp / _gguf_name(src, gguf_type),
                      gguf_type, src.run.name)
     model_file, lora_file = final / _gguf_name(src, gguf_type), final / f"{src.run.name}.lora.gguf"
-    system = src.system_prompt.replace("'", "'\\''")
+    q, system = shlex.quote, shlex.quote(src.system_prompt)
+    base_gguf = _base_gguf(src)
     return ExportResult("gguf", tmp, [], [
-        f"llama-cli -m {model_file} -cnv -sys '{system}'",
-        f"llama-server -m {model_file} --port 8080",
-        f"llama-cli -m <the base model as GGUF> --lora {lora_file} -cnv -sys '{system}'",
-    ], [f"{lora_file.name}: the adapter alone (llama.cpp LoRA GGUF); apply it to the same base model "
-        f"({src.info['model']['id']}) converted to GGUF"])
+        f"llama-cli -m {q(str(model_file))} -cnv -sys {system}",
+        f"llama-server -m {q(str(model_file))} --port 8080",
+        f"llama-cli -m {q(str(base_gguf)) if base_gguf else '<the base model as GGUF>'} --lora {q(str(lora_file))} -cnv -sys {system}",
+    ], [f"{lora_file.name}: the adapter alone (llama.cpp LoRA GGUF) for the base model {src.info['model']['id']}"
+        + (" (the packaged GGUF holds exactly the weights it was trained on)" if base_gguf else " converted to GGUF")])
+
+
+def _base_gguf(src: RunSource) -> Path | None:
+    """The embedded model's own GGUF: our base folder was dequantised from it, so its weights are
+    exactly the ones the adapter was trained on."""
+    import importlib
+
+    from wonderland.models import EMBEDDED
+
+    spec = EMBEDDED.get(src.info["model"].get("id"))
+    if not spec:
+        return None
+    try:
+        path = Path(importlib.import_module(spec["package"]).__file__).parent / spec["file"]
+    except ImportError:
+        return None
+    return path if path.exists() else None
 
 
 def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: Path, log, **_) -> ExportResult:
@@ -209,7 +228,8 @@ def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: 
     parse_modelfile(text)  # our own output must pass the documented grammar
     (tmp / "Modelfile").write_text(text, encoding="utf-8")
     name = _ollama_name(src.run.name)
-    return ExportResult("ollama", tmp, [], [f"cd {final} && ollama create {name} -f Modelfile", f"ollama run {name}"], notes)
+    return ExportResult("ollama", tmp, [], [f"cd {shlex.quote(str(final))} && ollama create {name} -f Modelfile",
+                                            f"ollama run {name}"], notes)
 
 
 def _ollama_name(run_name: str) -> str:
