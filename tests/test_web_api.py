@@ -346,7 +346,8 @@ def test_train_stream_stop_replay_resume_compare_delete(client, wl_home, tiny_mo
     assert ev == {"exists": True, "report": "/runs/t1/eval/report.html", "images": ["/runs/t1/eval/loss.png"],
                   "results": {"perplexity": {"base": 50.1, "trained": 11.4}}}
     report = client.get("/runs/t1/eval/report.html")
-    assert report.status_code == 200 and "sandbox" in report.headers["Content-Security-Policy"]
+    assert report.status_code == 200 and "default-src 'none'" in report.headers["Content-Security-Policy"]
+    assert "script-src" not in report.headers["Content-Security-Policy"]  # default-src 'none': no scripts at all
     assert client.get("/runs/t1/eval/loss.png").data == png_bytes()
     assert client.get("/runs/t1/eval/../run.json").status_code == 404
     assert client.get("/runs/t1/eval/%2e%2e/run.json").status_code == 404

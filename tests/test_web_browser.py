@@ -153,7 +153,10 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         # --- Runs and Evaluation
         eval_dir = wl_home / "runs" / "browser-run" / "eval"
         eval_dir.mkdir()
-        (eval_dir / "eval.json").write_text(json.dumps({"perplexity": {"base": 50.6, "prompted": 31.2, "trained": 11.4}}))
+        (eval_dir / "eval.json").write_text(json.dumps({  # the shape `wonderland eval` writes (abridged)
+            "base": {"perplexity": 50.6, "persona_score": 0.02}, "prompted": {"perplexity": 31.2, "persona_score": 0.12},
+            "trained": {"perplexity": 11.4, "persona_score": 0.31},
+            "target": {"checks": [{"description": "held-out perplexity drops by >= 30%", "passed": True, "measured": "77%"}]}}))
         (eval_dir / "report.html").write_text("<h1>Evaluation of browser-run</h1><p>Perplexity fell from 50.6 to 11.4.</p>")
         (eval_dir / "perplexity.png").write_bytes(png_bytes())
         page.click("a[data-page=runs]")
@@ -163,7 +166,7 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         shot(page, "web-runs.png")
         page.click("#runs-body tr[data-run=browser-run] button:has-text('Report')")
         page.wait_for_selector("#eval-body:not([hidden])")
-        assert "11.4" in page.inner_text("#eval-summary")
+        assert "11.4" in page.inner_text("#eval-summary table") and "PASS" in page.inner_text("#eval-summary .checks")
         assert page.frame_locator("#eval-report").locator("h1").inner_text() == "Evaluation of browser-run"
         page.wait_for_selector("#eval-images img")
         shot(page, "web-eval.png")

@@ -97,12 +97,14 @@ def evaluation(name: str):
 
 @bp.get("/runs/<name>/eval/<path:filename>")
 def eval_file(name: str, filename: str):
-    """The report and its images (send_from_directory refuses paths that leave the folder).
-    The report is shown in a sandboxed frame with scripts off: it quotes model output."""
+    """The report and its images (send_from_directory refuses paths that leave the folder)."""
     folder = run_dir(name).path / "eval"
     if not filename.endswith((".html", ".png", ".json")):
         abort(404)
     response = send_from_directory(folder, filename)
     if filename.endswith(".html"):
-        response.headers["Content-Security-Policy"] = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; sandbox"
+        # No scripts, forms or plugins in the report: it quotes model output. (The page's frame adds
+        # sandbox="allow-same-origin": still no scripts, but its relative plot images load.)
+        response.headers["Content-Security-Policy"] = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+                                                       "form-action 'none'; base-uri 'none'; frame-ancestors 'self'")
     return response

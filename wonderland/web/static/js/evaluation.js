@@ -20,14 +20,29 @@ function empty(text) {
   $("#eval-empty").textContent = text;
 }
 
-// Numbers of eval.json, flattened one level ("perplexity.trained": 11.4) for the summary list.
-function flatten(obj, prefix = "", out = []) {
-  for (const [k, v] of Object.entries(obj || {})) {
-    const key = prefix ? `${prefix}.${k}` : k;
-    if (v && typeof v === "object" && !Array.isArray(v) && prefix.split(".").length < 2) flatten(v, key, out);
-    else if (typeof v === "number" || typeof v === "string" || typeof v === "boolean") out.push([key, v]);
+const ARMS = ["base", "prompted", "trained"];
+
+// eval.json at a glance: the pass/fail checks, then one row per numeric metric with a column per
+// arm. Unknown shapes fall back to the top-level numbers.
+function summarize(results) {
+  const parts = [];
+  const checks = results?.target?.checks || [];
+  if (checks.length) {
+    parts.push(el("ul", { class: "checks" }, checks.map((c) => el("li", { class: c.passed ? "pass" : "fail" },
+      el("b", { text: c.passed ? "PASS" : "FAIL" }), ` ${c.description}: `, el("span", { text: c.measured ?? "" })))));
   }
-  return out;
+  const arms = ARMS.filter((a) => results && typeof results[a] === "object");
+  if (arms.length) {
+    const metrics = Object.keys(results[arms[0]]).filter((k) => arms.every((a) => typeof results[a][k] === "number"));
+    parts.push(el("table", { class: "metrics" },
+      el("thead", {}, el("tr", {}, el("th", { text: "metric" }), arms.map((a) => el("th", { text: a })))),
+      el("tbody", {}, metrics.map((m) => el("tr", {}, el("td", { text: m.replaceAll("_", " ") }),
+        arms.map((a) => el("td", { class: "num", text: fmt(results[a][m], 4) })))))));
+  } else {
+    const flat = Object.entries(results || {}).filter(([, v]) => typeof v === "number" || typeof v === "string").slice(0, 30);
+    parts.push(el("dl", { class: "kv" }, flat.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: fmt(v, 4) })])));
+  }
+  return parts;
 }
 
 async function load(name) {
@@ -36,11 +51,10 @@ async function load(name) {
   if (!ev.exists) { empty(`Run ${name} has no evaluation yet. Run: wonderland eval --run ${name}`); return; }
   $("#eval-empty").hidden = true;
   $("#eval-body").hidden = false;
-  const rows = flatten(ev.results).slice(0, 60);
-  $("#eval-summary-card").hidden = rows.length === 0;
-  $("#eval-summary").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: fmt(v, 4) })]));
+  $("#eval-summary-card").hidden = !ev.results;
+  $("#eval-summary").replaceChildren(...summarize(ev.results));
   $("#eval-report-card").hidden = !ev.report;
   if (ev.report) $("#eval-report").src = ev.report;
-  $("#eval-images").replaceChildren(...ev.images.map((src) => el("figure", {}, el("img", { src, alt: src.split("/").pop(), loading: "lazy" }),
+  $("#eval-images").replaceChildren(...ev.images.map((src) => el("figure", {}, el("img", { src, alt: src.split("/").pop() }),
     el("figcaption", { text: src.split("/").pop() }))));
 }
