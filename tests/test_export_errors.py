@@ -95,6 +95,19 @@ def test_existing_output_needs_overwrite(run, tmp_path):
     assert _leftovers(tmp_path) == ["peft"]
 
 
+def test_outputs_that_would_destroy_the_run_or_base_are_refused(run, tmp_path):
+    base = Path(run.read()["model"]["path"])
+    for out, message in [(run.path, "would overwrite the run"), (run.path.parent, "would overwrite the run"),
+                         (run.adapter, "inside the run.s adapter"), (run.adapter / "x", "inside the run.s adapter"),
+                         (base, "would overwrite the base model"), (base / "merged", "would overwrite the base model")]:
+        with pytest.raises(UserError, match=message):
+            export(run, "merged", out, overwrite=True)
+    assert (run.adapter / "adapter_model.safetensors").exists() and (base / "config.json").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file; give a folder"):
+        export(run, "peft", tmp_path / "file", overwrite=True)
+
+
 def test_cli(run, tmp_path, capsys):
     out = tmp_path / "ollama"
     assert main(["export", "--run", str(run.path), "--format", "ollama", "--out", str(out)]) == 0

@@ -62,8 +62,7 @@ def export(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None
     run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
     src = run_source(run)
     final = Path(out).expanduser().resolve() if out else default_out(run, fmt, gguf_type)
-    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
-        raise UserError(f"{final} already exists; pass --overwrite to replace it, or choose another --out")
+    _check_out(final, src, overwrite)
     route = _ollama_route(src, ollama_from) if fmt == "ollama" else ""
     if fmt == "gguf" or route == "gguf":
         check_llama_config(src.base_config)
@@ -87,6 +86,20 @@ def export(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None
 
 
 # ----------------------------------------------------------------------------- checks
+def _check_out(final: Path, src: RunSource, overwrite: bool) -> None:
+    """Refuse outputs that would replace the run, its adapter or the base model (--overwrite
+    replaces the whole output folder)."""
+    for protected, what in ((src.run.path, "the run"), (src.base_path.resolve(), "the base model")):
+        if final == protected or final in protected.parents or (protected in final.parents and what == "the base model"):
+            raise UserError(f"--out {final} would overwrite {what}; choose a folder outside it")
+    if final == src.run.adapter or src.run.adapter in final.parents or src.run.checkpoints in final.parents:
+        raise UserError(f"--out {final} is inside the run's adapter or checkpoints; choose another folder")
+    if final.exists() and not final.is_dir():
+        raise UserError(f"--out {final} is a file; give a folder")
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        raise UserError(f"{final} already exists; pass --overwrite to replace it, or choose another --out")
+
+
 def _ollama_route(src: RunSource, requested: str) -> str:
     model_type = src.base_config.get("model_type")
     if requested in ("auto", "adapter") and model_type in ADAPTER_MODEL_TYPES:
@@ -212,7 +225,9 @@ def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: 
     if route == "adapter":
         with peft_adapter(src, tmp / ".convert") as adapter:
             info = write_ollama_adapter(adapter, tmp / "adapter")
-        from_, adapter_ref = str(src.base_path), "./adapter"
+        # the embedded model's own GGUF holds exactly the trained-on weights and spares Ollama
+        # converting the ~520 MB float32 folder; other bases: their HF folder
+        from_, adapter_ref = str(_base_gguf(src) or src.base_path), "./adapter"
         notes.append(f"adapter/adapter_config.json: lora_alpha {info['lora_alpha']} for r {info['r']} reproduces the "
                      f"trained scale {info['scale']:g} (Ollama reads lora_alpha and ignores mlx-lm's scale)")
     else:
