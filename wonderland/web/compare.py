@@ -39,34 +39,40 @@ MAX_TURNS = 40  # messages of history per column: more than any small model's co
 
 
 class ModelCache:
-    """Which runs' models are loaded or loading. The models themselves live in load_run's cache."""
+    """Which runs' models are loaded or loading. The models themselves live in load_run's cache,
+    keyed like this one by the run's last update: a resumed run is a new model to load."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.state: dict[str, str] = {}  # run -> loading | ready | error: <message>
+        self.state: dict[tuple[str, str | None], str] = {}  # (run, updated) -> loading | ready | error: <message>
+
+    @staticmethod
+    def _key(name: str) -> tuple[str, str | None]:
+        return name, run_dir(name).read().get("updated")
 
     def get(self, name: str) -> LoadedRun:
-        run = run_dir(name)
+        key = self._key(name)
         with self._lock:
-            if self.state.get(name) != "ready":
-                self.state[name] = "loading"
+            if self.state.get(key) != "ready":
+                self.state[key] = "loading"
         try:
-            loaded = load_run(run)  # blocks while another thread loads the same run, then shares it
+            loaded = load_run(run_dir(name))  # blocks while another thread loads the same run, then shares it
         except Exception as e:
             with self._lock:
-                self.state[name] = f"error: {e}"
+                self.state[key] = f"error: {e}"
             raise
         with self._lock:
-            self.state[name] = "ready"
+            self.state[key] = "ready"
         return loaded
 
     def warm(self, name: str) -> str:
         """Start loading ``name`` in the background (the page calls this when a run is picked)."""
+        key = self._key(name)
         with self._lock:
-            current = self.state.get(name)
+            current = self.state.get(key)
             if current in ("loading", "ready"):
                 return current
-            self.state[name] = "loading"
+            self.state[key] = "loading"
         threading.Thread(target=self._load_quietly, args=(name,), daemon=True, name=f"load-{name}").start()
         return "loading"
 
@@ -78,11 +84,13 @@ class ModelCache:
 
     def forget(self, name: str) -> None:
         with self._lock:
-            self.state.pop(name, None)
+            for key in [k for k in self.state if k[0] == name]:
+                del self.state[key]
 
     def status(self, name: str) -> str:
+        key = self._key(name)
         with self._lock:
-            return self.state.get(name, "unloaded")
+            return self.state.get(key, "unloaded")
 
 
 def _ext():
