@@ -157,6 +157,10 @@ function watch(name, fresh) {
   if (fresh) setState("starting");
   source = new EventSource(`/api/runs/${encodeURIComponent(name)}/events`);
   source.onmessage = (e) => onEvent(JSON.parse(e.data));
+  // A dropped connection is retried by the browser (with Last-Event-ID); a refused one (the run
+  // failed before it had a folder, say) is final: show what the server knows instead.
+  const es = source;
+  es.onerror = () => { if (es === source && es.readyState === EventSource.CLOSED) { source = null; refreshStatus(false); } };
   source.addEventListener("log", (e) => { const rec = JSON.parse(e.data); log(rec.message, /error/.test(rec.message) ? "bad" : "", rec.time); });
   source.addEventListener("end", (e) => {
     const summary = JSON.parse(e.data);
