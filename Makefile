@@ -18,10 +18,10 @@ endif
 
 .PHONY: run demo test test-fast setup system-deps clean
 
-run: setup                       ## set up, then run the main job (the demo, on the embedded model)
-	$(VENV)/bin/wonderland demo
+run: setup                       ## set up, then start the web app (http://127.0.0.1:7860)
+	$(VENV)/bin/wonderland serve
 
-demo: setup
+demo: setup                      ## set up, then the headless demo: dataset, training, Base vs Trained
 	$(VENV)/bin/wonderland demo
 
 test: setup system-deps          ## set up, then run the whole test suite
