@@ -40,13 +40,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child(backend: str, data: str, model: str, iters: int, out: str) -> dict:
+def child(backend: str, data: str, model: str, iters: int, out: str, threads: int) -> dict:
     """Train and decode with one backend in this process; return the measurements."""
     from wonderland.config import GenerationConfig, TrainConfig
     from wonderland.events import read_metrics
     from wonderland.train import train
 
-    cfg = TrainConfig(model=model, backend=backend, iters=iters, val_every=0, save_every=0, warmup=2)
+    if threads and backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)  # for decoding too (TrainConfig.threads covers training)
+    cfg = TrainConfig(model=model, backend=backend, iters=iters, val_every=0, save_every=0, warmup=2, threads=threads)
     t0 = time.perf_counter()
     run = train(cfg, data, out=out, log=lambda m: None)
     wall = time.perf_counter() - t0
@@ -126,12 +130,14 @@ def main() -> int:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--mlx-bundled-blas", action="store_true", help="also run MLX without the OpenBLAS preload")
     p.add_argument("--bundled-iters", type=int, default=5, help="steps for the (slow) bundled-BLAS run")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per backend: torch.set_num_threads / OPENBLAS_NUM_THREADS (0 = library default)")
     p.add_argument("--blas-probe", action="store_true", help="only measure MLX matmul GFLOP/s per BLAS setup")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.data, args.model, args.iters, args.out)))
+        print(json.dumps(child(args.child, args.data, args.model, args.iters, args.out, args.threads)))
         return 0
     if args.blas_probe:
         print(json.dumps({"mlx_matmul_gflops_float32_1024": blas_probe()}, indent=2))
@@ -146,13 +152,15 @@ def main() -> int:
         for backend, iters, env in runs:
             out = Path(tmp) / f"run-{len(results)}"
             cmd = [sys.executable, __file__, "--child", backend, "--data", data, "--model", args.model,
-                   "--iters", str(iters), "--out", str(out)]
+                   "--iters", str(iters), "--out", str(out), "--threads", str(args.threads)]
+            if args.threads:
+                env = {**env, "OPENBLAS_NUM_THREADS": str(args.threads)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=REPO)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-3000:])
                 return proc.returncode
             result = json.loads(proc.stdout.strip().splitlines()[-1])
-            if env:
+            if "WONDERLAND_MLX_BLAS" in env:
                 result["variant"] = "bundled BLAS (no OpenBLAS preload)"
             results.append(result)
             print(json.dumps(result), file=sys.stderr)
@@ -165,6 +173,8 @@ def main() -> int:
         "model": args.model,
         "train_records": n_train,
         "settings": "LoRA r=8 alpha=16 q,k,v,o all layers, batch 4, max_seq_len 256, lr 1e-3 cosine, warmup 2",
+        "threads": args.threads or "library default",
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "results": results,
     }
     print(json.dumps(report, indent=2))

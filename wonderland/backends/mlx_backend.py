@@ -243,6 +243,37 @@ class _StopRequested(Exception):
         self.step, self.checkpoint = step, checkpoint
 
 
+class _Reporter(TrainingCallback):
+    """mlx-lm reports every step (``steps_per_report=1``), synchronously inside its loop. Each
+    report becomes our Step event, followed by the torch backend's per-step order: eval, sample,
+    checkpoint, stop check."""
+
+    def __init__(self, backend: "MLXBackend", job: TrainJob, model, tokenizer, optimizer, acfg: dict,
+                 batches: Batches, start: int, run_eval) -> None:
+        self.backend, self.job, self.model, self.tokenizer, self.optimizer = backend, job, model, tokenizer, optimizer
+        self.acfg, self.batches, self.start, self.run_eval = acfg, batches, start, run_eval
+        self.loss: float | None = None
+        self.t_start = time.perf_counter()
+
+    def on_train_loss_report(self, info: dict) -> None:
+        job, cfg = self.job, self.job.config
+        step = self.start + info["iteration"]
+        elapsed = time.perf_counter() - self.t_start
+        tokens = self.batches.tokens.pop(step, 0)
+        self.loss = info["train_loss"]
+        job.emit(Step(step=step, total_steps=cfg.iters, loss=self.loss, learning_rate=info["learning_rate"],
+                      tokens=tokens, tokens_per_second=tokens * info["iterations_per_second"], elapsed_s=elapsed,
+                      eta_s=elapsed / info["iteration"] * (cfg.iters - step), peak_memory_gb=peak_memory_gb()))
+        if job.valid_records and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
+            self.run_eval(step)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            self.backend._sample(job, self.model, self.tokenizer, step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
+            self.backend._save_checkpoint(job, self.model, self.optimizer, self.acfg, step)
+        if step < cfg.iters and job.should_stop():
+            raise _StopRequested(step, self.backend._save_checkpoint(job, self.model, self.optimizer, self.acfg, step))
+
+
 # ----------------------------------------------------------------------------- the backend
 class MLXBackend:
     name = "mlx"
@@ -268,7 +299,7 @@ class MLXBackend:
                      device=device_name(), train_records=len(train_set), valid_records=len(valid_set),
                      trainable_params=trainable))
         batches = Batches(start, cfg.seed)
-        state = {"loss": None, "val_loss": None}
+        state = {"val_loss": None}
 
         def run_eval(step: int) -> None:
             t0 = time.perf_counter()
@@ -278,31 +309,6 @@ class MLXBackend:
             state["val_loss"] = val
             emit(Eval(step=step, total_steps=cfg.iters, val_loss=val, val_time_s=time.perf_counter() - t0))
 
-        backend = self
-
-        class Reporter(TrainingCallback):
-            """mlx-lm reports every step (steps_per_report=1); each report becomes our Step event,
-            then the torch backend's per-step order: eval, sample, checkpoint, stop check."""
-
-            t_start = time.perf_counter()
-
-            def on_train_loss_report(self, info: dict) -> None:
-                step = start + info["iteration"]
-                elapsed = time.perf_counter() - self.t_start
-                tokens = batches.tokens.pop(step, 0)
-                state["loss"] = info["train_loss"]
-                emit(Step(step=step, total_steps=cfg.iters, loss=info["train_loss"], learning_rate=info["learning_rate"],
-                          tokens=tokens, tokens_per_second=tokens * info["iterations_per_second"], elapsed_s=elapsed,
-                          eta_s=elapsed / info["iteration"] * (cfg.iters - step), peak_memory_gb=peak_memory_gb()))
-                if valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
-                    run_eval(step)
-                if cfg.sample_every and step % cfg.sample_every == 0:
-                    backend._sample(job, model, tokenizer, step)
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
-                    backend._save_checkpoint(job, model, optimizer, acfg, step)
-                if step < cfg.iters and job.should_stop():
-                    raise _StopRequested(step, backend._save_checkpoint(job, model, optimizer, acfg, step))
-
         if job.should_stop():  # asked before the first step: nothing to train, keep the position
             ckpt = self._save_checkpoint(job, model, optimizer, acfg, start)
             emit(Stopped(step=start, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=0.0))
@@ -311,7 +317,7 @@ class MLXBackend:
         args = TrainingArgs(batch_size=cfg.batch_size, iters=cfg.iters - start, val_batches=cfg.val_batches or -1,
                             steps_per_report=1, steps_per_eval=cfg.iters + 1, steps_per_save=cfg.iters + 1,
                             max_seq_length=cfg.max_seq_len, adapter_file=str(tmp / ADAPTER_WEIGHTS))
-        reporter = Reporter()
+        reporter = _Reporter(self, job, model, tokenizer, optimizer, acfg, batches, start, run_eval)
         try:
             with _quiet_mlx_console():
                 # val_dataset=None: mlx-lm would evaluate at its own cadence (step 1, every K, before
@@ -322,7 +328,7 @@ class MLXBackend:
             shutil.rmtree(tmp, ignore_errors=True)
             emit(Stopped(step=stop.step, total_steps=cfg.iters, checkpoint=str(stop.checkpoint),
                          elapsed_s=time.perf_counter() - reporter.t_start))
-            return TrainResult("stopped", stop.step, state["loss"], state["val_loss"])
+            return TrainResult("stopped", stop.step, reporter.loss, state["val_loss"])
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -330,7 +336,7 @@ class MLXBackend:
             run_eval(cfg.iters)
         atomic_write_json(tmp / ADAPTER_CONFIG, acfg)  # mlx-lm already wrote adapters.safetensors
         atomic_replace_dir(tmp, job.run.adapter)
-        return TrainResult("finished", cfg.iters, state["loss"], state["val_loss"], extra={"device": device_name()})
+        return TrainResult("finished", cfg.iters, reporter.loss, state["val_loss"], extra={"device": device_name()})
 
     # --- checkpoints: the adapter as mlx-lm writes it + optimizer state; data position = step
     def _save_checkpoint(self, job: TrainJob, model, optimizer, acfg: dict, step: int) -> Path:
