@@ -54,6 +54,7 @@ WL_VARIANTS = {  # wonderland's fast path: the default, and one lever changed at
     "wl_nopack": dict(pack=False),
     "wl_pack1024": dict(pack_capacity=1024),
     "wl_chunked": dict(liger_loss=False),
+    "wl_static": dict(compile_dynamic=False),
 }
 
 
@@ -388,9 +389,9 @@ def main() -> int:
         print(json.dumps(check(args)), flush=True)
         return 0
     print(json.dumps({"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
-    runs = [(s, t, None) for s in args.sizes.split(",") for t in args.trainers.split(",")]
+    runs = [(s, t, None) for s in args.sizes.split(",") for t in args.trainers.split(",") if t]
     if args.chat:
-        runs += [(args.sizes.split(",")[0], t, args.chat) for t in args.chat_trainers.split(",")]
+        runs += [(args.sizes.split(",")[0], t, args.chat) for t in args.chat_trainers.split(",") if t]
     results: dict[tuple, dict] = {}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for size, trainer, chat in runs:
