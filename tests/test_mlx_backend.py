@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 from wonderland.cli import main
+
+# Import the backend before anything imports mlx: it loads OpenBLAS for MLX first (~10x faster on CPU).
+import wonderland.backends.mlx_backend  # noqa: E402,F401,I001
 from wonderland.events import StopFlag, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,3 +217,12 @@ def test_importing_wonderland_never_imports_mlx():
                        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_mlx_on_linux_runs_on_openblas():
+    """The OpenBLAS preload took effect (`make test` installs libopenblas0-pthread): without it every
+    MLX matmul on Linux CPU goes through the wheel's reference BLAS, ~20x slower (bench/README.md)."""
+    from wonderland.backends import mlx_backend
+
+    assert not sys.platform.startswith("linux") or mlx_backend.BLAS in mlx_backend.OPENBLAS_LIBS
+    assert mlx_backend.device_name() == ("gpu (metal)" if sys.platform == "darwin" else "cpu (OpenBLAS)")
