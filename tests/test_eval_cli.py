@@ -55,7 +55,7 @@ def tiny_run(tiny_model, tmp_path_factory) -> Path:
 def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# held out\nGood morning!\n\nWhat should I wear?\n")
-    assert main(["eval", "--run", str(tiny_run), "--prompts", str(prompts), "--max-tokens", "6", "--no-retention",
+    assert main(["eval", "--run", str(tiny_run), "--prompts", str(prompts), "--max-tokens", "3", "--no-retention",
                  "--quiet"]) == 0
     out = tiny_run / "eval"
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
@@ -70,7 +70,7 @@ def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):
     assert result["prompted"]["system_prompt"] == result["trained"]["system_prompt"] == SYSTEM
     assert result["trained"]["adapter"] and not result["prompted"]["adapter"]
     assert result["prompted"]["perplexity"] != result["trained"]["perplexity"]  # the adapter is really on
-    assert result["seed"] == 0 and result["config"]["generation"]["max_tokens"] == 6
+    assert result["seed"] == 0 and result["config"]["generation"]["max_tokens"] == 3
     assert result["model"]["path"] and result["config"]["prompts"] == 2
     assert [c["name"] for c in result["target"]["checks"]] == [
         "ppl_drop", "trained_in_character", "base_in_character", "persona_vs_prompted", "ppl_vs_prompted", "no_collapse"]
@@ -88,7 +88,7 @@ def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):
 def test_evaluate_api_same_seed_same_replies_and_retention(tiny_run, tmp_path):
     """The Python API the web app calls: list of prompts, custom out, progress events, determinism."""
     events = []
-    gen = GenerationConfig(max_tokens=4, seed=3)
+    gen = GenerationConfig(max_tokens=2, seed=3)
     first = evaluate(tiny_run, ["Hello there."], tmp_path / "a", gen, progress=events.append)
     second = evaluate(tiny_run, ["Hello there."], tmp_path / "b", gen, retention=False)
     assert first["out"] == str(tmp_path / "a") and second["base"]["retention"] == []
@@ -98,7 +98,7 @@ def test_evaluate_api_same_seed_same_replies_and_retention(tiny_run, tmp_path):
     assert n_ret >= 4 and all(set(x) == {"prompt", "reply", "expected", "passed"} for x in first["base"]["retention"])
     assert events[-1]["done"] == events[-1]["total"] == 3 * (1 + n_ret)
     assert {e["phase"] for e in events} == {"loss", "generate", "retention"}
-    assert first["seed"] == 3 and first["config"]["retention_max_tokens"] == 4
+    assert first["seed"] == 3 and first["config"]["retention_max_tokens"] == 2
 
 
 def test_default_generation_is_short_and_seeded():

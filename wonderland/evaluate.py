@@ -260,7 +260,7 @@ def _cpu_count() -> int:
 def _write(out_dir: Path, result: dict, samples: list[dict], run: RunDir, arms: list[str], t0: float) -> None:
     stage = staging_dir(out_dir)
     try:
-        plot_loss(run.metrics, stage / "loss.png", f"{run.name}: training")
+        plot_loss(run.metrics, stage / "loss.png", f"{run.name}: training", start_val=result["prompted"]["loss"])
         plot_persona({a: [s["scores"][a]["margin"] for s in samples] for a in arms}, stage / "persona.png")
         result["timings"]["total_s"] = round(time.time() - t0, 2)
         atomic_write_jsonl(stage / "samples.jsonl", samples)

@@ -41,9 +41,13 @@ def read_curves(metrics_path: Path) -> tuple[list[tuple[int, float]], list[tuple
     return train, val
 
 
-def plot_loss(metrics_path: Path, out: Path, title: str) -> None:
+def plot_loss(metrics_path: Path, out: Path, title: str, start_val: float | None = None) -> None:
+    """Train/validation loss curves; ``start_val`` (the held-out loss with the adapter off and the
+    character's prompt, measured by the evaluation) is drawn at step 0, where training starts."""
     plt = _pyplot()
     train, val = read_curves(metrics_path)
+    if start_val is not None and val and val[0][0] > 0:
+        val.insert(0, (0, start_val))
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
     if train:
         ax.plot(*zip(*train), color="#4e79a7", lw=1.2, label="train loss")
