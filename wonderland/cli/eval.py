@@ -7,6 +7,7 @@ import sys
 
 from wonderland.cli.options import add_generation_options, dataclass_overrides
 from wonderland.config import GenerationConfig
+from wonderland.evaluate import EVAL_MAX_TOKENS
 
 HELP = "measure a run: held-out perplexity, persona score, distinctness, copying; writes an HTML report"
 
@@ -19,7 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-retention", action="store_true", help="skip the factual/arithmetic sanity prompts")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_generation_options(p)
-    p.epilog = "Generation defaults for eval: --max-tokens 60, others as listed; every arm uses the same settings."
+    for action in p._actions:  # eval's replies are shorter than chat's: keep it to a few minutes on a CPU
+        if action.dest == "max_tokens":
+            action.help = f"maximum new tokens per reply (default for eval: {EVAL_MAX_TOKENS})"
+    p.epilog = "Every arm (base, prompted, trained) uses the same generation settings and seed."
 
 
 def _progress(event: dict) -> None:
