@@ -108,7 +108,11 @@ def test_request_system_prompt_replaces_the_runs(api):
     client, _, loaded = api
     messages = [{"role": "system", "content": "You are a pirate."}, *PROMPT]
     reply = client.chat.completions.create(model="hatter", messages=messages, temperature=0, max_tokens=10)
-    assert reply.choices[0].message.content == _expected(loaded, PROMPT, "You are a pirate.", True, temperature=0, max_tokens=10)
+    want = _expected(loaded, PROMPT, "You are a pirate.", True, temperature=0, max_tokens=10)
+    assert reply.choices[0].message.content == want
+    developer = [{"role": "developer", "content": "You are a pirate."}, *PROMPT]  # OpenAI's newer name
+    assert client.chat.completions.create(model="hatter", messages=developer, temperature=0,
+                                          max_tokens=10).choices[0].message.content == want
 
 
 def test_stop_sequences_and_length(api):

@@ -35,7 +35,7 @@ from wonderland.errors import UserError
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # "developer" is OpenAI's newer name for system
 MAX_STOP = 4  # as OpenAI
 
 
@@ -182,7 +182,10 @@ def parse_request(body: Any) -> ChatRequest:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}", param=f"messages[{i}].role")
         text = _content(m, i)
-        (systems if m["role"] == "system" else messages).append({"role": m["role"], "content": text})
+        if m["role"] in ("system", "developer"):
+            systems.append(text)
+        else:
+            messages.append({"role": m["role"], "content": text})
     if not messages or messages[-1]["role"] != "user":
         raise APIError(400, "the last message must come from the user", param="messages")
     if body.get("n", 1) != 1:
@@ -198,7 +201,9 @@ def parse_request(body: Any) -> ChatRequest:
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"stop must be a non-empty string or a list of up to {MAX_STOP} of them", param="stop")
     options = body.get("stream_options") or {}
-    return ChatRequest(model, messages, "\n\n".join(s["content"] for s in systems) if systems else None, gen,
+    if not isinstance(options, dict):
+        raise APIError(400, "stream_options must be an object", param="stream_options")
+    return ChatRequest(model, messages, "\n\n".join(systems) if systems else None, gen,
                        bool(body.get("stream", False)), bool(options.get("include_usage")), stop)
 
 
