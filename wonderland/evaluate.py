@@ -130,6 +130,7 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     progress = progress or (lambda p: None)
     timings: dict[str, float] = {"load_s": round(time.time() - t0, 2)}
 
+    total = (len(prompt_list) + len(retention_items)) * len(ARMS)  # replies to generate
     # 1. held-out loss with each arm's prompt and adapter
     t = time.time()
     results: dict[str, dict] = {}
@@ -140,11 +141,11 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
         loss = nll / n_tokens if n_tokens else None
         results[arm.name] = {"loss": round(loss, 4) if loss is not None else None,
                              "perplexity": round(math.exp(loss), 3) if loss is not None else None}
-        progress({"phase": "loss", "arm": arm.name, "done": 1, "total": 1})
+        progress({"phase": "loss", "arm": arm.name, "perplexity": results[arm.name]["perplexity"], "done": 0,
+                  "total": total})
     timings["loss_s"] = round(time.time() - t, 2)
 
     # 2. replies: prompt by prompt, every arm with the same settings and seed
-    total = (len(prompt_list) + len(retention_items)) * len(ARMS)
     done = 0
     replies: dict[str, list[str]] = {a.name: [] for a in ARMS}
     gen_s = {a.name: 0.0 for a in ARMS}
