@@ -30,8 +30,8 @@ def train_tiny_run(base: Path, tiny_model: Path, name: str = "hatter", **overrid
     from wonderland.config import TrainConfig
     from wonderland.train import train
 
-    cfg = dict(model=str(tiny_model), iters=6, lr=2e-2, schedule="constant", warmup=0, batch_size=4,
-               val_every=0, save_every=0, rank=8, alpha=16.0, seed=0)
+    cfg = {"model": str(tiny_model), "iters": 6, "lr": 2e-2, "schedule": "constant", "warmup": 0, "batch_size": 4,
+           "val_every": 0, "save_every": 0, "rank": 8, "alpha": 16.0, "seed": 0}
     cfg.update(overrides)
     return train(TrainConfig(**cfg), write_dataset(base / f"{name}-data"), out=str(base / name), log=lambda m: None)
 

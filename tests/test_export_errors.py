@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tests.export_helpers import shared_tiny_run
 
 import wonderland.export as export_mod
+from tests.export_helpers import shared_tiny_run
 from wonderland.cli import main
 from wonderland.errors import UserError
 from wonderland.export import export

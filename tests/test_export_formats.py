@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tests.export_helpers import PROMPTS, SYSTEM, shared_tiny_run
 from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.export_helpers import PROMPTS, SYSTEM, shared_tiny_run
 from wonderland.backends.torch_backend import TorchChatModel
 from wonderland.chat_format import prompt_ids, with_system
 from wonderland.config import GenerationConfig
@@ -113,7 +113,7 @@ def _matrix_bytes_delta(gguf_exports, trained, gguf_type: str) -> tuple[int, int
     from safetensors import safe_open
 
     with safe_open(str(Path(trained["run"].read()["model"]["path"]) / "model.safetensors"), "np") as st:
-        shapes = [st.get_slice(k).get_shape() for k in st.keys() if k != "lm_head.weight"]
+        shapes = [st.get_slice(k).get_shape() for k in st.keys() if k != "lm_head.weight"]  # noqa: SIM118
     n2d = sum(a * b for a, b in (s for s in shapes if len(s) == 2))
     size = {t: (gguf_exports[t] / f"hatter.{t}.gguf").stat().st_size for t in ("f16", gguf_type)}
     per_weight = {"f32": 4.0, "q8_0": 34 / 32}[gguf_type]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from tests.export_helpers import PROMPTS, SYSTEM, train_tiny_run
 from wonderland.backends.torch_backend import TorchChatModel
 from wonderland.chat_format import prompt_ids, with_system
-from wonderland.config import GenerationConfig
+from wonderland.config import DEFAULT_MODEL, GenerationConfig
 from wonderland.export import export
 from wonderland.generate import generate, load_run
 from wonderland.models import EMBEDDED
@@ -26,17 +26,19 @@ from wonderland.models import EMBEDDED
 
 @pytest.mark.slow
 def test_packaged_model_gguf_round_trip(embedded_model, tmp_path):
-    run = train_tiny_run(tmp_path, embedded_model, iters=2, lr=2e-3, batch_size=2, max_seq_len=96)
+    run = train_tiny_run(tmp_path, embedded_model, model=DEFAULT_MODEL, iters=2, lr=2e-3, batch_size=2, max_seq_len=96)
     loaded = load_run(run, device="cpu")
     greedy = GenerationConfig(temperature=0.0, max_tokens=16, repetition_penalty=1.0)
     chats = [with_system([{"role": "user", "content": p}], SYSTEM) for p in PROMPTS[:2]]
     want = [generate(loaded.model, c, greedy) for c in chats]
 
-    out = export(run, "gguf", tmp_path / "gguf", gguf_type="f16", log=lambda m: None).path
+    exported = export(run, "gguf", tmp_path / "gguf", gguf_type="f16", log=lambda m: None)
+    out = exported.path
     name = f"{run.name}.f16.gguf"
     ours = GGUFReader(out / name)
-    spec = EMBEDDED["smollm2-135m-instruct"]
-    packaged = GGUFReader(Path(importlib.import_module(spec["package"]).__file__).parent / spec["file"])
+    spec = EMBEDDED[DEFAULT_MODEL]
+    packaged_file = Path(importlib.import_module(spec["package"]).__file__).parent / spec["file"]
+    packaged = GGUFReader(packaged_file)
     ours_keys, their_keys = set(ours.fields), set(packaged.fields)
     descriptive = {"general.organization", "general.finetune", "general.basename", "general.size_label",
                    "general.license", "general.languages"}
@@ -47,6 +49,12 @@ def test_packaged_model_gguf_round_trip(embedded_model, tmp_path):
                 "tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.eos_token_id",
                 "tokenizer.chat_template"):
         assert ours.fields[key].contents() == packaged.fields[key].contents(), key
+
+    # the embedded base's own GGUF holds the trained-on weights: Ollama and llama.cpp --lora start from it
+    result = export(run, "ollama", tmp_path / "ollama", log=lambda m: None)
+    modelfile = (result.path / "Modelfile").read_text()
+    assert f"FROM {packaged_file}\nADAPTER ./adapter\n" in modelfile
+    assert any(c.startswith(f"llama-cli -m {packaged_file} --lora ") for c in exported.commands)
 
     model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
     chat = TorchChatModel(model, loaded.model.tokenizer, out, torch.device("cpu"))

@@ -80,7 +80,7 @@ def test_trained_and_base_arms_non_streaming(api):
 
 def test_streaming_matches_non_streaming(api):
     client, _, loaded = api
-    kw = dict(model="hatter", messages=PROMPT, temperature=0.8, top_p=0.95, max_tokens=12, seed=7)
+    kw = {"model": "hatter", "messages": PROMPT, "temperature": 0.8, "top_p": 0.95, "max_tokens": 12, "seed": 7}
     whole = client.chat.completions.create(**kw).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"

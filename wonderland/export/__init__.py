@@ -20,14 +20,30 @@ from __future__ import annotations
 
 import shlex
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from wonderland.errors import UserError
-from wonderland.export.gguf_writer import BYTES_PER_WEIGHT, GGUF_TYPES, LLAMA_MODEL_TYPES, check_llama_config
-from wonderland.export.merge import RunSource, merged_model, peft_adapter, run_source, save_merged
-from wonderland.export.ollama import ADAPTER_MODEL_TYPES, render_modelfile, parse_modelfile, write_ollama_adapter
+from wonderland.export.gguf_writer import (
+    BYTES_PER_WEIGHT,
+    GGUF_TYPES,
+    LLAMA_MODEL_TYPES,
+    check_llama_config,
+)
+from wonderland.export.merge import (
+    RunSource,
+    merged_model,
+    peft_adapter,
+    run_source,
+    save_merged,
+)
+from wonderland.export.ollama import (
+    ADAPTER_MODEL_TYPES,
+    parse_modelfile,
+    render_modelfile,
+    write_ollama_adapter,
+)
 from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
 from wonderland.runs import RunDir, resolve_run
 
@@ -120,7 +136,7 @@ def _n_params(model_dir: Path) -> int:
     total = 0
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), "np") as st:
-            for k in st.keys():
+            for k in st.keys():  # noqa: SIM118 - safe_open is not iterable
                 n = 1
                 for d in st.get_slice(k).get_shape():
                     n *= d
@@ -263,4 +279,4 @@ def describe(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FORMATS", "GGUF_TYPES", "ExportResult", "export", "describe", "default_out"]
+__all__ = ["FORMATS", "GGUF_TYPES", "ExportResult", "default_out", "describe", "export"]

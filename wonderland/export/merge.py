@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from wonderland.errors import UserError
 from wonderland.runs import RunDir

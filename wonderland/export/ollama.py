@@ -150,7 +150,7 @@ def _check_parameter(args: str, line: int) -> None:
 
 def _check_template(template: str) -> None:
     """Go template actions must balance, and every block (if/range/with) must be closed."""
-    actions = re.findall(r"\{\{-?\s*(.*?)\s*-?\}\}", template, flags=re.S)
+    actions = re.findall(r"\{\{-?\s*(.*?)\s*-?\}\}", template, flags=re.DOTALL)
     if template.count("{{") != template.count("}}") or len(actions) != template.count("{{"):
         raise UserError("Modelfile TEMPLATE: unbalanced {{ }}")
     depth = 0

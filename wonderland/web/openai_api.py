@@ -23,9 +23,10 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
@@ -286,7 +287,7 @@ def chat_completions():
         try:
             for piece in reply.pieces():
                 yield chunk({"content": piece})
-        except Exception as e:  # headers are sent: report in-band, as OpenAI does
+        except Exception as e:  # noqa: BLE001 - headers are sent: any failure is reported in-band, as OpenAI does
             yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
             return
         yield chunk({}, reply.finish_reason)
