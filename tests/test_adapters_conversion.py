@@ -186,3 +186,19 @@ def test_peft_features_without_an_mlx_equivalent_are_refused(tmp_path, tiny_mode
     (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, **change}))
     with pytest.raises(UserError, match=message):
         peft_to_mlx(src, tmp_path / "out", tiny_model)
+
+
+@pytest.mark.slow
+def test_embedded_model_logits_agree_across_frameworks_with_a_converted_adapter(embedded_model, tmp_path):
+    """The packaged SmolLM2-135M (rope_theta 100000, 30 layers): MLX + mlx adapter == torch + PEFT."""
+    from wonderland.adapters import mlx_to_peft
+
+    mlx_dir = make_mlx_adapter(embedded_model, tmp_path / "mlx", num_layers=30, rank=8, scale=0.5,
+                               keys=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])
+    peft_dir = mlx_to_peft(mlx_dir, tmp_path / "peft", embedded_model)
+    base_mlx, base_torch = mlx_logits(embedded_model), torch_logits(embedded_model)
+    on_mlx, on_torch = mlx_logits(embedded_model, mlx_dir), torch_logits(embedded_model, peft_dir)
+    scale = np.abs(base_torch).max()  # logits of a real model reach ~20-30: compare relative to that
+    assert np.abs(base_mlx - base_torch).max() < 1e-4 * scale
+    assert np.abs(on_mlx - base_mlx).max() > 0.05 * scale
+    assert np.abs(on_mlx - on_torch).max() < 1e-4 * scale
