@@ -179,7 +179,7 @@ def test_mlx_stop_then_resume_matches_an_uninterrupted_run(dataset, tiny_model, 
 @pytest.mark.parametrize("schedule,warmup,iters", [("cosine", 5, 60), ("cosine", 1, 10), ("constant", 0, 8), ("constant", 3, 8)])
 def test_mlx_schedule_equals_the_torch_schedule(schedule, warmup, iters):
     from wonderland.backends.mlx_backend import lr_schedule
-    from wonderland.backends.torch_backend import lr_at
+    from wonderland.backends.common import lr_at
     from wonderland.config import TrainConfig
 
     cfg = TrainConfig(lr=1e-3, schedule=schedule, warmup=warmup, iters=iters)

@@ -22,7 +22,6 @@ import ctypes
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import threading
@@ -69,6 +68,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
 from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 
 from wonderland.backends.base import TrainJob, TrainResult  # noqa: E402
+from wonderland.backends.common import batch_indices  # noqa: E402
 from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids  # noqa: E402
 from wonderland.config import GenerationConfig, TrainConfig  # noqa: E402
 from wonderland.events import Checkpoint, Eval, Resumed, Sample, Started, Step, Stopped  # noqa: E402
@@ -202,16 +202,6 @@ def mean_loss(model, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]
     """mlx-lm's loss contract: (mean loss, token count)."""
     total, n = summed_nll(model, ids, mask)
     return total / mx.maximum(n, 1), n
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """Records of step ``step``: a fresh seeded shuffle each epoch (the torch backend's order), so
-    the data position of a checkpoint is just its step number."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * batch_size : (k + 1) * batch_size]
 
 
 class Batches:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
-import random
 import shutil
 import threading
 import time
@@ -26,6 +24,7 @@ from transformers.utils import logging as hf_logging
 from wonderland import distributed
 from wonderland.backends import torch_fast
 from wonderland.backends.base import TrainJob, TrainResult
+from wonderland.backends.common import batch_indices, lr_at
 from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids
 from wonderland.config import GenerationConfig, TrainConfig
 from wonderland.errors import UserError
@@ -105,26 +104,6 @@ def batch_loss(model, batch: Sequence[Encoded], pad_id: int, device: torch.devic
     ids, labels, mask = collate(batch, pad_id, device)
     loss, n = summed_loss(model, ids, labels, mask)
     return loss, n, int(mask.sum())
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then constant/cosine."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - cfg.warmup) / max(1, cfg.iters - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))  # floor at 10 %
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
-    """Records of step ``step``: a fresh seeded shuffle each epoch, so the data position of a
-    checkpoint is just its step number (exact resume needs no extra state)."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * batch_size : (k + 1) * batch_size]
 
 
 def peak_memory_gb(device: torch.device) -> float:
