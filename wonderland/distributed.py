@@ -18,9 +18,9 @@ Accounting, so that N processes train exactly what one process would:
   run resumes on a different process count.
 * The stop flag (Ctrl-C, web stop button) is all-reduced each step, so every rank stops together.
 
-NCCL's NVLink multicast is switched off (``NCCL_NVLS_ENABLE=0``) in launched processes unless
-the user set it: the shared GPU hosts this was measured on forbid it, and LoRA's small gradient
-all-reduce gains nothing from it.
+NVLink multicast is switched off (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MULTICAST=1``) in
+launched processes unless the user set them: the shared GPU hosts this targets forbid it, and
+LoRA's small gradient all-reduce gains nothing from it.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ def launch_train(num_procs: int, config, args) -> int:
 
     import yaml
 
-    env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
+    env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0"),
+           "TORCH_SYMM_MEM_DISABLE_MULTICAST": os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_procs)))
     with tempfile.TemporaryDirectory(prefix="wonderland-launch") as tmp:
         cfg_path = Path(tmp) / "config.yaml"
