@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.test_train_cli import write_dataset
+from tests.helpers import write_dataset
 from wonderland.cli import main
 
 
