@@ -68,13 +68,12 @@ from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
 from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 
 from wonderland.backends.base import TrainJob, TrainResult  # noqa: E402
-from wonderland.backends.common import batch_indices  # noqa: E402
+from wonderland.backends.common import batch_indices, finish_checkpoint  # noqa: E402
 from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids  # noqa: E402
 from wonderland.config import GenerationConfig, TrainConfig  # noqa: E402
-from wonderland.events import Checkpoint, Eval, Resumed, Sample, Started, Step, Stopped  # noqa: E402
+from wonderland.events import Eval, Resumed, Sample, Started, Step, Stopped  # noqa: E402
 from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir  # noqa: E402
 
-KEEP_CHECKPOINTS = 2
 ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's file names
 ADAPTER_CONFIG = "adapter_config.json"
 PAD_TO = 32  # pad batches to multiples of 32 tokens, as mlx-lm does: few shapes, few recompiles
@@ -336,12 +335,7 @@ class MLXBackend:
         mx.save_safetensors(str(tmp / "adapter" / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
         atomic_write_json(tmp / "adapter" / ADAPTER_CONFIG, acfg)
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-        atomic_write_json(tmp / "trainer_state.json", {"step": step, "config": job.config.to_dict()})
-        atomic_replace_dir(tmp, final)
-        for old in sorted(job.run.checkpoints.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-        job.emit(Checkpoint(step=step, total_steps=job.config.iters, path=str(final)))
-        return final
+        return finish_checkpoint(job, tmp, final, step)
 
     def _load_checkpoint(self, ckpt: Path, model, optimizer) -> int:
         if not (ckpt / "adapter" / ADAPTER_WEIGHTS).exists():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import shutil
 import threading
 import time
 import warnings
@@ -24,14 +23,13 @@ from transformers.utils import logging as hf_logging
 from wonderland import distributed
 from wonderland.backends import torch_fast
 from wonderland.backends.base import TrainJob, TrainResult
-from wonderland.backends.common import batch_indices, lr_at
+from wonderland.backends.common import batch_indices, finish_checkpoint, lr_at
 from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids
 from wonderland.config import GenerationConfig, TrainConfig
 from wonderland.errors import UserError
-from wonderland.events import Checkpoint, Eval, Resumed, Sample, Started, Step, Stopped
-from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
+from wonderland.events import Eval, Resumed, Sample, Started, Step, Stopped
+from wonderland.fileio import atomic_replace_dir, staging_dir
 
-KEEP_CHECKPOINTS = 2
 
 hf_logging.disable_progress_bar()  # our own events report progress; keep the terminal clean
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
@@ -220,12 +218,7 @@ class TorchBackend:
         torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    tmp / "trainer.pt")
-        atomic_write_json(tmp / "trainer_state.json", {"step": step, "config": job.config.to_dict()})
-        atomic_replace_dir(tmp, final)
-        for old in sorted(job.run.checkpoints.glob("step-*"))[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old, ignore_errors=True)
-        job.emit(Checkpoint(step=step, total_steps=job.config.iters, path=str(final)))
-        return final
+        return finish_checkpoint(job, tmp, final, step)
 
     def _load_checkpoint(self, ckpt: Path, model, optimizer, device) -> int:
         from peft.utils import set_peft_model_state_dict
