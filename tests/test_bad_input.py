@@ -86,6 +86,31 @@ def test_existing_run_is_never_overwritten_without_the_flag(capsys, dataset, tin
     assert_user_error(code, err, "already holds a run", "--overwrite")
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert main([*args, "--overwrite", "--lr", "0.05"]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != adapter
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_trained(dataset, tiny_model, tmp_path):
+    from wonderland.config import TrainConfig
+    from wonderland.runs import replaced_backup
+    from wonderland.train import train
+
+    out = tmp_path / "run"
+    config = TrainConfig(model=str(tiny_model), iters=2, batch_size=2, val_every=0, save_every=0)
+    train(config, dataset, out=str(out), log=lambda m: None)
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    def crash(record):
+        if record["event"] == "step":
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(config, dataset, out=str(out), overwrite=True, subscribers=[crash], log=lambda m: None)
+    kept = replaced_backup(out)
+    assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (out / "run.json").exists() and '"failed"' in (out / "run.json").read_text()
+
+    train(config, dataset, out=str(out), overwrite=True, log=lambda m: None)
+    assert not kept.exists() and (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_unknown_run_for_chat(capsys):

@@ -122,7 +122,10 @@ def new_run_dir(name: str | None, out: str | None, character: str, overwrite: bo
             raise UserError(f"{path} already holds a run; pick another --name, resume it with --resume, or pass --overwrite")
         if not run.exists():
             raise UserError(f"{path} is not empty and is not a run; refusing to overwrite it, choose another --out")
-        shutil.rmtree(path)
+        # Keep the old run aside until the new one has trained: a failed retrain loses nothing.
+        backup = replaced_backup(path)
+        shutil.rmtree(backup, ignore_errors=True)
+        os.replace(path, backup)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -133,10 +136,16 @@ def new_run_dir(name: str | None, out: str | None, character: str, overwrite: bo
     return run
 
 
+def replaced_backup(path: Path) -> Path:
+    """Where ``--overwrite`` keeps the run it replaces until the new run has finished or stopped."""
+    return Path(path).with_name(f".{Path(path).name}.replaced")
+
+
 def list_runs(root: Path | None = None) -> list[RunDir]:
     """Runs under ``root`` (default runs_root()), newest first."""
     root = root or runs_root()
     if not root.is_dir():
         return []
-    runs = [RunDir(p) for p in root.iterdir() if (p / "run.json").exists()]
+    # hidden folders are staging dirs and runs kept aside by --overwrite
+    runs = [RunDir(p) for p in root.iterdir() if not p.name.startswith(".") and (p / "run.json").exists()]
     return sorted(runs, key=lambda r: r.run_json.stat().st_mtime, reverse=True)

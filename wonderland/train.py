@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 import traceback
 from importlib import metadata
@@ -22,7 +23,7 @@ from wonderland.config import TrainConfig
 from wonderland.errors import UserError
 from wonderland.events import EventBus, Failed, Finished, MetricsWriter, Subscriber, next_seq
 from wonderland.models import resolve_model, weights_sha256
-from wonderland.runs import SCHEMA_VERSION, RunDir, new_run_dir, now_iso, resolve_run
+from wonderland.runs import SCHEMA_VERSION, RunDir, new_run_dir, now_iso, replaced_backup, resolve_run
 
 ADAPTER_FORMATS = {"torch": "peft", "mlx": "mlx-lm"}
 
@@ -139,6 +140,8 @@ def train(
         result = backend.train(job)
     except BaseException as e:
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        if replaced_backup(run.path).exists():
+            log(f"the run this one replaced is kept in {replaced_backup(run.path)}")
         bus.emit(Failed(step=0, total_steps=config.iters, error=reason))
         run.update(status="failed", error=reason, traceback=traceback.format_exc()[-4000:])
         metrics.close()
@@ -154,4 +157,5 @@ def train(
                           elapsed_s=duration, adapter=str(run.adapter)))
     run.update(status=result.status, timings=timings, result=result_info, finished=now_iso() if result.status == "finished" else None)
     metrics.close()
+    shutil.rmtree(replaced_backup(run.path), ignore_errors=True)  # from --overwrite: no longer needed
     return run
