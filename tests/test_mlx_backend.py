@@ -203,3 +203,36 @@ def test_mlx_on_linux_runs_on_openblas():
 
     assert not sys.platform.startswith("linux") or mlx_backend.BLAS in mlx_backend.OPENBLAS_LIBS
     assert mlx_backend.device_name() == ("gpu (metal)" if sys.platform == "darwin" else "cpu (OpenBLAS)")
+
+
+def test_mlx_run_is_served_through_torch_where_mlx_is_missing(dataset, tiny_model, tmp_path):
+    """A run trained with MLX (say on a Mac) still chats where MLX is not installed: its adapter is
+    converted to PEFT once, and the torch replies equal the ones of a PEFT-converted adapter."""
+    out = tmp_path / "run"
+    assert main(mlx_args(dataset, tiny_model, out)) == 0
+    # transformers probes for mlx with find_spec at import time: import it before MLX "disappears"
+    code = ("import sys, peft, transformers\n"
+            "class NotInstalled:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('mlx', 'mlx_lm'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NotInstalled())\n"
+            "from wonderland.config import GenerationConfig\n"
+            "from wonderland.generate import load_run\n"
+            f"loaded = load_run({str(out)!r}, device='cpu')\n"
+            "gen = GenerationConfig(temperature=0, max_tokens=8)\n"
+            "msgs = [{'role': 'user', 'content': 'What time is it?'}]\n"
+            "print(type(loaded.model).__name__, repr(''.join(loaded.stream('trained', msgs, gen))))\n")
+    proc = _run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("TorchChatModel ")
+    assert (out / "adapter-peft" / "adapter_model.safetensors").exists()
+
+    from wonderland.backends import get_backend
+    from wonderland.config import GenerationConfig
+
+    torch_model = get_backend("torch").load(tiny_model, out / "adapter-peft", device="cpu")
+    loaded_msgs = [{"role": "system", "content": json.loads((out / "run.json").read_text())["system_prompt"]},
+                   {"role": "user", "content": "What time is it?"}]
+    reply = "".join(torch_model.stream(loaded_msgs, GenerationConfig(temperature=0, max_tokens=8)))
+    assert proc.stdout.strip() == f"TorchChatModel {reply!r}"

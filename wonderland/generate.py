@@ -77,10 +77,35 @@ def load_run(run_ref: str | Path | RunDir, device: str = "auto") -> LoadedRun:
             model_path = Path(info["model"]["path"])
             if not model_path.exists():  # a run copied from another machine: find its base here
                 model_path = resolve_model(info["model"]["id"])
-            backend = get_backend(info.get("backend", "torch"))
-            model = backend.load(model_path, run.adapter, device=device)
+            backend_name, adapter = info.get("backend", "torch"), run.adapter
+            if backend_name == "mlx" and not _mlx_installed():
+                backend_name, adapter = "torch", _peft_copy_of_mlx_adapter(run, model_path)
+            model = get_backend(backend_name).load(model_path, adapter, device=device)
             _cache[key] = LoadedRun(run, info, model)
         return _cache[key]
+
+
+def _mlx_installed() -> bool:
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _peft_copy_of_mlx_adapter(run: RunDir, model_path: Path) -> Path:
+    """An MLX run served where MLX is missing (e.g. trained on a Mac, served on Linux/CUDA): its
+    adapter converted once to PEFT (same logits, see wonderland.adapters) and kept in the run."""
+    from wonderland.adapters import mlx_to_peft
+    from wonderland.fileio import atomic_replace_dir, staging_dir
+
+    target = run.path / "adapter-peft"
+    source = run.adapter / "adapters.safetensors"
+    if not (target / "adapter_model.safetensors").exists() or target.stat().st_mtime < source.stat().st_mtime:
+        tmp = staging_dir(target)
+        mlx_to_peft(run.adapter, tmp, model_path)
+        atomic_replace_dir(tmp, target)
+    return target
 
 
 def stream_generate(model: ChatModel, messages: Sequence[dict], gen: GenerationConfig | None = None,
