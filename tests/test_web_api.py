@@ -251,6 +251,20 @@ def test_a_job_that_fails_reports_why(client, wl_home, tmp_path):
     assert status["state"] == "failed" and not status["active"] and status["error"] == end[2]["error"]
 
 
+def test_a_job_that_failed_before_its_run_folder_existed_still_streams_why(app, client, wl_home, tmp_path):
+    """The order that raced in CI: the job has already failed (no run folder was ever made) when
+    the page subscribes; the stream must still replay its log and end with the error, not 404."""
+    write_dataset(wl_home)
+    missing = tmp_path / "no-model-here"
+    assert client.post("/api/train", json={"dataset": "tiny", "name": "doomed", "config": {"model": str(missing)}}).status_code == 202
+    assert app.extensions["wonderland"].jobs.job.done.wait(timeout=60)
+    assert not (wl_home / "runs" / "doomed").exists()
+    frames = list(sse_frames(client.get("/api/runs/doomed/events", buffered=False)))
+    assert frames and frames[-1][1] == "end" and frames[-1][2]["state"] == "failed"
+    assert any(f[1] == "log" and str(missing) in f[2]["message"] for f in frames)
+    assert client.get("/api/runs/someone-else/events").status_code == 404
+
+
 def read_until(frames, predicate):
     """Consume SSE frames until predicate(frame) is true; returns the frames read (incl. that one)."""
     seen = []

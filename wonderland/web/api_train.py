@@ -128,8 +128,8 @@ def events(name: str):
     """SSE: the run's events (``id:`` = seq), replayed after ``Last-Event-ID`` / ``?after=``, then live."""
     name = valid_name(name)
     jobs = manager()
-    active = jobs.job is not None and jobs.job.active and jobs.job.run == name
-    if not active:
-        run_dir(name)  # 404 for a run that neither exists nor is starting
+    # the current (or just ended) job may have no run folder yet: a start that failed early
+    if jobs.job is None or jobs.job.run != name:
+        run_dir(name)  # 404 for a run that neither exists nor is the latest job
     after = sse.last_event_id(request.headers, request.args)
     return sse.response(jobs.stream(name, after))

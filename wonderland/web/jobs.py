@@ -147,6 +147,8 @@ class TrainingManager:
         live ones, then an ``end`` event. Subscribing before reading the file (and skipping seqs
         already sent) makes the hand-over gap-free: metrics.jsonl is written before fan-out."""
         q, job = self._subscribe(name)
+        if job is None and self.job is not None and self.job.run == name:
+            job = self.job  # it has ended (maybe before its run folder existed): replay its log too
         try:
             sent = after
             if job is not None and after < 0:  # a reconnecting client already has the log
