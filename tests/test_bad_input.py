@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import write_dataset
 from wonderland.cli import main
+from wonderland.events import read_metrics
 
 
 @pytest.fixture
@@ -105,6 +106,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_trained(dataset, tiny_mod
 
     with pytest.raises(RuntimeError, match="power cut"):
         train(config, dataset, out=str(out), overwrite=True, subscribers=[crash], log=lambda m: None)
+    failed = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "failed"]
+    assert len(failed) == 1 and failed[0]["step"] == 1 and "power cut" in failed[0]["error"]
     kept = replaced_backup(out)
     assert (kept / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert (out / "run.json").exists() and '"failed"' in (out / "run.json").read_text()

@@ -128,6 +128,8 @@ def train(
     bus = EventBus(start_seq=next_seq(run.metrics))
     metrics = MetricsWriter(run.metrics)
     bus.subscribe(metrics)
+    last_step = [0]  # for the Failed event: where training was when it broke
+    bus.subscribe(lambda r: last_step.__setitem__(0, r["step"]))
     for fn in subscribers:
         bus.subscribe(fn)
     job = TrainJob(config=config, model_path=model_path, train_records=train_records, valid_records=valid_records,
@@ -142,7 +144,7 @@ def train(
         reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
         if replaced_backup(run.path).exists():
             log(f"the run this one replaced is kept in {replaced_backup(run.path)}")
-        bus.emit(Failed(step=0, total_steps=config.iters, error=reason))
+        bus.emit(Failed(step=last_step[0], total_steps=config.iters, error=reason))
         run.update(status="failed", error=reason, traceback=traceback.format_exc()[-4000:])
         metrics.close()
         raise

@@ -260,7 +260,8 @@ class TorchChatModel:
         self.has_adapter = isinstance(model, PeftModel)
         self._lock = threading.Lock()
         # transformers >= 5.2x renamed past_key_values -> cache (the GPU machine has an older 5.x)
-        self._cache_kw = "cache" if "cache" in inspect.signature(type(model.get_base_model() if self.has_adapter else model).forward).parameters else "past_key_values"
+        forward = type(model.get_base_model() if self.has_adapter else model).forward
+        self._cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         self.eos_ids = {i for i in [tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))] if i is not None}
 
     def _adapter(self, on: bool):
