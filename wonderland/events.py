@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
+from wonderland.fileio import iter_jsonl
+
 Record = dict[str, Any]
 Subscriber = Callable[[Record], None]
 
@@ -151,19 +153,7 @@ class MetricsWriter:
 
 def read_metrics(path: str | Path, after_seq: int = -1) -> list[Record]:
     """The records of a metrics.jsonl with ``seq > after_seq``; a torn last line is ignored."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("seq", -1) > after_seq:
-                out.append(rec)
-    return out
+    return [rec for rec in iter_jsonl(path) if rec.get("seq", -1) > after_seq]
 
 
 def next_seq(path: str | Path) -> int:

@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 
 _UMASK = os.umask(0)
@@ -37,6 +37,20 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[Any]:
+    """The objects of a JSONL file that may still be being appended to: lines that do not parse
+    (a torn last line) are skipped; a missing file yields nothing."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
 
 
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:

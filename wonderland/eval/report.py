@@ -7,11 +7,11 @@ can be opened from disk, served by the web app, or copied elsewhere as a whole.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import Sequence
 
 from wonderland.eval.persona import MARGIN_CLEAR, MARGIN_MIN
+from wonderland.fileio import iter_jsonl
 
 ARM_COLORS = {"base": "#8c8c8c", "prompted": "#4e79a7", "trained": "#e15759"}
 
@@ -28,16 +28,11 @@ def _pyplot():
 def read_curves(metrics_path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
     """(step, train loss) and (step, validation loss) points from a run's metrics.jsonl."""
     train, val = [], []
-    if metrics_path.exists():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a run that is still being written
-            if rec.get("event") == "step" and rec.get("loss") is not None:
-                train.append((rec["step"], rec["loss"]))
-            elif rec.get("event") == "eval" and rec.get("val_loss") is not None:
-                val.append((rec["step"], rec["val_loss"]))
+    for rec in iter_jsonl(metrics_path):  # tolerates the torn last line of a running run
+        if rec.get("event") == "step" and rec.get("loss") is not None:
+            train.append((rec["step"], rec["loss"]))
+        elif rec.get("event") == "eval" and rec.get("val_loss") is not None:
+            val.append((rec["step"], rec["val_loss"]))
     return train, val
 
 

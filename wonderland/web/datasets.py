@@ -16,7 +16,7 @@ from typing import Any
 from flask import Blueprint, jsonify, request, send_file
 
 from wonderland.errors import UserError
-from wonderland.fileio import atomic_write_text
+from wonderland.fileio import atomic_write_text, iter_jsonl
 from wonderland.runs import home
 from wonderland.web.common import ApiError, valid_name
 
@@ -148,17 +148,9 @@ def _attributions(path: Path) -> dict[int, str]:
     """Book line -> how its speaker was identified (explicit, pronoun, implicit, ...), from the
     attributed utterances.jsonl written beside the dataset (absent: no attribution column)."""
     out: dict[int, str] = {}
-    file = path / "utterances.jsonl"
-    if not file.exists():
-        return out
-    with open(file, encoding="utf-8") as f:
-        for line in f:
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if item.get("speaker") and isinstance(item.get("line"), int):
-                out.setdefault(item["line"], item.get("attribution") or "")
+    for item in iter_jsonl(path / "utterances.jsonl"):
+        if item.get("speaker") and isinstance(item.get("line"), int):
+            out.setdefault(item["line"], item.get("attribution") or "")
     return out
 
 
