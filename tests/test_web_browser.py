@@ -132,7 +132,8 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         page.click("a[data-page=compare]")
         wait_until(page, "document.querySelector('#compare-run').value === 'browser-run'")
         page.wait_for_selector("#model-state.ready")
-        assert "llama3.1" in page.inner_text(".column.ollama header")
+        # /api/ollama is asked when the page shows; its answer may land after the model is ready.
+        wait_until(page, "document.querySelector('.column.ollama header').textContent.includes('llama3.1')")
         page.fill("[name='gen.max_tokens']", "12")
         page.click("#suggestions button:first-child")
         done = "document.querySelectorAll('.bubble.assistant').length === 4 && !document.querySelector('.bubble.pending')"
