@@ -1,4 +1,4 @@
-"""LoRA training throughput on one GPU: plain HF+PEFT vs Liger vs wonderland's fast path.
+"""LoRA training throughput on one GPU: plain HF+PEFT vs Liger vs Unsloth vs wonderland's fast path.
 
 Every trainer runs in its own subprocess (Liger and torch.compile patch transformers globally)
 on the same random-initialised Llama-3.2-shaped model, the same LoRA (r=16, alpha=32, dropout 0,
@@ -7,19 +7,30 @@ one JSON line; the parent adds ratios to the plain baseline.
 
     python bench/train_throughput.py                       # 1B and 3B, default trainers
     python bench/train_throughput.py --sizes 1b --trainers hf,wl --steps 10
+    python bench/train_throughput.py --sizes 1b --trainers unsloth,wl,hf --logdir $OUT  # Unsloth on PYTHONPATH
     python bench/train_throughput.py --chat .benchdata/hatter_tokens.json   # + packed chat data
     python bench/train_throughput.py --prepare-chat DATA_DIR OUT.json       # tokenize (CPU, here)
     python bench/train_throughput.py --check               # fused loss/grad vs plain on the GPU
 
 Trainers: ``hf`` (the bare loop ``model(ids, labels=ids).loss.backward(); opt.step()``, SDPA),
 ``hf_compile`` (the same, ``torch.compile(model)``), ``liger`` (the same after
-``apply_liger_kernel_to_llama()``), ``wl`` (wonderland's default fast path, torch_fast.FastOptions()) and its variants in WL_VARIANTS
-(one lever changed each).
+``apply_liger_kernel_to_llama()``), ``unsloth`` (``FastLanguageModel.from_pretrained`` of the same
+random-init model saved to a temporary folder with a stand-in tokenizer of the right vocab size, bf16,
+no 4-bit, then ``FastLanguageModel.get_peft_model`` with the same LoRA, no gradient checkpointing, and
+the same bare loop), ``wl`` (wonderland's default fast path, torch_fast.FastOptions()) and its variants
+in WL_VARIANTS (one lever changed each).
 
 Tokens are counted the same way for every trainer: real (non-padding) input tokens per step.
 MFU counts 4 FLOPs per frozen weight per token (forward + input gradient; frozen weights get no
 weight gradient), 6 per LoRA weight, and causal attention (6 * T * d_attn per token per layer),
-over the H100 SXM dense bf16 peak of 989 TFLOP/s. Unsloth is not measured here (see README).
+over the H100 SXM dense bf16 peak of 989 TFLOP/s. Peak memory is torch.cuda.max_memory_allocated()
+from just before the first training step (the model's weights included, loading transients not).
+
+When ``unsloth`` ran in the same invocation, every line of that size gets ``vs_unsloth`` and
+``peak_vs_unsloth`` (measured), and a last ``summary`` line repeats them; only when Unsloth was not
+measured (not asked for, or it failed) is the issue's reference number used, as
+``vs_unsloth_reference_not_measured``. Unsloth is not installed by the project: bench/unsloth_bundle.sh
+unpacks it (and what it imports that the GPU machine lacks) into .wheels/unsloth/ for PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -58,13 +69,18 @@ WL_VARIANTS = {  # wonderland's fast path: the default, and one lever changed at
 }
 
 
-def build_model(size: str, device: str = "cuda", seed: int = 0):
+# Llama-3.2's special token ids (the stand-in tokenizer puts them at the same places)
+BOS_ID, EOS_ID, PAD_ID = 128000, 128001, 128004
+
+
+def base_model(size: str, device: str = "cuda", seed: int = 0):
+    """The random-initialised Llama-3.2-shaped model every trainer starts from (bf16 on CUDA)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
-                      rope_theta=500000.0, rms_norm_eps=1e-5, **SHAPES[size])
+                      rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                      **SHAPES[size])  # no pad_token_id: it would zero an embedding row (padding_idx)
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
@@ -74,8 +90,72 @@ def build_model(size: str, device: str = "cuda", seed: int = 0):
     finally:
         torch.set_default_dtype(default)
     model.config.use_cache = False
+    return model
+
+
+def build_model(size: str, device: str = "cuda", seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    model = base_model(size, device, seed)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+# Unsloth must not reach the network (the GPU machine has none) nor send statistics.
+UNSLOTH_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "UNSLOTH_OFFLINE": "1",
+               "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1",
+               "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache"}  # not the checkout
+UNSLOTH_BUNDLE = REPO / ".wheels" / "unsloth"  # bench/unsloth_bundle.sh
+
+
+def standin_tokenizer(vocab_size: int = 128256):
+    """A word-level tokenizer with exactly vocab_size entries and Llama-3.2's special tokens at their
+    ids: Unsloth loads a tokenizer with the model, and a wrong size would make it resize the embeddings."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = {BOS_ID: "<|begin_of_text|>", EOS_ID: "<|end_of_text|>", PAD_ID: "<|finetune_right_pad_id|>"}
+    tk = Tokenizer(models.WordLevel({special.get(i, f"t{i}"): i for i in range(vocab_size)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=special[BOS_ID], eos_token=special[EOS_ID],
+                                   pad_token=special[PAD_ID], unk_token="t0", model_max_length=131072)
+
+
+def save_random_model(size: str, folder: Path, device: str = "cuda") -> Path:
+    """The same random-init model as base_model() (same seed), saved as a Hugging Face folder with a
+    stand-in tokenizer, for trainers that only load from a folder (Unsloth)."""
+    model = base_model(size, device)
+    model.save_pretrained(folder)
+    vocab = model.config.vocab_size
+    del model
+    standin_tokenizer(vocab).save_pretrained(folder)
+    return folder
+
+
+def unsloth_model(args):
+    """Unsloth's LoRA model of the shared random init: FastLanguageModel.from_pretrained (bf16, no
+    4/8-bit, no gradient checkpointing) + FastLanguageModel.get_peft_model with the same LoRA."""
+    import shutil
+    import tempfile
+
+    import torch
+    from unsloth import FastLanguageModel
+
+    folder = Path(tempfile.mkdtemp(prefix="wl-unsloth-"))
+    try:
+        save_random_model(args.size, folder, args.device)
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        model, _ = FastLanguageModel.from_pretrained(
+            str(folder), max_seq_length=args.seq, dtype=torch.bfloat16, load_in_4bit=False, load_in_8bit=False,
+            full_finetuning=False, fix_tokenizer=False, use_gradient_checkpointing=False,
+            **({} if args.device == "cuda" else {"device_map": {"": args.device}}))
+        model = FastLanguageModel.get_peft_model(
+            model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS, bias="none",
+            use_gradient_checkpointing=False, random_state=0)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return model
 
 
 def flops_per_step(model, lengths: list[int]) -> float:
@@ -114,6 +194,10 @@ def chat_batches(path: str, steps: int, batch: int, seed: int = 1):
 
 
 def worker(args) -> dict:
+    if args.trainer == "unsloth":  # before transformers/peft are imported: Unsloth patches them on import
+        for k, v in UNSLOTH_ENV.items():
+            os.environ.setdefault(k, v)
+        import unsloth  # noqa: F401
     import torch
 
     from wonderland.backends import torch_fast as tf
@@ -126,7 +210,12 @@ def worker(args) -> dict:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()  # rope, rms_norm, swiglu, fused linear CE (class-wide patch)
-    model = build_model(args.size, args.device)
+    if trainer == "unsloth":
+        t_load = time.perf_counter()
+        model = unsloth_model(args)
+        load_s = time.perf_counter() - t_load
+    else:
+        model = build_model(args.size, args.device)
     params = [p for p in model.parameters() if p.requires_grad]
     steps = args.warmup + args.steps
     if args.chat:
@@ -165,6 +254,8 @@ def worker(args) -> dict:
 
     model.train()
     sync()
+    if dev.type == "cuda":  # from here: weights + training, not loading transients (Unsloth loads from disk)
+        torch.cuda.reset_peak_memory_stats()
     losses, tok, flops, t0 = [], 0, 0.0, 0.0
     t_first = time.perf_counter()
     for i, b in enumerate(data):
@@ -183,11 +274,16 @@ def worker(args) -> dict:
     sync()
     dt = time.perf_counter() - t0
     prof = profile_top(step_fn, opt, data[-2:]) if args.profile else None
+    if trainer == "unsloth":
+        from importlib import metadata
+
+        levers = [f"unsloth {metadata.version('unsloth')}", f"load+patch {load_s:.1f}s"]
     return {"profile_ms_per_step": prof, "trainer": trainer, "size": args.size, "data": "chat" if args.chat else f"random {args.batch}x{args.seq}",
             "tokens_per_s": round(tok / dt), "mfu": round(flops / dt / PEAK_FLOPS, 4),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None, "steps": args.steps,
             "step_ms": round(1000 * dt / args.steps, 1), "warmup_s": round(warm_s, 1),
-            "loss_first": round(float(losses[0]), 4), "loss_last": round(float(losses[-1]), 4), "levers": levers}
+            "loss_first": round(float(losses[0]), 4), "loss_last": round(float(losses[-1]), 4), "levers": levers,
+            "lora_params": sum(p.numel() for p in params)}
 
 
 def profile_top(step_fn, opt, batches, top: int = 10) -> list:
@@ -338,7 +434,7 @@ def prepare_chat(data_dir: str, out: str) -> None:
     print(json.dumps({"records": len(recs), "tokens_min": lens[0], "tokens_median": lens[len(lens) // 2], "tokens_max": lens[-1]}))
 
 
-def versions() -> dict:
+def versions(unsloth_path: str | None = None) -> dict:
     from importlib import metadata
 
     import torch
@@ -349,7 +445,29 @@ def versions() -> dict:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = None
+    if unsloth_path:  # what the unsloth worker gets on its PYTHONPATH
+        found = {d.metadata["Name"].lower().replace("-", "_"): d.version for d in metadata.distributions(path=[unsloth_path])}
+        for pkg in ("unsloth", "unsloth_zoo", "bitsandbytes", "torchao", "trl", "datasets"):
+            out[pkg] = found.get(pkg)
     return out
+
+
+def add_ratios(r: dict, results: dict, runs: list, size: str, chat) -> None:
+    """Ratios to the plain HF baseline and to Unsloth measured in this invocation; the issue's
+    reference Unsloth number only when Unsloth was not measured here (not asked for, or it failed)."""
+    if "tokens_per_s" not in r:
+        return
+    for name, key in (("hf", "vs_hf"), ("unsloth", "vs_unsloth")):
+        base = results.get((size, name, chat))
+        if name != r["trainer"] and base and "tokens_per_s" in base:
+            r[key] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
+            if r.get("peak_gib") and base.get("peak_gib"):
+                r["peak_" + key] = round(r["peak_gib"] / base["peak_gib"], 2)
+    unsloth_pending = (size, "unsloth", chat) in {(s, t, c) for s, t, c in runs} and (size, "unsloth", chat) not in results
+    if not chat and "vs_unsloth" not in r and not unsloth_pending and r["trainer"] != "unsloth" and size in UNSLOTH_REFERENCE:
+        r["vs_unsloth_reference_not_measured"] = round(r["tokens_per_s"] / UNSLOTH_REFERENCE[size]["tokens_per_s"], 2)
+    elif "vs_unsloth" in r:
+        r.pop("vs_unsloth_reference_not_measured", None)
 
 
 def main() -> int:
@@ -371,6 +489,9 @@ def main() -> int:
     p.add_argument("--prepare-chat", nargs=2, metavar=("DATA_DIR", "OUT"))
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test with --sizes tiny)")
     p.add_argument("--timeout", type=int, default=300, help="seconds per trainer subprocess")
+    p.add_argument("--deadline", type=int, default=0, help="seconds for the whole invocation: later trainers get what is left")
+    p.add_argument("--unsloth-path", help="folder put first on PYTHONPATH for the unsloth trainer only (default .wheels/unsloth if present)")
+    p.add_argument("--logdir", help="write each trainer subprocess's command, stdout and stderr to LOGDIR/SIZE-TRAINER.log")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trainer", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
@@ -388,32 +509,74 @@ def main() -> int:
     if args.check:
         print(json.dumps(check(args)), flush=True)
         return 0
-    print(json.dumps({"versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
+    unsloth_path = args.unsloth_path or (str(UNSLOTH_BUNDLE) if UNSLOTH_BUNDLE.is_dir() else None)
+    print(json.dumps({"versions": versions(unsloth_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
     runs = [(s, t, None) for s in args.sizes.split(",") for t in args.trainers.split(",") if t]
     if args.chat:
         runs += [(args.sizes.split(",")[0], t, args.chat) for t in args.chat_trainers.split(",") if t]
     results: dict[tuple, dict] = {}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    # Only Unsloth's process sees its bundle (datasets, trl, bitsandbytes...: peft would import bitsandbytes too).
+    env_unsloth = {**env, "PYTHONPATH": os.pathsep.join([unsloth_path, env["PYTHONPATH"]]) if unsloth_path else env["PYTHONPATH"]}
+    logdir = Path(args.logdir) if args.logdir else None
+    if logdir:
+        logdir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
     for size, trainer, chat in runs:
         cmd = [sys.executable, __file__, "--worker", "--trainer", trainer, "--size", size, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
                "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile"] if args.profile else []) + (["--chat", chat] if chat else [])
+        timeout = args.timeout
+        if args.deadline:  # what is left of the whole invocation's time
+            timeout = min(timeout, int(args.deadline - (time.perf_counter() - t_start)))
+        if timeout < 10:
+            r = {"trainer": trainer, "size": size, "error": f"not run: --deadline {args.deadline}s reached"}
+            results[(size, trainer, chat)] = r
+            print(json.dumps(r), flush=True)
+            continue
+        t0 = time.perf_counter()
+        # with --logdir the worker writes straight to its log (stdout and stderr together), so a log
+        # survives even if this whole command is killed
+        log = (logdir / f"{size}-{trainer}{'-chat' if chat else ''}.log") if logdir else None
+        sink = open(log, "w") if log else None  # noqa: SIM115
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-            r = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-                "trainer": trainer, "size": size, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-        except subprocess.TimeoutExpired:
-            r = {"trainer": trainer, "size": size, "error": f"timeout after {args.timeout}s"}
-        base = results.get((size, "hf", chat))
-        if base and "tokens_per_s" in r and "tokens_per_s" in base:
-            r["vs_hf"] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
-            if r["peak_gib"]:
-                r["peak_vs_hf"] = round(r["peak_gib"] / base["peak_gib"], 2)
-        if not chat and "tokens_per_s" in r and size in UNSLOTH_REFERENCE:
-            r["vs_unsloth_reference_not_measured"] = round(r["tokens_per_s"] / UNSLOTH_REFERENCE[size]["tokens_per_s"], 2)
+            if sink:
+                sink.write(f"$ {' '.join(cmd)}\n")
+                sink.flush()
+            proc = subprocess.run(cmd, text=True, timeout=timeout, env=env_unsloth if trainer == "unsloth" else env,
+                                  stdout=sink or subprocess.PIPE, stderr=subprocess.STDOUT if sink else subprocess.PIPE)
+            rc, timed_out = proc.returncode, False
+        except subprocess.TimeoutExpired as e:
+            proc, rc, timed_out = e, None, True
+        finally:
+            if sink:
+                sink.close()
+        if log:
+            out = err = log.read_text(errors="replace")
+        else:
+            out, err = (x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (proc.stdout, proc.stderr))
+        lines = [line for line in out.splitlines() if line.startswith('{"')]
+        if rc == 0 and lines:
+            r = json.loads(lines[-1])
+        else:
+            tail = err.strip().splitlines()[-25:]
+            r = {"trainer": trainer, "size": size, "stderr_tail": tail,
+                 "error": f"timeout after {timeout}s" if timed_out else (tail or ["?"])[-1][:300]}
+        r["process_s"] = round(time.perf_counter() - t0, 1)
         results[(size, trainer, chat)] = r
+        add_ratios(r, results, runs, size, chat)
         print(json.dumps(r), flush=True)
+    for size in dict.fromkeys(s for s, _, _ in runs):  # one summary per size (random data), all ratios known now
+        rs = {t: results[(s, t, c)] for s, t, c in runs if s == size and c is None}
+        for r in rs.values():
+            add_ratios(r, results, runs, size, None)
+        measured = "tokens_per_s" in rs.get("unsloth", {})
+        key = "vs_unsloth" if measured else "vs_unsloth_reference_not_measured"
+        print(json.dumps({"summary": size, "unsloth_measured_same_run": measured,
+                          "tokens_per_s": {t: r.get("tokens_per_s", r.get("error")) for t, r in rs.items()},
+                          "peak_gib": {t: r.get("peak_gib") for t, r in rs.items()},
+                          key: {t: r.get(key) for t, r in rs.items()},
+                          "peak_vs_unsloth": {t: r.get("peak_vs_unsloth") for t, r in rs.items()} if measured else None}), flush=True)
     return 0
 
 
