@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 KEYS = ("perplexity", "in_character_rate", "persona_score", "marker_rate", "distinct_2", "repetition_rate",
-        "copy_rate", "retention_rate", "mean_words")
+        "shared_opening_rate", "copy_rate", "retention_rate", "mean_words")
 
 
 def calibrate(book: str | None, character: str, other: str, workdir: Path) -> dict:

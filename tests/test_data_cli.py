@@ -36,6 +36,12 @@ def test_options(alice_path, tmp_path, capsys):
     assert rc == 0
     stats = json.loads((out / "stats.json").read_text())
     assert (stats["character"], stats["seed"], stats["persona_records"]) == ("King", 7, 0)
+    rc = main(["data", "--book", str(alice_path), "--out", str(tmp_path / "hatter"), "--persona-share", "0.2"])
+    assert rc == 0
+    stats = json.loads((tmp_path / "hatter" / "stats.json").read_text())
+    assert stats["persona_share"] == 0.2 and 0 < stats["persona_records"] <= 0.2 * stats["dialogue_records"]
+    assert main(["data", "--book", str(alice_path), "--out", str(tmp_path / "bad"), "--persona-share", "-1"]) == 2
+    assert "persona share" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_list_characters(alice_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from wonderland.data import build_dataset, character_system_prompt, list_characters, load_chat_jsonl
 from wonderland.data.attribution import analyse
 from wonderland.data.book import parse_book
-from wonderland.data.persona import build_persona_pairs
+from wonderland.data.persona import USES_PER_LINE, build_persona_pairs
 from wonderland.data.quotes import gutenberg_to_curly
 from wonderland.errors import UserError
 
@@ -83,10 +84,27 @@ def test_persona_pairs_are_retrieved_and_a_modest_share(hatter):
     recs = load_chat_jsonl(out / "train.jsonl") + load_chat_jsonl(out / "valid.jsonl")
     persona = [r for r in recs if r["source"]["kind"] == "persona"]
     dialogue = {r["messages"][2]["content"] for r in recs if r["source"]["kind"] == "dialogue"}
-    assert 5 <= len(persona) <= 0.4 * stats["dialogue_records"]
+    assert 5 <= len(persona) <= stats["persona_share"] * stats["dialogue_records"]
     assert len({r["messages"][1]["content"] for r in persona}) == len(persona)  # varied prompts
     for r in persona:  # every answer is one of his own lines
         assert r["messages"][2]["content"] in dialogue
+    uses = Counter(r["messages"][2]["content"] for r in persona)
+    assert max(uses.values()) <= USES_PER_LINE  # no single line answers everything
+
+
+def test_persona_share_sets_how_many_pairs(alice_path, tmp_path, hatter):
+    _, stats, _ = hatter
+    none = build_dataset(alice_path, "Hatter", tmp_path / "p0", persona_share=0)
+    few = build_dataset(alice_path, "Hatter", tmp_path / "p02", persona_share=0.2)
+    more = build_dataset(alice_path, "Hatter", tmp_path / "p3", persona_share=3)
+    assert none["persona_records"] == 0 and none["persona_share"] == 0
+    assert 0 < few["persona_records"] <= int(0.2 * few["dialogue_records"]) < stats["persona_records"]
+    assert more["persona_records"] >= stats["persona_records"]
+    # the dialogue records are the same whatever the share: only persona pairs are added
+    assert none["dialogue_records"] == few["dialogue_records"] == more["dialogue_records"] == stats["dialogue_records"]
+    with pytest.raises(UserError, match="persona share"):
+        build_dataset(alice_path, "Hatter", tmp_path / "bad", persona_share=-1)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_persona_retrieval_by_topic():

@@ -6,7 +6,7 @@ import pytest
 
 from wonderland.errors import UserError
 from wonderland.eval.metrics import (CopyDetector, RetentionItem, distinct_n, load_retention, ngrams, reply_stats,
-                                     repetition_rate)
+                                     repetition_rate, shared_opening_rate)
 
 BOOK = [
     "Twinkle, twinkle, little bat! How I wonder what you're at!",
@@ -41,6 +41,16 @@ def test_loop_scores_high_on_repetition():
     assert repetition_rate("too short") == 0.0
 
 
+def test_shared_opening_catches_a_verbal_tic():
+    tic = ["The same old thing, I suppose! Tea?", "The same old thing, I suppose, with butter.",
+           "The same old story.", "Why is a raven like a writing-desk?"]
+    # the first two share "the same old" with each other and with the third: 3 of 4 replies
+    assert shared_opening_rate(tic) == 0.75
+    assert shared_opening_rate(VARIED) == 0.0
+    assert shared_opening_rate(["Hi.", "Hi."]) == 0.0  # too short to have an opening
+    assert shared_opening_rate([]) == 0.0
+
+
 def test_copy_detector_catches_recitation_not_catch_phrases():
     copies = CopyDetector(BOOK, n=8)
     recital = "Oh! It's always six o'clock now: always tea-time, and we've no time, my dear."
@@ -58,7 +68,8 @@ def test_reply_stats_for_a_parrot_and_a_talker():
     talker = reply_stats(VARIED, copies)
     assert parrot["copy_rate"] == 1.0 and talker["copy_rate"] == 0.0
     assert parrot["distinct_2"] < 0.3 < talker["distinct_2"]
-    assert set(talker) == {"distinct_1", "distinct_2", "repetition_rate", "copy_rate", "mean_words", "empty_rate"}
+    assert set(talker) == {"distinct_1", "distinct_2", "repetition_rate", "shared_opening_rate", "copy_rate",
+                           "mean_words", "empty_rate"}
     assert reply_stats(["", "hi"], copies)["empty_rate"] == 0.5
 
 

@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from wonderland.data.dataset import PERSONA_SHARE
 from wonderland.errors import UserError
 
 HELP = "turn a book into a character's chat dataset (speaker attribution, train/valid split)"
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of dialogue records held out for validation (default: 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split and persona pairs (default: 0)")
     parser.add_argument("--no-persona", action="store_true", help="dialogue records only, no persona pairs")
+    parser.add_argument("--persona-share", type=float, default=None, metavar="F",
+                        help="persona pairs per dialogue record, at most (default: "
+                             f"{PERSONA_SHARE}; fewer when the character has few lines on everyday topics)")
     parser.add_argument("--list-characters", action="store_true",
                         help="print the speakers found in the book with their line counts, and exit")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {msg}", file=sys.stderr)
 
     stats = build_dataset(args.book, args.character, out, aliases=args.alias, valid_fraction=args.valid_fraction,
-                          seed=args.seed, persona=not args.no_persona, warn=warn)
+                          seed=args.seed, persona=not args.no_persona,
+                          persona_share=PERSONA_SHARE if args.persona_share is None else args.persona_share, warn=warn)
     by = stats["spans_by_attribution"]
     mine = stats["character_utterances_by_attribution"]
     print(f"wrote {out}")

@@ -146,13 +146,15 @@ def clean_chat_text(text: str) -> str:
 
 def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, *, aliases: Sequence[str] = (),
                   valid_fraction: float = 0.1, seed: int = 0, persona: bool = True,
-                  warn: Callable[[str], None] | None = None) -> dict:
+                  persona_share: float = PERSONA_SHARE, warn: Callable[[str], None] | None = None) -> dict:
     """Write ``character``'s dataset from ``book`` (default book when None) into ``out_dir``.
 
     Returns the stats (also written to ``stats.json``). Everything is computed before anything is
     written; the folder appears complete or not at all."""
     if not 0 <= valid_fraction < 1:
         raise UserError(f"valid fraction must be in [0, 1), got {valid_fraction}")
+    if not 0 <= persona_share <= 5:
+        raise UserError(f"persona share must be in [0, 5] (persona pairs per dialogue record), got {persona_share}")
     out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} exists and is not a folder")
@@ -223,7 +225,7 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
     if persona and dialogue:
         answers = [r["messages"][2]["content"] for r in dialogue]
         others = [an.display_name(n) for n, _ in an.speaker_counts() if n not in targets][:6]
-        limit = int(PERSONA_SHARE * len(dialogue))
+        limit = int(persona_share * len(dialogue))
         for p in build_persona_pairs(answers, others, limit, seed, self_name=canon):
             src = dialogue[p.answer_index]
             rec = _record(system, p.prompt, src["messages"][2]["content"], src["source"]["lines"], "persona",
@@ -262,6 +264,7 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
         "system_prompt": system,
         "seed": seed,
         "valid_fraction": valid_fraction,
+        "persona_share": persona_share if persona else 0.0,
         "spans": len(an.spans),
         "spans_by_attribution": {a: by_attr.get(a, 0) for a in ATTRIBUTIONS},
         "group_spans": sum(s.group for s in an.spans),

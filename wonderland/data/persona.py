@@ -17,38 +17,57 @@ from dataclasses import dataclass
 
 # (topic, prompts, keywords). Keywords are plain English, not tied to one book.
 TOPICS: list[tuple[str, list[str], list[str]]] = [
-    ("greeting", ["Hello!", "Good morning!", "Hi there, may I join you?", "Nice to meet you."],
+    ("greeting", ["Hello!", "Good morning!", "Hi there, may I join you?", "Nice to meet you.", "Good evening!",
+                  "How do you do?", "What's going on here?"],
      ["morning", "welcome", "join", "room", "sit", "glad", "hello"]),
     ("time", ["What time is it?", "Do you know what time it is?", "Have you got the time?", "Are we late?",
-              "Is it tea-time yet?", "How do you keep track of time?"],
+              "Is it tea-time yet?", "How do you keep track of time?", "What day is it today?",
+              "Is your watch broken?", "How long have you been sitting here?", "Why is it always six o'clock?"],
      ["time", "clock", "o'clock", "watch", "hour", "late", "day", "month", "year", "minute", "half-past",
       "week", "morning", "tea-time"]),
     ("riddle", ["Tell me a riddle.", "Do you know any riddles?", "Can you ask me a puzzle?",
-                "What's the answer to your riddle?"],
+                "What's the answer to your riddle?", "I love puzzles. Got one for me?",
+                "Give me something to think about."],
      ["riddle", "answer", "guess", "idea", "puzzle"]),
     ("tea", ["Would you like some tea?", "Shall I pour you a cup of tea?", "What would you like to drink?",
-             "Is there any more tea?"],
+             "Is there any more tea?", "How do you take your tea?", "Do you want milk in your tea?",
+             "Can I have a clean cup?"],
      ["tea", "cup", "clean", "drink", "milk", "wine", "pour", "tea-time", "tea-things", "wash"]),
-    ("food", ["Are you hungry?", "What shall we eat?", "What's your favourite food?"],
+    ("food", ["Are you hungry?", "What shall we eat?", "What's your favourite food?",
+              "Would you like some bread and butter?", "Is there anything to eat?", "Pass the butter, please."],
      ["eat", "bread", "butter", "bread-and-butter", "treacle", "hungry", "dinner", "tarts", "jam", "cake",
       "soup", "food"]),
-    ("song", ["Sing me a song.", "Do you know any songs?", "Can you sing?", "How does that song go?"],
+    ("song", ["Sing me a song.", "Do you know any songs?", "Can you sing?", "How does that song go?",
+              "What's your favourite song?", "Will you sing for us?", "Have you ever sung at a concert?"],
      ["sing", "song", "sang", "verse", "concert", "twinkle", "music", "tune"]),
-    ("identity", ["Who are you?", "Tell me about yourself.", "What do you do all day?", "What is your job?"],
+    ("identity", ["Who are you?", "Tell me about yourself.", "What do you do all day?", "What is your job?",
+                  "What's your name?", "What do you do for a living?"],
      ["i'm", "name", "myself"]),
-    ("meaning", ["What do you mean?", "Can you explain that?", "That makes no sense.", "Say what you mean."],
+    ("meaning", ["What do you mean?", "Can you explain that?", "That makes no sense.", "Say what you mean.",
+                 "I don't understand you.", "Is that the same thing?", "Could you say that again?"],
      ["mean", "meaning", "say", "same", "thing", "explain", "sense", "understand"]),
-    ("rude", ["You're being very rude.", "Mind your manners!", "What do you think of my hair?"],
+    ("rude", ["You're being very rude.", "Mind your manners!", "What do you think of my hair?",
+              "That's not a nice thing to say.", "Please be polite."],
      ["rude", "civil", "remarks", "personal", "hair", "cutting", "manners", "opinion"]),
     ("mood", ["How are you today?", "Are you mad?", "Why do you look so sad?", "Are you nervous?",
-              "Are you happy?"],
+              "Are you happy?", "Why are you so cross?", "Are you feeling all right?"],
      ["mad", "sad", "glad", "tired", "nervous", "afraid", "sorry", "angry", "happy", "feel"]),
-    ("move", ["Where should I sit?", "Shall we move?", "Is there room for me?"],
+    ("move", ["Where should I sit?", "Shall we move?", "Is there room for me?", "Can I sit here?",
+              "Why are there so many cups on the table?"],
      ["move", "place", "room", "sit", "seat", "round", "chair"]),
-    ("talk", ["Can I say something?", "May I ask you a question?", "Do you like talking?"],
+    ("talk", ["Can I say something?", "May I ask you a question?", "Do you like talking?", "Tell me more.",
+              "Why won't you listen to me?"],
      ["talk", "speak", "ask", "question", "say", "tell"]),
-    ("farewell", ["Goodbye!", "I have to go now.", "See you later."],
+    ("farewell", ["Goodbye!", "I have to go now.", "See you later.", "I'm leaving.", "Thanks, I must be off."],
      ["go", "goodbye", "gone", "away", "later"]),
+    ("trouble", ["What happened to you?", "Are you in trouble?", "What went wrong?", "Why were you sent for?"],
+     ["trouble", "wrong", "matter", "sent", "happened", "fault", "poor", "mistake"]),
+    ("memory", ["Do you remember what happened?", "When did it all start?", "What did you do next?"],
+     ["remember", "began", "first", "after", "last", "ago", "since"]),
+    ("opinion", ["Don't you agree?", "Am I right?", "Is that true?"],
+     ["right", "true", "course", "wrong", "agree", "exactly", "case"]),
+    ("money", ["Are you rich?", "Is that hat yours?", "How much does it cost?"],
+     ["poor", "sell", "mine", "own", "money", "keep", "cost", "rich"]),
 ]
 # prompts about the book's other characters; {name} is "the March Hare" / "Alice"
 CHARACTER_PROMPTS = ["What do you think of {name}?", "Tell me about {name}.", "Do you know {name}?"]
@@ -57,6 +76,7 @@ SHAPES = {"riddle": re.compile(r"^(?:why is|what is the difference|what has|what
 SHAPE_BONUS = 3.0
 MAX_WORDS = 45  # persona answers are one line of talk, not a whole song
 MIN_SCORE = 1.2
+USES_PER_LINE = 2  # a line may answer this many persona prompts
 
 _WORD = re.compile(r"[a-z][a-z'\-]*")
 _STOP = set(
@@ -95,9 +115,10 @@ class PersonaPair:
 
 
 def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: int,
-                        self_name: str = "") -> list[PersonaPair]:
+                        self_name: str = "", uses_per_line: int = USES_PER_LINE) -> list[PersonaPair]:
     """Pick up to ``limit`` (prompt, line) pairs. ``lines``: the character's lines (one per turn);
-    ``others``: display names of other characters ("the March Hare"); ``self_name``: the character's."""
+    ``others``: display names of other characters ("the March Hare"); ``self_name``: the character's;
+    ``uses_per_line``: how many prompts (of different topics, or of one topic) one line may answer."""
     if limit <= 0 or not lines:
         return []
     toks = [tokens(t) for t in lines]
@@ -147,16 +168,17 @@ def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: i
                 pairs.append(PersonaPair(prompt, best[1], name, round(best[0], 3)))
         if pairs:
             per_topic.append(pairs)
-    # round-robin over topics so a small limit still covers many of them; each line answers once
+    # round-robin over topics so a small limit still covers many of them; a line answers at most
+    # uses_per_line prompts, so one apt line does not become the answer to everything
     rng.shuffle(per_topic)
     out: list[PersonaPair] = []
-    answered: set[int] = set()
+    answered: Counter[int] = Counter()
     depth = 0
     while len(out) < limit and any(depth < len(p) for p in per_topic):
         for p in per_topic:
-            if depth < len(p) and len(out) < limit and p[depth].answer_index not in answered:
+            if depth < len(p) and len(out) < limit and answered[p[depth].answer_index] < uses_per_line:
                 out.append(p[depth])
-                answered.add(p[depth].answer_index)
+                answered[p[depth].answer_index] += 1
         depth += 1
     return out
 

@@ -4,6 +4,9 @@
   One reply given to every prompt scores ~1/len(prompts).
 * repetition rate: share of a reply's word trigrams that already occurred earlier in the same
   reply (a loop such as "I am nothing, and I am nothing" scores high), averaged over replies.
+* shared-opening rate: share of replies whose first ``OPENING_N`` words open another reply of the
+  same arm too. A verbal tic ("The same old thing, I suppose!" to every prompt) scores high even
+  when the rest of each reply differs enough to keep distinct-n up.
 * copy rate: share of replies that reproduce a book line verbatim, i.e. share at least
   ``COPY_N`` consecutive words with some line of the book (short catch-phrases are allowed,
   recitation is not).
@@ -13,6 +16,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -22,6 +26,7 @@ from wonderland.eval.persona import words
 
 COPY_N = 8  # words in a row shared with a book line that count as reciting it
 REPEAT_N = 3
+OPENING_N = 3  # words that make a reply's opening
 RETENTION_FILE = Path(__file__).with_name("retention.txt")
 
 
@@ -46,6 +51,13 @@ def repetition_rate(reply: str, n: int = REPEAT_N) -> float:
         repeats += g in seen
         seen.add(g)
     return repeats / len(grams)
+
+
+def shared_opening_rate(replies: Sequence[str], n: int = OPENING_N) -> float:
+    """Share of replies (of at least ``n`` words) whose first ``n`` words also open another reply."""
+    openings = [tuple(words(r)[:n]) for r in replies]
+    counts = Counter(o for o in openings if len(o) == n)
+    return sum(counts[o] > 1 for o in openings if len(o) == n) / len(replies) if replies else 0.0
 
 
 class CopyDetector:
@@ -92,6 +104,7 @@ def reply_stats(replies: Sequence[str], copies: CopyDetector) -> dict[str, float
         "distinct_1": round(distinct_n(replies, 1), 4),
         "distinct_2": round(distinct_n(replies, 2), 4),
         "repetition_rate": round(sum(repetition_rate(r) for r in replies) / n, 4),
+        "shared_opening_rate": round(shared_opening_rate(replies), 4),
         "copy_rate": round(copies.rate(replies), 4),
         "mean_words": round(sum(len(words(r)) for r in replies) / n, 2),
         "empty_rate": round(sum(not words(r) for r in replies) / n, 4),

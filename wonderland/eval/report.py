@@ -91,6 +91,7 @@ _ROWS = [  # (key, label, format, better)
     ("marker_rate", "replies with a style marker", "{:.0%}", "higher"),
     ("distinct_2", "distinct-2", "{:.3f}", "higher"),
     ("repetition_rate", "repetition rate", "{:.3f}", "lower"),
+    ("shared_opening_rate", "shared opening (tic)", "{:.0%}", "lower"),
     ("copy_rate", "copy rate (book lines)", "{:.0%}", "lower"),
     ("retention_rate", "retention (sanity set)", "{:.0%}", "higher"),
     ("mean_words", "mean reply length (words)", "{:.1f}", ""),
