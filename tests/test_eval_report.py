@@ -22,7 +22,8 @@ def test_read_curves_skips_other_events_and_a_torn_last_line(tmp_path):
 
 def test_html_escapes_replies():
     arm = {"perplexity": 2.0, "in_character_rate": 0.5, "persona_score": 0.1, "marker_rate": 0.5, "distinct_2": 0.9,
-           "repetition_rate": 0.0, "copy_rate": 0.0, "retention_rate": None, "mean_words": 3.0}
+           "repetition_rate": 0.0, "shared_opening_rate": 0.0, "copy_rate": 0.0, "retention_rate": None,
+           "mean_words": 3.0}
     result = {"base": arm, "trained": arm, "seed": 0,
               "meta": {"run": "r<1>", "character": "the Hatter", "created": "now", "model": {"id": "m"},
                        "valid_records": 1, "valid_tokens": 5},
@@ -32,4 +33,4 @@ def test_html_escapes_replies():
     html = render_html(result, [{"prompt": "Hi", "base": "<script>x</script>", "trained": "tea",
                                  "scores": {"base": score, "trained": score}}], ["base", "trained"])
     assert "<script>x" not in html and "&lt;script&gt;x" in html and "r&lt;1&gt;" in html
-    assert html.count("<tr>") == 1 + 9 + 1 + 1  # header, metric rows, samples header, one sample
+    assert html.count("<tr>") == 1 + 10 + 1 + 1  # header, metric rows, samples header, one sample
