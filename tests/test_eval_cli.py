@@ -9,7 +9,7 @@ import pytest
 
 from wonderland.cli import main
 from wonderland.config import GenerationConfig
-from wonderland.evaluate import EVAL_MAX_TOKENS, OUTPUT_FILES, default_generation, evaluate
+from wonderland.evaluate import EVAL_MAX_TOKENS, OUTPUT_FILES, default_generation, evaluate, seeded_for
 
 SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland. Stay in character."
 PAIRS = [
@@ -104,6 +104,9 @@ def test_evaluate_api_same_seed_same_replies_and_retention(tiny_run, tmp_path):
 def test_default_generation_is_short_and_seeded():
     gen = default_generation()
     assert gen.max_tokens == EVAL_MAX_TOKENS == 60 and gen.seed == 0
+    # each prompt its own seed (independent samples), every arm the same one (paired arms)
+    third = seeded_for(gen, 2)
+    assert third.seed == 2 and {**third.to_dict(), "seed": 0} == gen.to_dict()
 
 
 def test_eval_errors_are_one_line(tiny_run, tmp_path, capsys):

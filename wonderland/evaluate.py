@@ -21,6 +21,7 @@ import math
 import platform
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -51,6 +52,16 @@ Progress = Callable[[dict], None]
 def default_generation() -> GenerationConfig:
     """The decoding settings every arm shares unless the caller gives others."""
     return GenerationConfig(max_tokens=EVAL_MAX_TOKENS)
+
+
+def seeded_for(gen: GenerationConfig, index: int) -> GenerationConfig:
+    """The settings for the ``index``-th prompt: its own seed (``seed + index``), the same for every arm.
+
+    Every arm sees the same random draws for a prompt, so arms stay paired; different prompts get
+    different draws. One seed for all prompts would give every reply the same first random number,
+    which makes the replies' openings move together (one sampled "The" becomes 24), so 24 prompts
+    would not be 24 independent samples."""
+    return replace(gen, seed=gen.seed + index)
 
 
 def load_prompts(path: str | Path) -> list[str]:
@@ -149,19 +160,21 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     done = 0
     replies: dict[str, list[str]] = {a.name: [] for a in ARMS}
     gen_s = {a.name: 0.0 for a in ARMS}
-    for prompt in prompt_list:
+    for i, prompt in enumerate(prompt_list):
+        prompt_gen = seeded_for(gen, i)
         for arm in ARMS:
             t = time.time()
-            reply = "".join(loaded.stream(arm, [{"role": "user", "content": prompt}], gen)).strip()
+            reply = "".join(loaded.stream(arm, [{"role": "user", "content": prompt}], prompt_gen)).strip()
             gen_s[arm.name] += time.time() - t
             replies[arm.name].append(reply)
             done += 1
             progress({"phase": "generate", "arm": arm.name, "prompt": prompt, "reply": reply, "done": done, "total": total})
     retention_gen = GenerationConfig(**{**gen.to_dict(), "max_tokens": min(gen.max_tokens, RETENTION_MAX_TOKENS)})
     retained: dict[str, list[dict]] = {a.name: [] for a in ARMS}
-    for item in retention_items:
+    for i, item in enumerate(retention_items):
+        item_gen = seeded_for(retention_gen, i)
         for arm in ARMS:
-            reply = "".join(loaded.stream(arm, [{"role": "user", "content": item.prompt}], retention_gen)).strip()
+            reply = "".join(loaded.stream(arm, [{"role": "user", "content": item.prompt}], item_gen)).strip()
             retained[arm.name].append({"prompt": item.prompt, "reply": reply, "expected": list(item.expected),
                                        "passed": item.passed(reply)})
             done += 1
@@ -204,6 +217,7 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
         "model": loaded.info.get("model", {}),
         "config": {
             "generation": gen.to_dict(),
+            "seed_per_prompt": "generation.seed + prompt index (the same for every arm)",
             "retention_max_tokens": retention_gen.max_tokens,
             "prompts_file": prompts_file,
             "prompts": len(prompt_list),
