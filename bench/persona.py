@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     p.add_argument("--run", help="evaluate this existing run instead of training one")
     p.add_argument("--workdir", help="where data and run go (default: a new temp folder)")
+    p.add_argument("--samples", type=int, default=3,
+                   help="replies per prompt and arm, each its own seed (default: 3; one sample of 24 prompts "
+                        "moves ~10 points from seed to seed)")
     p.add_argument("--calibrate", action="store_true", help="only apply the in-character rule to reference texts")
     p.add_argument("--other", default="Alice", help="the second character for --calibrate")
     add_train_options(p)
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    result = evaluate(run_ref, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = evaluate(run_ref, samples=args.samples, log=lambda m: print(m, file=sys.stderr, flush=True))
     timings["eval_s"] = round(time.perf_counter() - t, 2)
     arms = {a: {k: result[a][k] for k in KEYS} for a in ("base", "prompted", "trained")}
     print(json.dumps({

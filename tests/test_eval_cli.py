@@ -9,6 +9,7 @@ import pytest
 
 from wonderland.cli import main
 from wonderland.config import GenerationConfig
+from wonderland.errors import UserError
 from wonderland.evaluate import EVAL_MAX_TOKENS, OUTPUT_FILES, default_generation, evaluate, seeded_for
 
 SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland. Stay in character."
@@ -24,7 +25,7 @@ OTHER_LINES = [("Alice", "What a funny watch! It tells the day of the month, and
                ("March Hare", "Have some wine."), ("Dormouse", "Twinkle, twinkle, twinkle, twinkle...")]
 ARMS = ("base", "prompted", "trained")
 ARM_KEYS = {"perplexity", "loss", "in_character_rate", "persona_score", "similarity_character", "similarity_generic",
-            "marker_rate", "distinct_1", "distinct_2", "repetition_rate", "copy_rate", "mean_words", "empty_rate",
+            "marker_rate", "distinct_1", "distinct_2", "repetition_rate", "shared_opening_rate", "copy_rate", "mean_words", "empty_rate",
             "retention_rate", "retention", "generation_s", "adapter", "system_prompt"}
 
 
@@ -56,7 +57,7 @@ def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# held out\nGood morning!\n\nWhat should I wear?\n")
     assert main(["eval", "--run", str(tiny_run), "--prompts", str(prompts), "--max-tokens", "3", "--no-retention",
-                 "--quiet"]) == 0
+                 "--samples", "2", "--quiet"]) == 0
     out = tiny_run / "eval"
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
     result = json.loads((out / "eval.json").read_text())
@@ -71,12 +72,14 @@ def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):
     assert result["trained"]["adapter"] and not result["prompted"]["adapter"]
     assert result["prompted"]["perplexity"] != result["trained"]["perplexity"]  # the adapter is really on
     assert result["seed"] == 0 and result["config"]["generation"]["max_tokens"] == 3
-    assert result["model"]["path"] and result["config"]["prompts"] == 2
+    assert result["model"]["path"] and result["config"]["prompts"] == 2 and result["config"]["samples_per_prompt"] == 2
     assert [c["name"] for c in result["target"]["checks"]] == [
         "ppl_drop", "trained_in_character", "base_in_character", "persona_vs_prompted", "ppl_vs_prompted", "no_collapse"]
     samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
-    assert [s["prompt"] for s in samples] == ["Good morning!", "What should I wear?"]
-    assert all(set(s) == {"prompt", *ARMS, "scores"} and all(isinstance(s[a], str) for a in ARMS) for s in samples)
+    assert [(s["prompt"], s["sample"]) for s in samples] == [("Good morning!", 0), ("What should I wear?", 0),
+                                                             ("Good morning!", 1), ("What should I wear?", 1)]
+    assert all(set(s) == {"prompt", "sample", *ARMS, "scores"} and all(isinstance(s[a], str) for a in ARMS)
+               for s in samples)
     html = (out / "report.html").read_text()
     assert 'src="loss.png"' in html and 'src="persona.png"' in html and "Good morning!" in html
     for png in ("loss.png", "persona.png"):
@@ -99,6 +102,13 @@ def test_evaluate_api_same_seed_same_replies_and_retention(tiny_run, tmp_path):
     assert events[-1]["done"] == events[-1]["total"] == 3 * (1 + n_ret)
     assert {e["phase"] for e in events} == {"loss", "generate", "retention"}
     assert first["seed"] == 3 and first["config"]["retention_max_tokens"] == 2
+    # more samples per prompt: the first sample is the one-sample reply (same seed), the next ones add to it
+    more = evaluate(tiny_run, ["Hello there."], tmp_path / "c", gen, retention=False, samples=3)
+    rows = [json.loads(ln) for ln in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in rows] == [0, 1, 2] and more["config"]["samples_per_prompt"] == 3
+    assert {a: rows[0][a] for a in ARMS} == {a: json.loads(samples[1])[a] for a in ARMS}
+    with pytest.raises(UserError, match="samples per prompt"):
+        evaluate(tiny_run, ["Hello there."], tmp_path / "d", gen, samples=0)
 
 
 def test_default_generation_is_short_and_seeded():

@@ -17,13 +17,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", metavar="FILE", help="held-out prompts, one per line (default: the packaged set)")
     p.add_argument("--out", metavar="DIR", help="report folder (default: RUN_DIR/eval)")
     p.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda, mps)")
+    p.add_argument("--samples", type=int, default=1, metavar="K",
+                   help="replies per prompt and arm, each its own seed: steadier rates, K times the time (default: 1)")
     p.add_argument("--no-retention", action="store_true", help="skip the factual/arithmetic sanity prompts")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_generation_options(p)
     for action in p._actions:  # eval's replies are shorter than chat's: keep it to a few minutes on a CPU
         if action.dest == "max_tokens":
             action.help = f"maximum new tokens per reply (default for eval: {EVAL_MAX_TOKENS})"
-    p.epilog = "Every arm (base, prompted, trained) uses the same generation settings and seed."
+    p.epilog = ("Every arm (base, prompted, trained) uses the same generation settings, and the same seed for a "
+                "given reply (seed + reply index).")
 
 
 def _progress(event: dict) -> None:
@@ -38,16 +41,18 @@ def run(args: argparse.Namespace) -> int:
 
     gen = GenerationConfig(**{**default_generation().to_dict(), **dataclass_overrides(args, GenerationConfig)})
     result = evaluate(args.run, prompts=args.prompts, out=args.out, gen=gen, device=args.device,
-                      retention=not args.no_retention, progress=None if args.quiet else _progress,
+                      retention=not args.no_retention, samples=args.samples,
+                      progress=None if args.quiet else _progress,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     arms = ("base", "prompted", "trained")
     rows = [("perplexity", "{:.2f}"), ("in_character_rate", "{:.0%}"), ("persona_score", "{:+.3f}"),
-            ("distinct_2", "{:.3f}"), ("repetition_rate", "{:.3f}"), ("copy_rate", "{:.0%}"),
+            ("distinct_2", "{:.3f}"), ("repetition_rate", "{:.3f}"), ("shared_opening_rate", "{:.0%}"),
+            ("copy_rate", "{:.0%}"),
             ("retention_rate", "{:.0%}")]
-    print(f"{'':<18}" + "".join(f"{a:>10}" for a in arms))
+    print(f"{'':<20}" + "".join(f"{a:>10}" for a in arms))
     for key, fmt in rows:
         cells = "".join(f"{fmt.format(result[a][key]) if result[a][key] is not None else '-':>10}" for a in arms)
-        print(f"{key:<18}{cells}")
+        print(f"{key:<20}{cells}")
     for c in result["target"]["checks"]:
         print(f"{'PASS' if c['passed'] else 'FAIL'}  {c['description']}: {c['measured']}")
     print(f"report: {result['out']}/report.html")
