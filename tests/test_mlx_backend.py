@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from wonderland.cli import main
+from wonderland.config import TrainConfig
 
 # Import the backend before anything imports mlx: it loads OpenBLAS for MLX first (~10x faster on CPU).
 import wonderland.backends.mlx_backend  # noqa: E402,F401,I001
@@ -60,7 +61,7 @@ def test_mlx_train_writes_mlx_lm_adapter_and_metrics(dataset, tiny_model, tmp_pa
     assert info["result"]["step"] == 4 and math.isfinite(info["result"]["val_loss"])
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
-    assert config["lora_parameters"] == {"rank": 8, "scale": 2.0, "dropout": 0.0, "keys": [
+    assert config["lora_parameters"] == {"rank": TrainConfig().rank, "scale": 2.0, "dropout": 0.0, "keys": [
         "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]}
     assert "Adapter saved to" in capsys.readouterr().out
 

@@ -29,15 +29,15 @@ class TrainConfig:
     model: str = _f(DEFAULT_MODEL, "base model: 'smollm2-135m-instruct' (embedded), a local HF folder or a hub id")
     backend: str = _f("auto", "training backend", choices=("auto", "torch", "mlx"))
     device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:N, mps")
-    iters: int = _f(60, "optimizer steps")
+    iters: int = _f(40, "optimizer steps")
     batch_size: int = _f(4, "records per step")
     lr: float = _f(1e-3, "peak learning rate (AdamW)")
     schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine"))
     warmup: int = _f(5, "linear warmup steps")
     weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights")
     grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
-    rank: int = _f(8, "LoRA rank r")
-    alpha: float = _f(16.0, "LoRA alpha (PEFT's lora_alpha; effective scale = alpha / rank)")
+    rank: int = _f(16, "LoRA rank r")
+    alpha: float = _f(32.0, "LoRA alpha (PEFT's lora_alpha; effective scale = alpha / rank)")
     dropout: float = _f(0.0, "LoRA dropout")
     layers: int = _f(0, "apply LoRA to the last N decoder layers (0 = all)")
     targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names to adapt")
@@ -119,8 +119,8 @@ class GenerationConfig:
 
 # Presets: measured on a 2-core CPU with the embedded model (see bench/README.md).
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~2-3 minutes on 2 CPU cores: persona clearly visible.
-    "quick": {"iters": 60, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 8, "alpha": 16},
+    # ~1.5-2 minutes on 2 CPU cores: persona clearly visible (bench/README.md: issue-5 variants).
+    "quick": {"iters": 40, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 16, "alpha": 32},
     # ~3x longer, lower lr: steadier voice, less memorisation.
     "quality": {"iters": 180, "lr": 4e-4, "schedule": "cosine", "warmup": 10, "rank": 16, "alpha": 32,
                 "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"},

@@ -19,7 +19,7 @@ from wonderland.fileio import atomic_replace_dir, atomic_write_json, atomic_writ
 
 DATASET_FILES = ("utterances.jsonl", "train.jsonl", "valid.jsonl", "stats.json")
 ATTRIBUTIONS = ("explicit", "pronoun", "implicit", "unknown")
-PERSONA_SHARE = 0.35  # persona pairs at most this fraction of the dialogue records
+PERSONA_SHARE = 1.0  # persona pairs per dialogue record, at most (bench/README.md: issue-5 variants)
 FEW_LINES = 40  # below this, warn that the character has too few lines to train well
 # a question for a line that answers nobody and matches no persona topic
 _OPENERS = ["Go on.", "What do you say?", "Well?", "And what do you think?", "What is it?",
