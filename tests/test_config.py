@@ -24,10 +24,10 @@ def test_defaults_when_nothing_is_given():
 def test_command_line_beats_yaml_beats_preset_beats_defaults(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("# wonderland train --config c.yaml\niters: 33\nlr: 0.005\nmax-seq-len: 64\n")
-    config = resolve_config(parse("--preset", "quality", "--config", str(yaml_file), "--lr", "0.002"))
+    config = resolve_config(parse("--preset", "smoke", "--config", str(yaml_file), "--lr", "0.002"))
     assert config.lr == 0.002  # command line
     assert config.iters == 33 and config.max_seq_len == 64  # YAML (dash or underscore keys)
-    assert config.rank == PRESETS["quality"]["rank"]  # preset
+    assert config.batch_size == PRESETS["smoke"]["batch_size"] != TrainConfig().batch_size  # preset
     assert config.seed == TrainConfig().seed  # default
 
 
