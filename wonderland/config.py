@@ -117,6 +117,16 @@ class GenerationConfig:
         return asdict(self)
 
 
+def seeded_for(gen: GenerationConfig, index: int) -> GenerationConfig:
+    """The settings for the ``index``-th prompt: its own seed (``seed + index``), the same for every arm.
+
+    Every arm sees the same random draws for a prompt, so arms stay paired; different prompts get
+    different draws. One seed for all prompts would give every reply the same first random number,
+    which makes the replies' openings move together (one sampled "The" becomes 24), so 24 prompts
+    would not be 24 independent samples."""
+    return dataclasses.replace(gen, seed=gen.seed + index)
+
+
 # Presets: measured on a 2-core CPU with the embedded model (see bench/README.md).
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.5-2 minutes on 2 CPU cores: persona clearly visible (bench/README.md: issue-5 variants).

@@ -21,11 +21,10 @@ import math
 import platform
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from wonderland.config import GenerationConfig
+from wonderland.config import GenerationConfig, seeded_for
 from wonderland.errors import UserError
 from wonderland.eval.metrics import CopyDetector, load_retention, reply_stats
 from wonderland.eval.persona import PersonaScorer
@@ -52,16 +51,6 @@ Progress = Callable[[dict], None]
 def default_generation() -> GenerationConfig:
     """The decoding settings every arm shares unless the caller gives others."""
     return GenerationConfig(max_tokens=EVAL_MAX_TOKENS)
-
-
-def seeded_for(gen: GenerationConfig, index: int) -> GenerationConfig:
-    """The settings for the ``index``-th prompt: its own seed (``seed + index``), the same for every arm.
-
-    Every arm sees the same random draws for a prompt, so arms stay paired; different prompts get
-    different draws. One seed for all prompts would give every reply the same first random number,
-    which makes the replies' openings move together (one sampled "The" becomes 24), so 24 prompts
-    would not be 24 independent samples."""
-    return replace(gen, seed=gen.seed + index)
 
 
 def load_prompts(path: str | Path) -> list[str]:

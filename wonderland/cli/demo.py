@@ -7,7 +7,7 @@ import sys
 import time
 
 from wonderland.cli.options import add_train_options, dataclass_overrides
-from wonderland.config import PRESETS, GenerationConfig, TrainConfig, merge_config
+from wonderland.config import PRESETS, GenerationConfig, TrainConfig, merge_config, seeded_for
 
 HELP = "the whole loop with good defaults: build the dataset, train, compare Base vs Trained"
 
@@ -46,11 +46,12 @@ def run(args: argparse.Namespace) -> int:
     timings["train_s"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    print("[3/3] Base vs Prompted vs Trained (same sampling settings, seed 0):", flush=True)
+    print("[3/3] Base vs Prompted vs Trained (same sampling settings; seed 0 + prompt index, the same for "
+          "every arm):", flush=True)
     loaded = load_run(run_dir)
     gen = GenerationConfig(max_tokens=60)
-    for prompt in DEMO_PROMPTS:
-        print_comparison(loaded, prompt, gen)
+    for i, prompt in enumerate(DEMO_PROMPTS):
+        print_comparison(loaded, prompt, seeded_for(gen, i))
     timings["compare_s"] = time.perf_counter() - t2
     print(f"\nAdapter saved to {run_dir.adapter}")
     print(f"Chat with it: wonderland chat --run {run_dir.name}")
