@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import SYSTEM, write_dataset
 from wonderland.cli import main
+from wonderland.config import TrainConfig
 from wonderland.events import StopFlag, read_metrics
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_train_writes_run_folder_and_metrics(dataset, tiny_model, tmp_path, caps
 
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["schema_version"] == 1
-    assert info["config"]["iters"] == 4 and info["config"]["rank"] == 8 and info["config"]["lr"] == 1e-2
+    assert info["config"]["iters"] == 4 and info["config"]["rank"] == TrainConfig().rank and info["config"]["lr"] == 1e-2
     assert info["model"]["path"] == str(tiny_model) and len(info["model"]["sha256"]) == 64
     assert info["data"]["train_records"] == 6 and info["data"]["valid_records"] == 2
     assert info["system_prompt"] == SYSTEM and info["adapter_format"] == "peft" and info["backend"] == "torch"
