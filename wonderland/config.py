@@ -118,7 +118,7 @@ class GenerationConfig:
 
 
 def seeded_for(gen: GenerationConfig, index: int) -> GenerationConfig:
-    """The settings for the ``index``-th prompt: its own seed (``seed + index``), the same for every arm.
+    """The settings for the ``index``-th reply (prompt): its own seed (``seed + index``), the same for every arm.
 
     Every arm sees the same random draws for a prompt, so arms stay paired; different prompts get
     different draws. One seed for all prompts would give every reply the same first random number,

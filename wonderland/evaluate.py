@@ -129,7 +129,7 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     data_dir, valid, stats, utterances = _data_files(loaded)
     char_lines, other_lines = _split_lines(utterances, stats, character)
     retention_items = load_retention() if retention else []
-    log(f"evaluating {run.name}: {len(prompt_list)} prompts, {len(valid)} held-out records, "
+    log(f"evaluating {run.name}: {len(prompt_list)} prompts x {samples} replies, {len(valid)} held-out records, "
         f"{len(retention_items)} retention prompts, arms {', '.join(a.name for a in ARMS)}")
     progress = progress or (lambda p: None)
     timings: dict[str, float] = {"load_s": round(time.time() - t0, 2)}

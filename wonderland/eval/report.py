@@ -142,7 +142,8 @@ def render_html(result: dict, samples: list[dict], arms: Sequence[str]) -> str:
 <html lang=en><head><meta charset=utf-8><title>Evaluation of {_e(meta['run'])}</title><style>{_CSS}</style></head>
 <body>
 <h1>Evaluation: {_e(meta['character'])} — run <code>{_e(meta['run'])}</code></h1>
-<p class=muted>{_e(meta['created'])} · model {_e(meta['model'].get('id'))} · {_e(result['config'].get('prompts', len(samples)))} held-out prompts × {_e(result['config'].get('samples_per_prompt', 1))} replies ·
+<p class=muted>{_e(meta['created'])} · model {_e(meta['model'].get('id'))} ·
+{_e(result['config'].get('prompts', len(samples)))} held-out prompts × {_e(result['config'].get('samples_per_prompt', 1))} replies ·
 {_e(meta['valid_records'])} held-out records ({_e(meta['valid_tokens'])} tokens) · seed {_e(result['seed'])} · {_e(gen)}</p>
 <p>Arms: <b>base</b> = adapter off, neutral system prompt; <b>prompted</b> = adapter off, the character's system prompt;
 <b>trained</b> = adapter on, the same system prompt. Same decoding settings for all three, and the same seed
