@@ -129,12 +129,14 @@ def seeded_for(gen: GenerationConfig, index: int) -> GenerationConfig:
 
 # Presets: measured on a 2-core CPU with the embedded model (see bench/README.md).
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~1.5-2 minutes on 2 CPU cores: persona clearly visible (bench/README.md: issue-5 variants).
-    "quick": {"iters": 40, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 16, "alpha": 32},
-    # 1.5x the quick preset's steps: a stronger voice (~67 % in character vs ~50 %) at a held-out
-    # perplexity cost (34 vs 21, above the prompted arm's 32). The old "quality" (180 steps, lr 4e-4,
-    # MLP too) memorised the Hatter's 76 records: perplexity 349, 25 % of replies recited the book.
-    "quality": {"iters": 60, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 16, "alpha": 32},
+    # ~2 minutes on 2 CPU cores: persona clearly visible (bench/README.md: issue-5 variants).
+    "quick": {"iters": 40, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 16, "alpha": 32,
+              "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"},
+    # attention only: keeps more of the base model (held-out perplexity 21 vs 29, retention 20 % vs 0 %)
+    # with a weaker voice (51 % in character vs 76 %). The old "quality" (180 steps, lr 4e-4, MLP too)
+    # memorised the Hatter's 76 records: perplexity 349, 25 % of replies recited the book.
+    "quality": {"iters": 40, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 16, "alpha": 32,
+                "targets": "q_proj,k_proj,v_proj,o_proj"},
     # a handful of steps: plumbing checks.
     "smoke": {"iters": 4, "batch_size": 2, "val_every": 2, "save_every": 2, "max_seq_len": 128},
 }
