@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of dialogue records held out for validation (default: 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split and persona pairs (default: 0)")
     parser.add_argument("--no-persona", action="store_true", help="dialogue records only, no persona pairs")
-    parser.add_argument("--persona-share", type=float, default=None, metavar="F",
+    parser.add_argument("--persona-share", type=float, default=PERSONA_SHARE, metavar="F",
                         help="persona pairs per dialogue record, at most (default: "
                              f"{PERSONA_SHARE}; fewer when the character has few lines on everyday topics)")
     parser.add_argument("--list-characters", action="store_true",
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     stats = build_dataset(args.book, args.character, out, aliases=args.alias, valid_fraction=args.valid_fraction,
                           seed=args.seed, persona=not args.no_persona,
-                          persona_share=PERSONA_SHARE if args.persona_share is None else args.persona_share, warn=warn)
+                          persona_share=args.persona_share, warn=warn)
     by = stats["spans_by_attribution"]
     mine = stats["character_utterances_by_attribution"]
     print(f"wrote {out}")
