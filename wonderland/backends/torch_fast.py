@@ -45,6 +45,7 @@ FAST_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # plain lm_head,
 class FastOptions:
     """Levers of the fast path. Defaults: the fastest combination measured on an H100."""
 
+    fused_layers: bool = True  # hand-written LoRA decoder layers (fused_lora.py): llama/mistral, dropout 0
     liger_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE (CUDA + liger-kernel installed)
     compile_layers: bool = True  # regional torch.compile of decoder layers (CUDA only)
     compile_dynamic: bool = True  # one graph for every batch shape (chat batches vary every step)
@@ -54,6 +55,7 @@ class FastOptions:
     pack_capacity: int = 0  # tokens per packed row (0 = the batch's longest record)
     fused_adamw: bool = True  # torch's fused AdamW (CUDA and CPU)
     applied: list[str] = field(default_factory=list)  # what prepare_model actually turned on
+    fused_reason: str = ""  # why fused_layers did not apply (empty when it did or was not asked for)
 
 
 def enabled(device: torch.device) -> bool:
@@ -84,7 +86,17 @@ def prepare_model(model, device: torch.device, opts: FastOptions | None = None) 
     opts = opts or FastOptions()
     base = _base(model)
     cuda = device.type == "cuda"
-    if cuda and opts.liger_kernels and base.config.model_type == "llama" and liger_available():
+    if opts.fused_layers:
+        from wonderland.backends import fused_lora
+
+        fused, why = fused_lora.prepare(model, compile=cuda)
+        if fused is not None:
+            base._wonderland_fused = fused  # summed_loss runs the decoder through it
+            opts.applied.append("fused_layers")
+        else:
+            opts.fused_reason = why
+    hf_layers = "fused_layers" not in opts.applied  # else the HF layers do not run in training: leave them be
+    if hf_layers and cuda and opts.liger_kernels and base.config.model_type == "llama" and liger_available():
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         # Patches this instance's norms and MLPs (LoRA-wrapped projections still run inside them)
@@ -92,7 +104,7 @@ def prepare_model(model, device: torch.device, opts: FastOptions | None = None) 
         apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False, model=base)
         opts.applied.append("liger_kernels")
-    if cuda and opts.compile_layers:
+    if hf_layers and cuda and opts.compile_layers:
         for layer in base.model.layers:
             # Same code in every layer: compiled once, reused. Static shapes recompile for every new
             # (rows, length) of a packed batch: measured 2.6k tokens/s on chat data vs 12.5k eager.
@@ -178,7 +190,12 @@ def summed_loss(model, ids: torch.Tensor, labels: torch.Tensor, attention_mask: 
     """Like ``torch_backend.summed_loss`` (sum of next-token NLLs at labelled positions, and their
     count) but the LM head runs only on labelled positions and its logits are never stored."""
     base = _base(model)
-    hidden = base.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
+    fused = getattr(base, "_wonderland_fused", None)
+    if fused is not None:
+        # right padding needs no mask under causal attention: real tokens never see later positions
+        hidden = fused.hidden_states(ids, position_ids)
+    else:
+        hidden = base.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     targets = labels[:, 1:].reshape(-1)
     keep = (targets != IGNORE).nonzero().squeeze(1)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
@@ -243,7 +260,10 @@ def batch_loss(model, batch: Sequence[Encoded], pad_id: int, device: torch.devic
     use_liger = "liger_loss" in opts.applied
     fused = use_liger or "chunked_loss" in opts.applied
     if "pack" in opts.applied:
-        p = pack(batch, pad_id, device, capacity=max(opts.pack_capacity, max(len(e.input_ids) for e in batch)))
+        longest = max(len(e.input_ids) for e in batch)
+        # the fused layers attend per record (variable-length attention): one row holds them all
+        capacity = sum(len(e.input_ids) for e in batch) if "fused_layers" in opts.applied else max(opts.pack_capacity, longest)
+        p = pack(batch, pad_id, device, capacity=capacity)
         ids, labels, mask, pos, tokens = p.input_ids, p.labels, None, p.position_ids, p.tokens
     else:
         from wonderland.backends.torch_backend import collate

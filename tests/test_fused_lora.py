@@ -1,0 +1,148 @@
+"""The hand-written LoRA decoder layers (wonderland.backends.fused_lora) compute the PEFT model's
+loss and LoRA gradients exactly.
+
+CI has no GPU: these run the layers on the CPU in float64 with the plain-PyTorch attention
+(MathAttention) and eager pointwise functions, against the unmodified transformers + PEFT model.
+On CUDA the same layers run FlashAttention and torch.compile'd pointwise kernels;
+``bench/train_throughput.py --check`` compares those with the plain path in bf16 on the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from wonderland.backends import fused_lora
+from wonderland.backends import torch_fast as tf
+from wonderland.backends.torch_backend import collate, summed_loss
+from wonderland.chat_format import IGNORE, Encoded
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny(targets=ALL, layers=None, rank=4, alpha=8, dtype=torch.float64, seed=0, dropout=0.0):
+    """A random 3-layer llama with grouped-query attention (4 query heads, 2 k/v heads) and a LoRA
+    whose B is non-zero, so every LoRA weight has a non-trivial gradient."""
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
+                      bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(cfg).to(dtype)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                                            layers_to_transform=layers, task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    return model
+
+
+def records(n: int, seed: int, lo: int = 5, hi: int = 30) -> list[Encoded]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        ids = torch.randint(3, 97, (length,), generator=g).tolist()
+        out.append(Encoded(ids, [IGNORE] * (length // 3) + ids[length // 3 :]))
+    return out
+
+
+def loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss, n = fn()
+    (loss / n).backward()
+    return float(loss.detach() / n), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same(got, ref, rtol=1e-5):  # the plain loss takes its softmax in float32
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    assert loss == pytest.approx(ref_loss, rel=rtol)
+    assert grads.keys() == ref_grads.keys() and grads
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=rtol, atol=rtol * float(ref_grads[k].abs().max()), msg=k)
+
+
+@pytest.mark.parametrize("targets,layers", [(ALL, None), (["q_proj", "v_proj"], None), (["k_proj", "o_proj", "down_proj"], [2]),
+                                            (["gate_proj", "up_proj"], [0, 1])])
+def test_fused_layers_match_peft_loss_and_every_lora_gradient(targets, layers):
+    model = tiny(targets, layers)
+    recs = records(4, seed=1)
+    ids, labels, mask = collate(recs, 0, torch.device("cpu"))
+    ref = loss_and_grads(model, lambda: summed_loss(model, ids, labels, mask))
+    opts = tf.prepare_model(model, torch.device("cpu"), tf.FastOptions())
+    assert "fused_layers" in opts.applied, opts.fused_reason
+    got = loss_and_grads(model, lambda: tf.summed_loss(model, ids, labels, mask))  # right padding, no mask needed
+    assert_same(got, ref)
+    # the module weights are views of the concatenated groups: the plain forward still gives the same loss
+    again = loss_and_grads(model, lambda: summed_loss(model, ids, labels, mask))
+    assert_same(again, ref)
+
+
+def test_packed_records_never_attend_across_boundaries():
+    model = tiny()
+    recs = records(7, seed=2)
+    cpu = torch.device("cpu")
+    ref = loss_and_grads(model, lambda: summed_loss(model, *collate(recs, 0, cpu)))
+    opts = tf.prepare_model(model, cpu, tf.FastOptions())
+    p = tf.pack(recs, 0, cpu, capacity=sum(len(r.input_ids) for r in recs))  # all records in one row
+    assert p.input_ids.shape[0] == 1
+    got = loss_and_grads(model, lambda: tf.summed_loss(model, p.input_ids, p.labels, None, p.position_ids))
+    assert_same(got, ref)
+    # batch_loss packs the same way on this path
+    loss, n, tokens = tf.batch_loss(model, recs, 0, cpu, opts)
+    assert float(loss / n) == pytest.approx(ref[0], rel=1e-5) and tokens == sum(len(r.input_ids) for r in recs)
+
+
+def test_pointwise_backwards_are_the_gradients_of_their_forwards():
+    g = torch.Generator().manual_seed(3)
+    N, nh, nkv, hd, H, inter = 6, 4, 2, 8, 16, 10
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    x, w = rand(N, H).requires_grad_(), rand(H)
+    y, xhat, rstd = fused_lora.rms_fwd(x, w, 1e-6)
+    dy, dres = rand(N, H), rand(N, H)
+    (ref,) = torch.autograd.grad(y, x, dy)
+    torch.testing.assert_close(fused_lora.rms_bwd(dy, xhat.detach(), rstd.detach(), w, dres), ref + dres)
+
+    qkv = rand(N, (nh + 2 * nkv) * hd).requires_grad_()
+    ang = rand(N, hd // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    q, k, v = fused_lora.rope_fwd(qkv, cos, sin, nh, nkv, hd)
+    dq, dk, dv = rand(*q.shape), rand(*k.shape), rand(*v.shape)
+    (ref,) = torch.autograd.grad((q, k, v), qkv, (dq, dk, dv))
+    torch.testing.assert_close(fused_lora.rope_bwd(dq, dk, dv, cos, sin), ref)
+
+    gu = rand(N, 2 * inter).requires_grad_()
+    h = fused_lora.swiglu_fwd(gu)
+    torch.testing.assert_close(h, torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
+    dh = rand(N, inter)
+    (ref,) = torch.autograd.grad(h, gu, dh)
+    torch.testing.assert_close(fused_lora.swiglu_bwd(dh, gu.detach()), ref)
+
+
+def test_math_attention_backward_matches_autograd_with_grouped_heads():
+    g = torch.Generator().manual_seed(4)
+    cu = torch.tensor([0, 5, 6, 13])
+    q = torch.randn(13, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(13, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(13, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    attn = fused_lora.MathAttention(cu, 7, 8 ** -0.5)
+    out, _ = attn.forward(q.detach(), k.detach(), v.detach())
+    ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True).transpose(0, 1)
+        for s, e in ((0, 5), (5, 6), (6, 13))])
+    torch.testing.assert_close(out, ref.detach())
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    refs = torch.autograd.grad(ref, (q, k, v), do)
+    for a, b in zip(attn.backward(do, q.detach(), k.detach(), v.detach(), out, ()), refs):
+        torch.testing.assert_close(a, b)
+
+
+def test_unsupported_models_keep_the_peft_modules():
+    model = tiny(dropout=0.1)
+    opts = tf.prepare_model(model, torch.device("cpu"), tf.FastOptions())
+    assert "fused_layers" not in opts.applied and "dropout" in opts.fused_reason
+    assert not hasattr(model.get_base_model(), "_wonderland_fused")
