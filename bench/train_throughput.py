@@ -60,6 +60,7 @@ UNSLOTH_REFERENCE = {"1b": {"tokens_per_s": 73_550, "peak_gib": 11.0}, "3b": {"t
 
 WL_VARIANTS = {  # wonderland's fast path: the default, and one lever changed at a time
     "wl": {},  # hand-written LoRA layers (fused_lora.py) + Liger fused linear CE + fused AdamW
+    "wl_flash": dict(dense_attention="flash"),  # FlashAttention-2 (varlen) instead of SDPA's choice
     "wl_compile": dict(fused_layers=False),  # the previous default: regional torch.compile of the HF+PEFT layers
     "wl_liger": dict(liger_kernels=True, compile_layers=False),
     "wl_liger_compile": dict(liger_kernels=True),
@@ -301,6 +302,44 @@ def profile_top(step_fn, opt, batches, top: int = 10) -> list:
     return [[e.key[:60], round(e.device_time_total / 1000 / len(batches), 1)] for e in events]
 
 
+def check_kernels() -> dict:
+    """Each Triton kernel of the fused layers vs its plain-PyTorch definition (float32 maths in both),
+    on fresh random bf16 inputs for 1B, 3B and SmolLM2-135M head layouts: max |diff| / max |ref|."""
+    import torch
+
+    from wonderland.backends import fused_lora as fl
+    from wonderland.backends.triton_kernels import TritonKernels
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    out = {}
+    for name, (H, I, nh, nkv, hd) in {"1b": (2048, 8192, 32, 8, 64), "3b": (3072, 8192, 24, 8, 128),
+                                      "smollm2": (576, 1536, 9, 3, 64)}.items():
+        def r(*shape):
+            return torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32).to(torch.bfloat16)
+        N, tk, ref = 1000, TritonKernels(1e-5, nh, nkv, hd), fl.Kernels(1e-5, nh, nkv, hd)
+        errs = {}
+
+        def cmp(key, a, b):
+            for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                e = float((x.float() - y.float()).abs().max() / y.float().abs().max())
+                errs[key] = max(errs.get(key, 0.0), e)
+        x, w, dy, dres = r(N, H), r(H), r(N, H), r(N, H)
+        cmp("rms_fwd", tk.rms_fwd(x, w), ref.rms_fwd(x, w))
+        _, xhat, rstd = ref.rms_fwd(x, w)
+        cmp("rms_bwd", tk.rms_bwd(dy, xhat, rstd, w, dres), ref.rms_bwd(dy, xhat, rstd, w, dres))
+        qkv, ang = r(N, (nh + 2 * nkv) * hd), r(N, hd // 2).float() * 3
+        cos, sin = (torch.cat([f(ang)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+        cmp("rope_fwd", tk.rope_fwd(qkv, cos, sin), ref.rope_fwd(qkv, cos, sin))
+        dq, dk, dv = r(N, nh, hd), r(N, nkv, hd), r(N, nkv, hd)
+        cmp("rope_bwd", tk.rope_bwd(dq, dk, dv, cos, sin), ref.rope_bwd(dq, dk, dv, cos, sin))
+        gu, dh = r(N, 2 * I), r(N, I)
+        cmp("swiglu_fwd", tk.swiglu_fwd(gu), ref.swiglu_fwd(gu))
+        expect = ref.swiglu_bwd_(dh, gu)
+        cmp("swiglu_bwd", tk.swiglu_bwd_(dh.clone(), gu.clone()), expect)
+        out[name] = {k: round(v, 5) for k, v in errs.items()}
+    return out
+
+
 def check(args) -> dict:
     """Fused loss and LoRA gradients vs the plain path on the GPU, bf16, one batch (1B shapes, real
     model width; random tokens). Also packed vs padded loss on variable-length records."""
@@ -342,6 +381,7 @@ def check(args) -> dict:
 
     for name, kw in (("chunked", dict(use_liger=False)), ("liger", dict(use_liger=True))):
         record(name, *grads(lambda: tf.summed_loss(model, ids, ids, **kw)))
+    out["kernels_max_rel_err"] = check_kernels()
     opts = tf.prepare_model(model, dev, tf.FastOptions())
     record("fast_default", *grads(lambda: tf.summed_loss(model, ids, ids, use_liger="liger_loss" in opts.applied)))
     out["levers"] = opts.applied

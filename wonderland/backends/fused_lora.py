@@ -18,7 +18,8 @@ of the concatenation: no extra memory) so each group is one matmul; a LoRA is on
 its A (all of a group's A at once) and an in-place ``addmm_`` for its B, in the compute dtype.
 Attention is FlashAttention-2 through ``torch.ops.aten._flash_attention_forward`` in its
 variable-length form: packed records never attend across their boundaries and padding costs nothing.
-The pointwise work (RMSNorm, RoPE, SwiGLU and their backwards) is fused by ``torch.compile`` on CUDA.
+The pointwise work (RMSNorm, RoPE, SwiGLU and their backwards) is one Triton kernel each on CUDA
+(triton_kernels.py), plain PyTorch elsewhere.
 
 Applies to ``llama``/``mistral``-style layers (no biases, SiLU MLP, no sliding window) whose LoRA
 modules are plain PEFT ``lora.Linear`` with dropout 0; anything else keeps the PEFT modules
@@ -60,7 +61,7 @@ def rms_bwd(dy, xhat, rstd, w, dres):
     g = dy.to(acc) * w.to(acc)
     xh = xhat.to(acc)
     dx = rstd * (g - xh * (g * xh).mean(-1, keepdim=True))
-    return (dx + dres.to(acc)).to(dy.dtype)
+    return (dx if dres is None else dx + dres.to(acc)).to(dy.dtype)
 
 
 def _rotate(x, cos, sin):  # x (N, heads, D); transformers' rotate_half convention
@@ -108,14 +109,29 @@ def swiglu_bwd(dh, gu):
 
 
 class Kernels:
-    """The pointwise functions above, fused by torch.compile on CUDA (eager elsewhere). One compiled
-    graph per function and dtype; ``dynamic=True`` so that a new token count does not recompile."""
+    """The pointwise functions above, in plain PyTorch (CPU, MPS, and the reference on CUDA).
+    ``make_kernels`` picks the Triton versions (triton_kernels.py) on CUDA."""
 
-    def __init__(self, eps: float, nh: int, nkv: int, hd: int, compile: bool):
-        fns = dict(rms_fwd=partial(rms_fwd, eps=eps), rms_bwd=rms_bwd, swiglu_fwd=swiglu_fwd, swiglu_bwd=swiglu_bwd,
-                   rope_fwd=partial(rope_fwd, nh=nh, nkv=nkv, hd=hd), rope_bwd=rope_bwd)
-        for name, fn in fns.items():
-            setattr(self, name, torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn)
+    def __init__(self, eps: float, nh: int, nkv: int, hd: int):
+        self.rms_fwd = partial(rms_fwd, eps=eps)
+        self.rope_fwd = partial(rope_fwd, nh=nh, nkv=nkv, hd=hd)
+        self.rms_bwd, self.rope_bwd, self.swiglu_fwd = rms_bwd, rope_bwd, swiglu_fwd
+
+    @staticmethod
+    def swiglu_bwd_(dh, gu):
+        """(d(gate | up), h): the Triton version writes them over gu and dh, this one allocates."""
+        return swiglu_bwd(dh, gu), swiglu_fwd(gu)
+
+
+def make_kernels(eps: float, nh: int, nkv: int, hd: int, cuda: bool):
+    if cuda:
+        try:
+            from wonderland.backends.triton_kernels import TritonKernels
+
+            return TritonKernels(eps, nh, nkv, hd)
+        except (ImportError, ValueError):  # no Triton, or a head size its kernels do not take
+            pass
+    return Kernels(eps, nh, nkv, hd)
 
 
 # ----------------------------------------------------------------------------- LoRA groups
@@ -154,13 +170,13 @@ def lora_fwd(y, x, group: Group, P, dtype):
     return a
 
 
-def lora_bwd(dy, dx, x, a, group: Group, P, grads, col_scale=None):
-    """Backward of lora_fwd for the group's output gradient dy (N, out): dx += scale * (dy B) A
-    (in place, unless dx is None), and the A and B gradients into ``grads``. The LoRA input is
-    ``x * col_scale`` (col_scale = the RMSNorm weight when x is the saved xhat)."""
+def lora_bwd(dy, dx, a, group: Group, P, grads):
+    """Backward of lora_fwd for the group's output gradient dy (N, out), first part: the B gradients
+    into ``grads`` and dx += scale * (dy B) A in place (unless dx is None). Returns g = scale * dy B
+    (N, sum r) for lora_grad_a, or None without LoRA."""
     ms = group.lora
     if not ms:
-        return
+        return None
     gs, r0 = [], 0
     for m in ms:
         r, B = P[m.a].shape[0], P[m.b]
@@ -171,6 +187,15 @@ def lora_bwd(dy, dx, x, a, group: Group, P, grads, col_scale=None):
     g = torch.cat(gs, 1) if len(gs) > 1 else gs[0]
     if dx is not None:
         dx.addmm_(g, torch.cat([P[m.a].to(dy.dtype) for m in ms]))
+    return g
+
+
+def lora_grad_a(g, x, group: Group, P, grads, col_scale=None):
+    """Second part: the A gradients g^T (x * col_scale), for the LoRA input x (col_scale = the RMSNorm
+    weight when x is the saved xhat)."""
+    if g is None:
+        return
+    ms = group.lora
     da = (g.t() @ x).to(P[ms[0].a].dtype)  # (sum r, in)
     if col_scale is not None:
         da.mul_(col_scale.to(da.dtype))
@@ -199,6 +224,30 @@ class FlashAttention:
         return torch.ops.aten._flash_attention_backward(
             do.contiguous(), q, k, v, out, lse, self.cu, self.cu, self.max_len, self.max_len, 0.0, True, rng, unused,
             scale=self.scale)
+
+
+class SDPAttention:
+    """Causal attention over B rows of T tokens through ``F.scaled_dot_product_attention``, which picks
+    the fastest kernel it has (cuDNN's on Hopper). Its own autograd graph is kept from the forward
+    to the backward (it saves q, k, v, the output and the log-sum-exp: nothing more than we would)."""
+
+    def __init__(self, B: int, T: int, scale: float):
+        self.B, self.T, self.scale = B, T, scale
+
+    def _4d(self, t):  # (N, h, D) -> (B, h, T, D), a view
+        return t.view(self.B, self.T, t.shape[1], t.shape[2]).transpose(1, 2)
+
+    def forward(self, q, k, v):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            out = torch.nn.functional.scaled_dot_product_attention(self._4d(q), self._4d(k), self._4d(v), is_causal=True,
+                                                                   scale=self.scale, enable_gqa=q.shape[1] != k.shape[1])
+        flat = out.detach().transpose(1, 2).reshape(q.shape)  # a view when the kernel wrote (B, T, h, D)
+        return flat, (out, q, k, v)
+
+    def backward(self, do, q, k, v, o, state):
+        out, q, k, v = state
+        return torch.autograd.grad(out, (q, k, v), self._4d(do))
 
 
 class MathAttention:
@@ -280,39 +329,40 @@ class LayerFn(torch.autograd.Function):
         h = K.swiglu_fwd(gu)
         x3 = torch.addmm(x2, h, L.down.weight.t())
         a3 = lora_fwd(x3, h, L.down, P, dt)
-        ctx.save_for_backward(xhat1, rstd1, a1, q, k, v, o, a_o, xhat2, rstd2, a2, gu, a3, *attn_state)
+        ctx.save_for_backward(xhat1, rstd1, a1, q, k, v, o, a_o, xhat2, rstd2, a2, gu, a3)
         ctx.layer, ctx.kernels, ctx.rot, ctx.attn, ctx.P = L, K, rot, attn, P
+        ctx.attn_state = attn_state  # log-sum-exp etc. (SDPA: its own graph, which must keep its grad_fn)
         return x3
 
     @staticmethod
     def backward(ctx, d3):
-        xhat1, rstd1, a1, q, k, v, o, a_o, xhat2, rstd2, a2, gu, a3, *attn_state = ctx.saved_tensors
+        xhat1, rstd1, a1, q, k, v, o, a_o, xhat2, rstd2, a2, gu, a3 = ctx.saved_tensors
+        attn_state = ctx.attn_state
         L, K, (cos, sin), attn, P = ctx.layer, ctx.kernels, ctx.rot, ctx.attn, ctx.P
         grads: list = [None] * len(P)
         d3 = d3.contiguous()
         # MLP block
-        h = K.swiglu_fwd(gu)  # recomputed: cheaper than keeping (N, I) per layer
         dh = d3 @ L.down.weight
-        lora_bwd(d3, dh, h, a3, L.down, P, grads)
-        del h
-        dgu = K.swiglu_bwd(dh, gu)
-        del dh
+        g = lora_bwd(d3, dh, a3, L.down, P, grads)
+        dgu, h = K.swiglu_bwd_(dh, gu)  # h recomputed here: cheaper than keeping (N, I) a layer
+        lora_grad_a(g, h, L.down, P, grads)
+        del dh, h
         dy = dgu @ L.gate_up.weight
-        lora_bwd(dgu, dy, xhat2, a2, L.gate_up, P, grads, col_scale=L.w_post)
+        lora_grad_a(lora_bwd(dgu, dy, a2, L.gate_up, P, grads), xhat2, L.gate_up, P, grads, col_scale=L.w_post)
         del dgu
         d2 = K.rms_bwd(dy, xhat2, rstd2, L.w_post, d3)  # + the residual's gradient
         del dy
         # attention block
         o2 = o.view(o.shape[0], -1)
         do = d2 @ L.o.weight
-        lora_bwd(d2, do, o2, a_o, L.o, P, grads)
+        lora_grad_a(lora_bwd(d2, do, a_o, L.o, P, grads), o2, L.o, P, grads)
         dq, dk, dv = attn.backward(do.view_as(o), q, k, v, o, attn_state)
         del do
         dqkv = K.rope_bwd(dq, dk, dv, cos, sin)
         del dq, dk, dv
         need_dx = ctx.needs_input_grad[0]  # False for the first layer (its input is an embedding)
         dy = dqkv @ L.qkv.weight if need_dx else None
-        lora_bwd(dqkv, dy, xhat1, a1, L.qkv, P, grads, col_scale=L.w_in)
+        lora_grad_a(lora_bwd(dqkv, dy, a1, L.qkv, P, grads), xhat1, L.qkv, P, grads, col_scale=L.w_in)
         dx = K.rms_bwd(dy, xhat1, rstd1, L.w_in, d2) if need_dx else None
         return (dx, None, None, None, None, *grads)
 
@@ -330,22 +380,24 @@ class RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xhat, rstd, w = ctx.saved_tensors
-        return ctx.kernels.rms_bwd(dy.contiguous(), xhat, rstd, w, torch.zeros((), dtype=dy.dtype, device=dy.device)), None, None
+        return ctx.kernels.rms_bwd(dy.contiguous(), xhat, rstd, w, None), None, None
 
 
 # ----------------------------------------------------------------------------- the model
 class FusedModel:
     """The decoder of a PEFT LoRA Llama model, run through LayerFn. Same parameters, same results."""
 
-    def __init__(self, inner, layers: list[Layer], kernels: Kernels, scale: float):
+    def __init__(self, inner, layers: list[Layer], kernels: Kernels, scale: float, dense_attention: str = "sdpa"):
         self.inner, self.layers, self.kernels, self.scale = inner, layers, kernels, scale
+        self.dense_attention = dense_attention  # rows without packing: "sdpa" (cuDNN/flash) or "flash" (varlen FA2)
 
     def hidden_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> final hidden states (B, T, H). With position_ids (packed rows), a sequence
         starts wherever the position is 0; without them each row is one sequence."""
         B, T = ids.shape
         x = self.inner.embed_tokens(ids)
-        if position_ids is None:
+        dense = position_ids is None
+        if dense:
             position_ids = torch.arange(T, device=ids.device).expand(B, T)
             lengths = torch.full((B,), T, dtype=torch.int64)
         else:
@@ -355,8 +407,11 @@ class FusedModel:
         cu[1:] = torch.cumsum(lengths, 0)
         cos, sin = self.inner.rotary_emb(x, position_ids)  # (B, T, D), rope scaling included
         rot = (cos.reshape(B * T, -1), sin.reshape(B * T, -1))
-        flash = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-        attn = (FlashAttention if flash else MathAttention)(cu.to(ids.device), int(lengths.max()), self.scale)
+        half = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        if half and dense and self.dense_attention == "sdpa":
+            attn = SDPAttention(B, T, self.scale)
+        else:
+            attn = (FlashAttention if half else MathAttention)(cu.to(ids.device), int(lengths.max()), self.scale)
         x = x.reshape(B * T, -1)
         for L in self.layers:
             x = LayerFn.apply(x, L, self.kernels, rot, attn, *L.params)
@@ -403,7 +458,7 @@ def _group(modules: list, adapter: str | None, params: list) -> Group:
     return Group(weight, members)
 
 
-def prepare(model, compile: bool) -> tuple[FusedModel | None, str]:
+def prepare(model, cuda: bool) -> tuple[FusedModel | None, str]:
     """The fused decoder of a PEFT-wrapped (or plain) causal LM, or None and why it does not apply."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
@@ -431,5 +486,5 @@ def prepare(model, compile: bool) -> tuple[FusedModel | None, str]:
     except ValueError as e:
         return None, str(e)
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-    kernels = Kernels(eps, nh, nkv, hd, compile)
+    kernels = make_kernels(eps, nh, nkv, hd, cuda)
     return FusedModel(inner, layers, kernels, 1.0 / math.sqrt(hd)), "ok"

@@ -46,6 +46,7 @@ class FastOptions:
     """Levers of the fast path. Defaults: the fastest combination measured on an H100."""
 
     fused_layers: bool = True  # hand-written LoRA decoder layers (fused_lora.py): llama/mistral, dropout 0
+    dense_attention: str = "sdpa"  # fused layers, unpacked rows: "sdpa" (cuDNN on Hopper) or "flash" (FA2)
     liger_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE (CUDA + liger-kernel installed)
     compile_layers: bool = True  # regional torch.compile of decoder layers (CUDA only)
     compile_dynamic: bool = True  # one graph for every batch shape (chat batches vary every step)
@@ -89,8 +90,9 @@ def prepare_model(model, device: torch.device, opts: FastOptions | None = None) 
     if opts.fused_layers:
         from wonderland.backends import fused_lora
 
-        fused, why = fused_lora.prepare(model, compile=cuda)
+        fused, why = fused_lora.prepare(model, cuda=cuda)
         if fused is not None:
+            fused.dense_attention = opts.dense_attention
             base._wonderland_fused = fused  # summed_loss runs the decoder through it
             opts.applied.append("fused_layers")
         else:
