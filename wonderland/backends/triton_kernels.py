@@ -111,29 +111,29 @@ def _rope_bwd(DQ, DK, DV, COS, SIN, DQKV, NH: tl.constexpr, NKV: tl.constexpr, D
 
 
 @triton.jit
-def _swiglu_fwd(GU, Hout, n, I: tl.constexpr, BLOCK: tl.constexpr):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = idx < n
-    row, col = idx // I, idx % I
-    g = tl.load(GU + row * 2 * I + col, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * 2 * I + I + col, mask=m, other=0.0).to(tl.float32)
-    tl.store(Hout + idx, (g * tl.sigmoid(g) * u).to(Hout.dtype.element_ty), mask=m)
+def _swiglu_fwd(GU, Hout, I, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # grid (N, cdiv(I, BLOCK)): contiguous columns, 16-byte accesses
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < I
+    g = tl.load(GU + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(Hout + row * I + cols, (g * tl.sigmoid(g) * u).to(Hout.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _swiglu_bwd(GU, DH, n, I: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_bwd(GU, DH, I, BLOCK: tl.constexpr):
     """In place: GU <- d(gate | up), DH <- h = silu(gate) * up (the down LoRA's input)."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = idx < n
-    row, col = idx // I, idx % I
-    g = tl.load(GU + row * 2 * I + col, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * 2 * I + I + col, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(DH + idx, mask=m, other=0.0).to(tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < I
+    g = tl.load(GU + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(DH + row * I + cols, mask=m, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
-    tl.store(GU + row * 2 * I + col, (d * u * sig * (1 + g * (1 - sig))).to(GU.dtype.element_ty), mask=m)
-    tl.store(GU + row * 2 * I + I + col, (d * silu).to(GU.dtype.element_ty), mask=m)
-    tl.store(DH + idx, (silu * u).to(DH.dtype.element_ty), mask=m)
+    tl.store(GU + row * 2 * I + cols, (d * u * sig * (1 + g * (1 - sig))).to(GU.dtype.element_ty), mask=m)
+    tl.store(GU + row * 2 * I + I + cols, (d * silu).to(GU.dtype.element_ty), mask=m)
+    tl.store(DH + row * I + cols, (silu * u).to(DH.dtype.element_ty), mask=m)
 
 
 def _warps(block: int) -> int:
@@ -187,13 +187,11 @@ class TritonKernels:
     def swiglu_fwd(self, gu):
         N, I = gu.shape[0], gu.shape[1] // 2
         h = torch.empty((N, I), dtype=gu.dtype, device=gu.device)
-        n = N * I
-        _swiglu_fwd[(triton.cdiv(n, self.SWIGLU_BLOCK),)](gu, h, n, I=I, BLOCK=self.SWIGLU_BLOCK, num_warps=4)
+        _swiglu_fwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, h, I, BLOCK=self.SWIGLU_BLOCK, num_warps=4)
         return h
 
     def swiglu_bwd_(self, dh, gu):
         """In place: gu becomes d(gate | up), dh becomes h. Returns (dgu, h)."""
         N, I = gu.shape[0], gu.shape[1] // 2
-        n = N * I
-        _swiglu_bwd[(triton.cdiv(n, self.SWIGLU_BLOCK),)](gu, dh, n, I=I, BLOCK=self.SWIGLU_BLOCK, num_warps=4)
+        _swiglu_bwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, dh, I, BLOCK=self.SWIGLU_BLOCK, num_warps=4)
         return gu, dh
