@@ -275,7 +275,7 @@ def worker(args) -> dict:
         losses.append(loss.detach())
     sync()
     dt = time.perf_counter() - t0
-    prof = profile_top(step_fn, opt, data[-2:]) if args.profile else None
+    prof = profile_top(step_fn, opt, data[-2:], args.profile_top) if args.profile else None
     if trainer == "unsloth":
         from importlib import metadata
 
@@ -288,8 +288,8 @@ def worker(args) -> dict:
             "lora_params": sum(p.numel() for p in params)}
 
 
-def profile_top(step_fn, opt, batches, top: int = 10) -> list:
-    """The kernels that take the most GPU time, in ms per step."""
+def profile_top(step_fn, opt, batches, top: int = 10) -> dict:
+    """GPU time per step: the kernels that take the most, and totals by kind of kernel (ms)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -298,8 +298,17 @@ def profile_top(step_fn, opt, batches, top: int = 10) -> list:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]
-    return [[e.key[:60], round(e.device_time_total / 1000 / len(batches), 1)] for e in events]
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    kinds: dict[str, float] = {}
+    for e in events:
+        k = e.key.lower()
+        kind = ("attention" if any(w in k for w in ("flash", "sdpa", "fmha", "attention")) else
+                "matmul" if any(w in k for w in ("gemm", "nvjet", "cutlass", "xmma", "cublas")) else
+                "triton" if k.startswith(("triton", "_")) else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.device_time_total / 1000 / len(batches)
+    events.sort(key=lambda e: -e.device_time_total)
+    return {"total": round(sum(kinds.values()), 1), "by_kind": {k: round(v, 1) for k, v in kinds.items()},
+            "top": [[e.key[:60], round(e.device_time_total / 1000 / len(batches), 2)] for e in events[:top]]}
 
 
 def check_kernels() -> dict:
@@ -523,6 +532,7 @@ def main() -> int:
     p.add_argument("--chat-trainers", default="hf,wl")
     p.add_argument("--chat-batch", type=int, default=64, help="records per step on chat data")
     p.add_argument("--profile", action="store_true", help="add the top GPU kernels per step to each trainer's line")
+    p.add_argument("--profile-top", type=int, default=10, help="kernels listed by --profile")
     p.add_argument("--check", action="store_true", help="only the GPU equivalence check")
     p.add_argument("--e2e", nargs=2, metavar=("TOKENIZER_DIR", "DATA_DIR"),
                    help="only the end-to-end run of `wonderland train` (plain twice, fast once) on a chat dataset")
@@ -566,7 +576,7 @@ def main() -> int:
     for size, trainer, chat in runs:
         cmd = [sys.executable, __file__, "--worker", "--trainer", trainer, "--size", size, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile"] if args.profile else []) + (["--chat", chat] if chat else [])
+               "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile", "--profile-top", str(args.profile_top)] if args.profile else []) + (["--chat", chat] if chat else [])
         timeout = args.timeout
         if args.deadline:  # what is left of the whole invocation's time
             timeout = min(timeout, int(args.deadline - (time.perf_counter() - t_start)))
