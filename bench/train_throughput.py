@@ -339,10 +339,17 @@ def check_kernels() -> dict:
         qkv, ang = r(N, (nh + 2 * nkv) * hd), r(N, hd // 2).float() * 3
         cos, sin = (torch.cat([f(ang)] * 2, -1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
         cmp("rope_fwd", tk.rope_fwd(qkv, cos, sin), ref.rope_fwd(qkv, cos, sin))
+        cmp("rope_fwd_head_major", tk.rope_fwd(qkv, cos, sin, T=250), ref.rope_fwd(qkv, cos, sin, T=250))
         dq, dk, dv = r(N, nh, hd), r(N, nkv, hd), r(N, nkv, hd)
         cmp("rope_bwd", tk.rope_bwd(dq, dk, dv, cos, sin), ref.rope_bwd(dq, dk, dv, cos, sin))
+        hm = [t.view(4, 250, t.shape[1], hd).transpose(1, 2).contiguous() for t in (dq, dk, dv)]
+        cmp("rope_bwd_head_major", tk.rope_bwd(*hm, cos, sin, T=250), ref.rope_bwd(dq, dk, dv, cos, sin))
+        buf = torch.full((N, H + 48), float("nan"), device="cuda", dtype=torch.bfloat16)
+        cmp("rms_fwd_strided_out", tk.rms_fwd(x, w, out=buf[:, :H])[0], ref.rms_fwd(x, w)[0])
         gu, dh = r(N, 2 * I), r(N, I)
         cmp("swiglu_fwd", tk.swiglu_fwd(gu), ref.swiglu_fwd(gu))
+        buf = torch.full((N, I + 16), float("nan"), device="cuda", dtype=torch.bfloat16)
+        cmp("swiglu_fwd_strided_out", tk.swiglu_fwd(gu, out=buf[:, :I]), ref.swiglu_fwd(gu))
         expect = ref.swiglu_bwd_(dh, gu)
         cmp("swiglu_bwd", tk.swiglu_bwd_(dh.clone(), gu.clone()), expect)
         out[name] = {k: round(v, 5) for k, v in errs.items()}

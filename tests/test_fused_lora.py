@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wonderland.backends import fused_lora
+from wonderland.backends import fused_lora, fused_ops
 from wonderland.backends import torch_fast as tf
 from wonderland.backends.torch_backend import collate, summed_loss
 from wonderland.chat_format import IGNORE, Encoded
@@ -102,25 +102,25 @@ def test_pointwise_backwards_are_the_gradients_of_their_forwards():
         return torch.randn(*shape, generator=g, dtype=torch.float64)
 
     x, w = rand(N, H).requires_grad_(), rand(H)
-    y, xhat, rstd = fused_lora.rms_fwd(x, w, 1e-6)
+    y, xhat, rstd = fused_ops.rms_fwd(x, w, 1e-6)
     dy, dres = rand(N, H), rand(N, H)
     (ref,) = torch.autograd.grad(y, x, dy)
-    torch.testing.assert_close(fused_lora.rms_bwd(dy, xhat.detach(), rstd.detach(), w, dres), ref + dres)
+    torch.testing.assert_close(fused_ops.rms_bwd(dy, xhat.detach(), rstd.detach(), w, dres), ref + dres)
 
     qkv = rand(N, (nh + 2 * nkv) * hd).requires_grad_()
     ang = rand(N, hd // 2)
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    q, k, v = fused_lora.rope_fwd(qkv, cos, sin, nh, nkv, hd)
+    q, k, v = fused_ops.rope_fwd(qkv, cos, sin, nh, nkv, hd)
     dq, dk, dv = rand(*q.shape), rand(*k.shape), rand(*v.shape)
     (ref,) = torch.autograd.grad((q, k, v), qkv, (dq, dk, dv))
-    torch.testing.assert_close(fused_lora.rope_bwd(dq, dk, dv, cos, sin), ref)
+    torch.testing.assert_close(fused_ops.rope_bwd(dq, dk, dv, cos, sin), ref)
 
     gu = rand(N, 2 * inter).requires_grad_()
-    h = fused_lora.swiglu_fwd(gu)
+    h = fused_ops.swiglu_fwd(gu)
     torch.testing.assert_close(h, torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:])
     dh = rand(N, inter)
     (ref,) = torch.autograd.grad(h, gu, dh)
-    torch.testing.assert_close(fused_lora.swiglu_bwd(dh, gu.detach()), ref)
+    torch.testing.assert_close(fused_ops.swiglu_bwd(dh, gu.detach()), ref)
 
 
 def test_math_attention_backward_matches_autograd_with_grouped_heads():
@@ -129,16 +129,50 @@ def test_math_attention_backward_matches_autograd_with_grouped_heads():
     q = torch.randn(13, 4, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(13, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(13, 2, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    attn = fused_lora.MathAttention(cu, 7, 8 ** -0.5)
-    out, _ = attn.forward(q.detach(), k.detach(), v.detach())
+    attn = fused_ops.MathAttention(cu, 7, 8 ** -0.5)
+    out, state = attn.forward(q.detach(), k.detach(), v.detach(), torch.empty(13, 32, dtype=torch.float64))
     ref = torch.cat([torch.nn.functional.scaled_dot_product_attention(
         q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True).transpose(0, 1)
         for s, e in ((0, 5), (5, 6), (6, 13))])
-    torch.testing.assert_close(out, ref.detach())
-    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    refs = torch.autograd.grad(ref, (q, k, v), do)
-    for a, b in zip(attn.backward(do, q.detach(), k.detach(), v.detach(), out, ()), refs):
+    torch.testing.assert_close(out, ref.detach().reshape(13, 32))
+    torch.testing.assert_close(attn.output(state), out)
+    do = torch.randn(13, 32, generator=g, dtype=torch.float64)
+    refs = torch.autograd.grad(ref, (q, k, v), do.view(13, 4, 8))
+    for a, b in zip(attn.backward(do, state), refs):
         torch.testing.assert_close(a, b)
+
+
+def test_rope_writes_the_layout_attention_asks_for():
+    g = torch.Generator().manual_seed(5)
+    B, T, nh, nkv, hd = 2, 3, 4, 2, 8
+    qkv = torch.randn(B * T, (nh + 2 * nkv) * hd, generator=g, dtype=torch.float64)
+    ang = torch.randn(B * T, hd // 2, generator=g, dtype=torch.float64)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    flat = fused_ops.rope_fwd(qkv, cos, sin, nh, nkv, hd)
+    heads = fused_ops.rope_fwd(qkv, cos, sin, nh, nkv, hd, T=T)
+    for f, h in zip(flat, heads):
+        assert h.shape == (B, f.shape[1], T, hd) and h.is_contiguous()
+        torch.testing.assert_close(h.transpose(1, 2).reshape(f.shape), f)
+    grads = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in heads]
+    torch.testing.assert_close(fused_ops.rope_bwd(*grads, cos, sin, T=T),
+                               fused_ops.rope_bwd(*(t.transpose(1, 2).reshape(f.shape) for t, f in zip(grads, flat)), cos, sin))
+
+
+def test_lora_is_folded_into_the_group_matmul():
+    model = tiny(["q_proj", "v_proj"])
+    layer = model.get_base_model().model.layers[0].self_attn
+    x = torch.randn(5, 32, dtype=torch.float64)
+    ref = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], 1)
+    params: list = []
+    group = fused_lora._group([layer.q_proj, layer.k_proj, layer.v_proj], "default", params)
+    assert group.aug.shape == (32 + 16 + 16, 32 + 4 + 4) and len(params) == 4  # k has no LoRA
+    assert layer.k_proj.weight.data_ptr() == group.aug.data_ptr() + 32 * group.aug.stride(0) * 8  # a view, no copy
+    xa = group.input_buffer(5, x)
+    xa[:, :32] = x
+    y, a = group.forward(xa, [p.detach() for p in params])
+    torch.testing.assert_close(y, ref.detach())
+    torch.testing.assert_close(a, torch.cat([x @ params[0].t(), x @ params[2].t()], 1).detach())
+    torch.testing.assert_close(torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], 1), ref)  # PEFT unchanged
 
 
 def test_unsupported_models_keep_the_peft_modules():

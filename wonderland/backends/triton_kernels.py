@@ -23,7 +23,7 @@ def _pow2(n: int) -> int:
 
 
 @triton.jit
-def _rms_fwd(X, W, Y, XHAT, RSTD, H, eps, BLOCK: tl.constexpr):
+def _rms_fwd(X, W, Y, XHAT, RSTD, H, y_stride, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < H
@@ -32,7 +32,7 @@ def _rms_fwd(X, W, Y, XHAT, RSTD, H, eps, BLOCK: tl.constexpr):
     xhat = (x * rstd).to(XHAT.dtype.element_ty)  # rounded like transformers' hidden.to(input_dtype)
     w = tl.load(W + cols, mask=m, other=0.0)
     tl.store(XHAT + row * H + cols, xhat, mask=m)
-    tl.store(Y + row * H + cols, (w.to(tl.float32) * xhat.to(tl.float32)).to(Y.dtype.element_ty), mask=m)
+    tl.store(Y + row * y_stride + cols, (w.to(tl.float32) * xhat.to(tl.float32)).to(Y.dtype.element_ty), mask=m)
     tl.store(RSTD + row, rstd)
 
 
@@ -51,73 +51,89 @@ def _rms_bwd(DY, XHAT, RSTD, W, DRES, DX, H, HAS_RES: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit
-def _rope_fwd(QKV, COS, SIN, Q, K, V, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
-              BH: tl.constexpr, BKV: tl.constexpr):
+def _qkv_addr(row, T, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr, HM: tl.constexpr):
+    """Where token ``row``'s head 0 of q and of k/v starts, and the stride between heads:
+    token-major (N, h, D), or head-major (B, h, T, D) when HM."""
+    if HM:
+        b = row // T
+        t = row - b * T
+        return b * NH * T * D + t * D, b * NKV * T * D + t * D, T * D
+    else:
+        return row * NH * D, row * NKV * D, D
+
+
+@triton.jit
+def _rope_fwd(QKV, COS, SIN, Q, K, V, T, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+              BH: tl.constexpr, BKV: tl.constexpr, HM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, D // 2)
     c1 = tl.load(COS + row * D + half).to(tl.float32)
     c2 = tl.load(COS + row * D + D // 2 + half).to(tl.float32)
     s1 = tl.load(SIN + row * D + half).to(tl.float32)
     s2 = tl.load(SIN + row * D + D // 2 + half).to(tl.float32)
-    width = (NH + 2 * NKV) * D
-    src = QKV + row * width
+    src = QKV + row * (NH + 2 * NKV) * D
+    qo, ko, hs = _qkv_addr(row, T, NH, NKV, D, HM)
     # q: heads x half-dims, rotate_half convention: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2
     hq = tl.arange(0, BH)[:, None]
     mq = hq < NH
     off = hq * D + half[None, :]
+    dst = qo + hq * hs + half[None, :]
     x1 = tl.load(src + off, mask=mq, other=0.0).to(tl.float32)
     x2 = tl.load(src + off + D // 2, mask=mq, other=0.0).to(tl.float32)
-    tl.store(Q + row * NH * D + off, (x1 * c1 - x2 * s1).to(Q.dtype.element_ty), mask=mq)
-    tl.store(Q + row * NH * D + off + D // 2, (x2 * c2 + x1 * s2).to(Q.dtype.element_ty), mask=mq)
+    tl.store(Q + dst, (x1 * c1 - x2 * s1).to(Q.dtype.element_ty), mask=mq)
+    tl.store(Q + dst + D // 2, (x2 * c2 + x1 * s2).to(Q.dtype.element_ty), mask=mq)
     hk = tl.arange(0, BKV)[:, None]
     mk = hk < NKV
     off = hk * D + half[None, :]
+    dst = ko + hk * hs + half[None, :]
     x1 = tl.load(src + NH * D + off, mask=mk, other=0.0).to(tl.float32)
     x2 = tl.load(src + NH * D + off + D // 2, mask=mk, other=0.0).to(tl.float32)
-    tl.store(K + row * NKV * D + off, (x1 * c1 - x2 * s1).to(K.dtype.element_ty), mask=mk)
-    tl.store(K + row * NKV * D + off + D // 2, (x2 * c2 + x1 * s2).to(K.dtype.element_ty), mask=mk)
-    full = hk * D + tl.arange(0, D)[None, :]
-    tl.store(V + row * NKV * D + full, tl.load(src + (NH + NKV) * D + full, mask=mk, other=0.0), mask=mk)
+    tl.store(K + dst, (x1 * c1 - x2 * s1).to(K.dtype.element_ty), mask=mk)
+    tl.store(K + dst + D // 2, (x2 * c2 + x1 * s2).to(K.dtype.element_ty), mask=mk)
+    d = tl.arange(0, D)[None, :]
+    tl.store(V + ko + hk * hs + d, tl.load(src + (NH + NKV) * D + hk * D + d, mask=mk, other=0.0), mask=mk)
 
 
 @triton.jit
-def _rope_bwd(DQ, DK, DV, COS, SIN, DQKV, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
-              BH: tl.constexpr, BKV: tl.constexpr):
+def _rope_bwd(DQ, DK, DV, COS, SIN, DQKV, T, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+              BH: tl.constexpr, BKV: tl.constexpr, HM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, D // 2)
     c1 = tl.load(COS + row * D + half).to(tl.float32)
     c2 = tl.load(COS + row * D + D // 2 + half).to(tl.float32)
     s1 = tl.load(SIN + row * D + half).to(tl.float32)
     s2 = tl.load(SIN + row * D + D // 2 + half).to(tl.float32)
-    width = (NH + 2 * NKV) * D
-    dst = DQKV + row * width
+    dst = DQKV + row * (NH + 2 * NKV) * D
+    qo, ko, hs = _qkv_addr(row, T, NH, NKV, D, HM)
     # transpose of the rotation: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1
     hq = tl.arange(0, BH)[:, None]
     mq = hq < NH
     off = hq * D + half[None, :]
-    g1 = tl.load(DQ + row * NH * D + off, mask=mq, other=0.0).to(tl.float32)
-    g2 = tl.load(DQ + row * NH * D + off + D // 2, mask=mq, other=0.0).to(tl.float32)
+    src = qo + hq * hs + half[None, :]
+    g1 = tl.load(DQ + src, mask=mq, other=0.0).to(tl.float32)
+    g2 = tl.load(DQ + src + D // 2, mask=mq, other=0.0).to(tl.float32)
     tl.store(dst + off, (g1 * c1 + g2 * s2).to(DQKV.dtype.element_ty), mask=mq)
     tl.store(dst + off + D // 2, (g2 * c2 - g1 * s1).to(DQKV.dtype.element_ty), mask=mq)
     hk = tl.arange(0, BKV)[:, None]
     mk = hk < NKV
     off = hk * D + half[None, :]
-    g1 = tl.load(DK + row * NKV * D + off, mask=mk, other=0.0).to(tl.float32)
-    g2 = tl.load(DK + row * NKV * D + off + D // 2, mask=mk, other=0.0).to(tl.float32)
+    src = ko + hk * hs + half[None, :]
+    g1 = tl.load(DK + src, mask=mk, other=0.0).to(tl.float32)
+    g2 = tl.load(DK + src + D // 2, mask=mk, other=0.0).to(tl.float32)
     tl.store(dst + NH * D + off, (g1 * c1 + g2 * s2).to(DQKV.dtype.element_ty), mask=mk)
     tl.store(dst + NH * D + off + D // 2, (g2 * c2 - g1 * s1).to(DQKV.dtype.element_ty), mask=mk)
-    full = hk * D + tl.arange(0, D)[None, :]
-    tl.store(dst + (NH + NKV) * D + full, tl.load(DV + row * NKV * D + full, mask=mk, other=0.0), mask=mk)
+    d = tl.arange(0, D)[None, :]
+    tl.store(dst + (NH + NKV) * D + hk * D + d, tl.load(DV + ko + hk * hs + d, mask=mk, other=0.0), mask=mk)
 
 
 @triton.jit
-def _swiglu_fwd(GU, Hout, I, BLOCK: tl.constexpr):
+def _swiglu_fwd(GU, Hout, I, h_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # grid (N, cdiv(I, BLOCK)): contiguous columns, 16-byte accesses
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < I
     g = tl.load(GU + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
     u = tl.load(GU + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(Hout + row * I + cols, (g * tl.sigmoid(g) * u).to(Hout.dtype.element_ty), mask=m)
+    tl.store(Hout + row * h_stride + cols, (g * tl.sigmoid(g) * u).to(Hout.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -151,12 +167,15 @@ class TritonKernels:
         self.eps, self.nh, self.nkv, self.hd = eps, nh, nkv, hd
         self.in_place_swiglu_bwd = True
 
-    def rms_fwd(self, x, w):
+    def rms_fwd(self, x, w, out=None):
+        """out: where y goes, (N, H) with unit column stride (a view of a matmul's input buffer)."""
         N, H = x.shape
-        y, xhat = torch.empty_like(x), torch.empty_like(x)
+        y = torch.empty_like(x) if out is None else out
+        assert y.stride(1) == 1 and x.is_contiguous()
+        xhat = torch.empty_like(x)
         rstd = torch.empty((N, 1), dtype=torch.float32, device=x.device)
         block = _pow2(H)
-        _rms_fwd[(N,)](x, w, y, xhat, rstd, H, self.eps, BLOCK=block, num_warps=_warps(block))
+        _rms_fwd[(N,)](x, w, y, xhat, rstd, H, y.stride(0), self.eps, BLOCK=block, num_warps=_warps(block))
         return y, xhat, rstd
 
     def rms_bwd(self, dy, xhat, rstd, w, dres):
@@ -168,26 +187,30 @@ class TritonKernels:
                        num_warps=_warps(block))
         return dx
 
-    def rope_fwd(self, qkv, cos, sin):
+    def rope_fwd(self, qkv, cos, sin, T: int = 0):
+        """q, k rotated and v: token-major (N, h, D), or head-major (B, h, T, D) when T > 0."""
         N, (nh, nkv, hd) = qkv.shape[0], (self.nh, self.nkv, self.hd)
-        q = torch.empty((N, nh, hd), dtype=qkv.dtype, device=qkv.device)
-        k = torch.empty((N, nkv, hd), dtype=qkv.dtype, device=qkv.device)
+        shape = (lambda h: (N // T, h, T, hd)) if T else (lambda h: (N, h, hd))
+        q = torch.empty(shape(nh), dtype=qkv.dtype, device=qkv.device)
+        k = torch.empty(shape(nkv), dtype=qkv.dtype, device=qkv.device)
         v = torch.empty_like(k)
-        _rope_fwd[(N,)](qkv, cos.contiguous(), sin.contiguous(), q, k, v, NH=nh, NKV=nkv, D=hd, BH=_pow2(nh),
-                        BKV=_pow2(nkv), num_warps=4)
+        assert qkv.is_contiguous()
+        _rope_fwd[(N,)](qkv, cos.contiguous(), sin.contiguous(), q, k, v, max(T, 1), NH=nh, NKV=nkv, D=hd,
+                        BH=_pow2(nh), BKV=_pow2(nkv), HM=bool(T), num_warps=4)
         return q, k, v
 
-    def rope_bwd(self, dq, dk, dv, cos, sin):
-        N, (nh, nkv, hd) = dq.shape[0], (self.nh, self.nkv, self.hd)
+    def rope_bwd(self, dq, dk, dv, cos, sin, T: int = 0):
+        N, (nh, nkv, hd) = cos.shape[0], (self.nh, self.nkv, self.hd)
         dqkv = torch.empty((N, (nh + 2 * nkv) * hd), dtype=dq.dtype, device=dq.device)
         _rope_bwd[(N,)](dq.contiguous(), dk.contiguous(), dv.contiguous(), cos.contiguous(), sin.contiguous(), dqkv,
-                        NH=nh, NKV=nkv, D=hd, BH=_pow2(nh), BKV=_pow2(nkv), num_warps=4)
+                        max(T, 1), NH=nh, NKV=nkv, D=hd, BH=_pow2(nh), BKV=_pow2(nkv), HM=bool(T), num_warps=4)
         return dqkv
 
-    def swiglu_fwd(self, gu):
+    def swiglu_fwd(self, gu, out=None):
         N, I = gu.shape[0], gu.shape[1] // 2
-        h = torch.empty((N, I), dtype=gu.dtype, device=gu.device)
-        _swiglu_fwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, h, I, BLOCK=self.SWIGLU_BLOCK, num_warps=4)
+        h = torch.empty((N, I), dtype=gu.dtype, device=gu.device) if out is None else out
+        assert h.stride(1) == 1 and gu.is_contiguous()
+        _swiglu_fwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, h, I, h.stride(0), BLOCK=self.SWIGLU_BLOCK, num_warps=4)
         return h
 
     def swiglu_bwd_(self, dh, gu):

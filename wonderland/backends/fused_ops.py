@@ -1,0 +1,231 @@
+"""The non-matmul pieces of the fused LoRA layers (fused_lora.py): pointwise maths and attention.
+
+The plain-PyTorch functions here are the definitions: the CPU (and MPS) runs them, the CPU tests
+check them against autograd, and on CUDA the Triton kernels of ``triton_kernels`` replace them
+(``bench/train_throughput.py --check`` compares the two there).
+
+Layouts: one row per token. q is (N, nh, D) "token-major", or (B, nh, T, D) "head-major" when the
+attention kernel wants it (cuDNN's, through SDPA): ``rope_fwd`` writes whichever the attention asks
+for, so no copy is made between them.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # float32 maths for bf16, float64 stays float64
+
+
+# ----------------------------------------------------------------------------- pointwise maths
+def rms_fwd(x, w, eps: float, out=None):
+    """transformers' LlamaRMSNorm: xhat = x / rms(x) rounded to x's dtype, y = w * xhat.
+    x (N, H) -> y (N, H) (written into ``out`` when given), xhat (N, H), rstd (N, 1) float32."""
+    xf = x.to(_acc(x.dtype))
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    xhat = (xf * rstd).to(x.dtype)
+    y = w * xhat
+    return (y if out is None else out.copy_(y)), xhat, rstd
+
+
+def rms_bwd(dy, xhat, rstd, w, dres):
+    """Gradient of x through y = w * x * rstd(x), plus the residual branch's gradient ``dres``."""
+    acc = _acc(dy.dtype)
+    g = dy.to(acc) * w.to(acc)
+    xh = xhat.to(acc)
+    dx = rstd * (g - xh * (g * xh).mean(-1, keepdim=True))
+    return (dx if dres is None else dx + dres.to(acc)).to(dy.dtype)
+
+
+def _rotate(x, cos, sin):  # x (..., heads, D); transformers' rotate_half convention
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat((-x2, x1), -1) * sin
+
+
+def _rotate_bwd(g, cos, sin):  # the transpose of _rotate
+    u1, u2 = (g * sin).chunk(2, -1)
+    return g * cos + torch.cat((u2, -u1), -1)
+
+
+def _head_major(t, T: int):  # (N, h, D) -> (B, h, T, D) contiguous
+    return t.view(-1, T, t.shape[1], t.shape[2]).transpose(1, 2).contiguous()
+
+
+def _token_major(t):  # (B, h, T, D) -> (N, h, D)
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+
+def rope_fwd(qkv, cos, sin, nh: int, nkv: int, hd: int, T: int = 0):
+    """qkv (N, (nh + 2 nkv) hd) -> q, k rotated and v, three new tensors (so that attention keeps
+    them, not qkv): token-major (N, h, hd), or head-major (B, h, T, hd) when T > 0."""
+    n = qkv.shape[0]
+    q = qkv[:, : nh * hd].view(n, nh, hd)
+    k = qkv[:, nh * hd : (nh + nkv) * hd].view(n, nkv, hd)
+    v = qkv[:, (nh + nkv) * hd :].view(n, nkv, hd)
+    c, s = cos[:, None, :], sin[:, None, :]
+    q, k, v = _rotate(q, c, s), _rotate(k, c, s), v.clone()
+    return tuple(_head_major(t, T) for t in (q, k, v)) if T else (q, k, v)
+
+
+def rope_bwd(dq, dk, dv, cos, sin, T: int = 0):
+    """(dq, dk, dv) of rope_fwd's outputs (same layout) -> the gradient of qkv (N, (nh + 2 nkv) hd)."""
+    if T:
+        dq, dk, dv = _token_major(dq), _token_major(dk), _token_major(dv)
+    n = dq.shape[0]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((_rotate_bwd(dq, c, s).reshape(n, -1), _rotate_bwd(dk, c, s).reshape(n, -1), dv.reshape(n, -1)), 1)
+
+
+def swiglu_fwd(gu, out=None):
+    """gate | up (N, 2I) -> silu(gate) * up (N, I), written into ``out`` when given."""
+    g, u = gu.to(_acc(gu.dtype)).chunk(2, -1)
+    h = (g * torch.sigmoid(g) * u).to(gu.dtype)
+    return h if out is None else out.copy_(h)
+
+
+def swiglu_bwd(dh, gu):
+    """dh (N, I) -> d(gate | up) (N, 2I)."""
+    acc = _acc(gu.dtype)
+    g, u = gu.to(acc).chunk(2, -1)
+    d = dh.to(acc)
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    return torch.cat((d * u * sig * (1 + g * (1 - sig)), d * silu), -1).to(gu.dtype)
+
+
+class Kernels:
+    """The pointwise functions above (CPU, MPS, and the reference on CUDA). ``make_kernels`` picks
+    the Triton versions (triton_kernels.py) on CUDA; both have this interface."""
+
+    def __init__(self, eps: float, nh: int, nkv: int, hd: int):
+        self.rms_fwd = partial(rms_fwd, eps=eps)
+        self.rope_fwd = partial(rope_fwd, nh=nh, nkv=nkv, hd=hd)
+        self.rms_bwd, self.rope_bwd, self.swiglu_fwd = rms_bwd, rope_bwd, swiglu_fwd
+
+    @staticmethod
+    def swiglu_bwd_(dh, gu):
+        """(d(gate | up), h): the Triton version writes them over gu and dh, this one allocates."""
+        return swiglu_bwd(dh, gu), swiglu_fwd(gu)
+
+
+def make_kernels(eps: float, nh: int, nkv: int, hd: int, cuda: bool):
+    if cuda:
+        try:
+            from wonderland.backends.triton_kernels import TritonKernels
+
+            return TritonKernels(eps, nh, nkv, hd)
+        except (ImportError, ValueError):  # no Triton, or a head size its kernels do not take
+            pass
+    return Kernels(eps, nh, nkv, hd)
+
+
+# ----------------------------------------------------------------------------- attention
+# Each: forward(q, k, v, out) writes the output as o2 (N, nh*D) into ``out`` (a view of o_proj's input
+# buffer) and returns (out, state); output(state) -> o2 again (for the o_proj LoRA's gradient);
+# backward(do2, state) -> (dq, dk, dv) in the layout of q, k, v.
+# ``head_major``: which layout rope_fwd must write. All are causal with grouped-query heads.
+class FlashAttention:
+    """FlashAttention-2 (torch's own build; CUDA, fp16/bf16) in its variable-length form over
+    token-major q (N, nh, D): sequence i = tokens cu[i]:cu[i+1], so packed records never attend
+    across their boundaries and no padding is computed."""
+
+    head_major = False
+
+    def __init__(self, cu: torch.Tensor, max_len: int, scale: float):
+        self.cu, self.max_len, self.scale = cu.to(torch.int32), max_len, scale
+
+    def forward(self, q, k, v, out):
+        o, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, self.cu, self.cu, self.max_len, self.max_len, 0.0, True, False, scale=self.scale)
+        return out.copy_(o.view(o.shape[0], -1)), (q, k, v, o, lse, rng, unused)
+
+    @staticmethod
+    def output(state):
+        return state[3].view(state[3].shape[0], -1)
+
+    def backward(self, do2, state):
+        q, k, v, out, lse, rng, unused = state
+        return torch.ops.aten._flash_attention_backward(
+            do2.view_as(out), q, k, v, out, lse, self.cu, self.cu, self.max_len, self.max_len, 0.0, True, rng, unused,
+            scale=self.scale)
+
+
+class SDPAttention:
+    """Causal attention over B rows of T tokens through ``F.scaled_dot_product_attention``, head-major
+    inputs, which picks the fastest kernel it has (cuDNN's on Hopper: 0.49 ms a layer forward and
+    backward for 1B shapes vs 0.78 for FlashAttention-2, bench/README.md). Its own autograd graph is
+    kept from forward to backward; it saves q, k, v, the output and the log-sum-exp, as we would."""
+
+    head_major = True
+
+    def __init__(self, B: int, T: int, scale: float):
+        self.B, self.T, self.scale = B, T, scale
+
+    def forward(self, q, k, v, out):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                                 enable_gqa=q.shape[1] != k.shape[1])
+        out.view(self.B, self.T, o.shape[1], o.shape[3]).copy_(o.detach().transpose(1, 2))  # head- to token-major
+        return out, (o, q, k, v)
+
+    @staticmethod
+    def output(state):  # (B, nh, T, D) -> (N, nh*D): a copy unless the kernel wrote token-major
+        out = state[0].detach()
+        return out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3])
+
+    def backward(self, do2, state):
+        out, q, k, v = state
+        return torch.autograd.grad(out, (q, k, v), do2.view(self.B, self.T, out.shape[1], -1).transpose(1, 2))
+
+
+class MathAttention:
+    """The same function in plain PyTorch, one sequence at a time (CPU, MPS, float32/float64): what
+    the CPU tests run. The softmax is recomputed in the backward."""
+
+    head_major = False
+
+    def __init__(self, cu: torch.Tensor, max_len: int, scale: float):
+        self.bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+        self.scale = scale
+
+    def _probs(self, q, k):  # q (nh, n, D), k (nh, n, D) -> causal softmax (nh, n, n) in q's dtype
+        n = q.shape[1]
+        s = (q @ k.transpose(1, 2)).to(_acc(q.dtype)) * self.scale
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        return torch.softmax(s, -1).to(q.dtype)
+
+    @staticmethod
+    def _heads(t, s, e, rep):  # (N, h, D) slice -> (h * rep, n, D)
+        return t[s:e].transpose(0, 1).repeat_interleave(rep, 0)
+
+    def forward(self, q, k, v, out):
+        o, rep = torch.empty_like(q), q.shape[1] // k.shape[1]
+        for s, e in self.bounds:
+            qs, ks, vs = q[s:e].transpose(0, 1), self._heads(k, s, e, rep), self._heads(v, s, e, rep)
+            o[s:e] = (self._probs(qs, ks) @ vs).transpose(0, 1)
+        return out.copy_(o.view(o.shape[0], -1)), (q, k, v, o)
+
+    @staticmethod
+    def output(state):
+        return state[3].view(state[3].shape[0], -1)
+
+    def backward(self, do2, state):
+        q, k, v, out = state
+        do = do2.view_as(out)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        nkv, rep = k.shape[1], q.shape[1] // k.shape[1]
+        for s, e in self.bounds:
+            qs, ks, vs = q[s:e].transpose(0, 1), self._heads(k, s, e, rep), self._heads(v, s, e, rep)
+            p, dos = self._probs(qs, ks), do[s:e].transpose(0, 1)
+            dvs = p.transpose(1, 2) @ dos
+            dp = dos @ vs.transpose(1, 2)
+            ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * self.scale
+            dq[s:e] = (ds @ ks).transpose(0, 1)
+            n = e - s  # grouped heads: sum the gradients of the query heads that share a k/v head
+            dk[s:e] = (ds.transpose(1, 2) @ qs).view(nkv, rep, n, -1).sum(1).transpose(0, 1)
+            dv[s:e] = dvs.view(nkv, rep, n, -1).sum(1).transpose(0, 1)
+        return dq, dk, dv
