@@ -61,6 +61,7 @@ UNSLOTH_REFERENCE = {"1b": {"tokens_per_s": 73_550, "peak_gib": 11.0}, "3b": {"t
 WL_VARIANTS = {  # wonderland's fast path: the default, and one lever changed at a time
     "wl": {},  # hand-written LoRA layers (fused_lora.py) + Liger fused linear CE + fused AdamW
     "wl_flash": dict(dense_attention="flash"),  # FlashAttention-2 (varlen) instead of SDPA's choice
+    "wl_sdpa_hm": dict(dense_attention="sdpa_head_major"),  # SDPA on head-major q/k/v written by RoPE
     "wl_compile": dict(fused_layers=False),  # the previous default: regional torch.compile of the HF+PEFT layers
     "wl_liger": dict(liger_kernels=True, compile_layers=False),
     "wl_liger_compile": dict(liger_kernels=True),

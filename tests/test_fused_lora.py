@@ -22,7 +22,7 @@ from wonderland.chat_format import IGNORE, Encoded
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny(targets=ALL, layers=None, rank=4, alpha=8, dtype=torch.float64, seed=0, dropout=0.0):
+def tiny(targets=ALL, layers=None, rank=4, alpha=8, dtype=torch.float64, seed=0, dropout=0.0, **lora):
     """A random 3-layer llama with grouped-query attention (4 query heads, 2 k/v heads) and a LoRA
     whose B is non-zero, so every LoRA weight has a non-trivial gradient."""
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -31,7 +31,7 @@ def tiny(targets=ALL, layers=None, rank=4, alpha=8, dtype=torch.float64, seed=0,
     torch.manual_seed(seed)
     base = LlamaForCausalLM(cfg).to(dtype)
     model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                                            layers_to_transform=layers, task_type="CAUSAL_LM"))
+                                            layers_to_transform=layers, task_type="CAUSAL_LM", **lora))
     for n, p in model.named_parameters():
         if "lora_" in n:
             torch.nn.init.normal_(p, std=0.2)
@@ -63,10 +63,12 @@ def assert_same(got, ref, rtol=1e-5):  # the plain loss takes its softmax in flo
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=rtol, atol=rtol * float(ref_grads[k].abs().max()), msg=k)
 
 
-@pytest.mark.parametrize("targets,layers", [(ALL, None), (["q_proj", "v_proj"], None), (["k_proj", "o_proj", "down_proj"], [2]),
-                                            (["gate_proj", "up_proj"], [0, 1])])
-def test_fused_layers_match_peft_loss_and_every_lora_gradient(targets, layers):
-    model = tiny(targets, layers)
+@pytest.mark.parametrize("targets,layers,lora", [
+    (ALL, None, {}), (["q_proj", "v_proj"], None, {}), (["k_proj", "o_proj", "down_proj"], [2], {}),
+    (["gate_proj", "up_proj"], [0, 1], {}),
+    (ALL, None, dict(rank_pattern={"k_proj": 2, "up_proj": 6}, alpha_pattern={"v_proj": 3, "gate_proj": 5}))])  # mixed scales
+def test_fused_layers_match_peft_loss_and_every_lora_gradient(targets, layers, lora):
+    model = tiny(targets, layers, **lora)
     recs = records(4, seed=1)
     ids, labels, mask = collate(recs, 0, torch.device("cpu"))
     ref = loss_and_grads(model, lambda: summed_loss(model, ids, labels, mask))
@@ -167,11 +169,16 @@ def test_lora_is_folded_into_the_group_matmul():
     group = fused_lora._group([layer.q_proj, layer.k_proj, layer.v_proj], "default", params)
     assert group.aug.shape == (32 + 16 + 16, 32 + 4 + 4) and len(params) == 4  # k has no LoRA
     assert layer.k_proj.weight.data_ptr() == group.aug.data_ptr() + 32 * group.aug.stride(0) * 8  # a view, no copy
+    dst, src, a_dst, scales = group.sync_pairs(params)
+    with torch.no_grad():
+        torch._foreach_copy_(dst, src)
+        torch._foreach_mul_(a_dst, scales)
     xa = group.input_buffer(5, x)
     xa[:, :32] = x
-    y, a = group.forward(xa, [p.detach() for p in params])
+    y, a = group.forward(xa)
     torch.testing.assert_close(y, ref.detach())
-    torch.testing.assert_close(a, torch.cat([x @ params[0].t(), x @ params[2].t()], 1).detach())
+    assert scales == [2.0, 2.0]  # alpha / r
+    torch.testing.assert_close(a, 2.0 * torch.cat([x @ params[0].t(), x @ params[2].t()], 1).detach())
     torch.testing.assert_close(torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], 1), ref)  # PEFT unchanged
 
 

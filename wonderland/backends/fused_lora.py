@@ -58,9 +58,16 @@ class Member:
 
 @dataclass
 class Group:
-    aug: torch.Tensor  # (sum of outs, in + R): [frozen weights | block-diagonal scale * B]
+    """Projections that share an input. Per step, ``sync_lora`` copies the LoRA weights in the compute
+    dtype into ``aug`` (B, unscaled, block-diagonally next to the frozen W) and ``acat`` (scale * A of
+    every member stacked): then the forward is [x | x acat^T] @ aug^T and the backward's small matmuls
+    take all members at once."""
+
+    aug: torch.Tensor  # (sum of outs, in + R): [frozen weights | block-diagonal B]
     n_in: int
     members: list[Member]
+    acat: torch.Tensor | None = None  # (R, in): scale * A of each member, stacked
+    da_scale: torch.Tensor | float = 1.0  # A's gradient factor per input column (norm weight x scale)
 
     @property
     def weight(self) -> torch.Tensor:  # the frozen (out, in) part, a view
@@ -74,52 +81,53 @@ class Group:
     def lora(self) -> list[Member]:
         return [m for m in self.members if m.a >= 0]
 
+    def sync_pairs(self, P) -> tuple[list, list, list, list]:
+        """(destinations, sources) of this group's per-step LoRA copies, and (A destinations, scales)."""
+        dst, src, a_dst, scales = [], [], [], []
+        for m in self.lora:
+            dst += [self.acat[m.r[0] : m.r[1]], self.aug[m.rows[0] : m.rows[1], self.n_in + m.r[0] : self.n_in + m.r[1]]]
+            src += [P[m.a], P[m.b]]
+            a_dst.append(dst[-2])
+            scales.append(m.scale)
+        return dst, src, a_dst, scales
+
     def input_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """(n, in + R): the caller writes the group's input into [:, :in]."""
         return torch.empty((n, self.aug.shape[1]), dtype=like.dtype, device=like.device)
 
-    def forward(self, xa: torch.Tensor, C: list, residual: torch.Tensor | None = None):
-        """xa holds x in [:, :in]. Returns (residual +) x W^T + sum scale * (x A^T) B^T, and a = x A^T
-        (N, R) (None without LoRA). C: the layer's LoRA weights in the compute dtype."""
+    def forward(self, xa: torch.Tensor, residual: torch.Tensor | None = None):
+        """xa holds x in [:, :in]. Returns (residual +) x W^T + sum scale * (x A^T) B^T, and
+        a = x (scale A)^T (N, R), saved for B's gradient (None without LoRA)."""
         a = None
         if self.R:
-            x = xa[:, : self.n_in]
-            a = x @ torch.cat([C[m.a] for m in self.lora]).t()
+            a = xa[:, : self.n_in] @ self.acat.t()
             xa[:, self.n_in :].copy_(a)
-            for m in self.lora:  # this step's B (tiny copies)
-                self.aug[m.rows[0] : m.rows[1], self.n_in + m.r[0] : self.n_in + m.r[1]].copy_(C[m.b]).mul_(m.scale)
         w = self.aug.t()
         return (xa @ w if residual is None else torch.addmm(residual, xa, w)), a
 
+    def backward(self, dy, dx, a, grads):
+        """LoRA backward for the group's output gradient dy (N, out), first part: every member's B
+        gradient into ``grads`` (one matmul: the off-diagonal blocks are computed and dropped, which
+        costs no extra reads of dy) and dx += (dy B) scale A in place (unless dx is None).
+        Returns g = dy B (N, R) for grad_a, or None without LoRA."""
+        if not self.R:
+            return None
+        dB = dy.t() @ a  # (out, R)
+        for m in self.lora:
+            grads[m.b] = dB[m.rows[0] : m.rows[1], m.r[0] : m.r[1]]
+        g = dy @ self.aug[:, self.n_in :]  # block-diagonal B: each member's dy_m B_m side by side
+        if dx is not None:
+            dx.addmm_(g, self.acat)
+        return g
 
-def lora_bwd(dy, dx, a, group: Group, C, grads):
-    """Backward of the group's LoRA for its output gradient dy (N, out), first part: the B gradients
-    into ``grads`` and dx += scale * (dy B) A in place (unless dx is None). Returns g = scale * dy B
-    (N, R) for lora_grad_a, or None without LoRA."""
-    ms = group.lora
-    if not ms:
-        return None
-    gs = []
-    for m in ms:
-        dy_m = dy[:, m.rows[0] : m.rows[1]]
-        grads[m.b] = (dy_m.t() @ a[:, m.r[0] : m.r[1]]).to(_acc(dy.dtype)).mul_(m.scale)  # (out, r)
-        gs.append((dy_m @ C[m.b]).mul_(m.scale))  # (N, r)
-    g = torch.cat(gs, 1) if len(gs) > 1 else gs[0]
-    if dx is not None:
-        dx.addmm_(g, torch.cat([C[m.a] for m in ms]))
-    return g
-
-
-def lora_grad_a(g, x, group: Group, grads, col_scale=None):
-    """Second part: the A gradients g^T (x * col_scale) for the group's input x (col_scale = the
-    RMSNorm weight when x is the saved xhat)."""
-    if g is None:
-        return
-    da = (g.t() @ x).to(_acc(x.dtype))  # (R, in)
-    if col_scale is not None:
-        da.mul_(col_scale.to(da.dtype))
-    for m in group.lora:
-        grads[m.a] = da[m.r[0] : m.r[1]]
+    def grad_a(self, g, x, grads):
+        """Second part: the A gradients scale * g^T (x * norm weight) for the group's input x (the
+        saved xhat for the norm-fed groups, whose norm weight is folded into ``da_scale``)."""
+        if g is None:
+            return
+        da = (g.t() @ x).to(_acc(x.dtype)).mul_(self.da_scale)  # (R, in)
+        for m in self.lora:
+            grads[m.a] = da[m.r[0] : m.r[1]]
 
 
 # ----------------------------------------------------------------------------- the decoder layer
@@ -140,27 +148,26 @@ class LayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, L: Layer, K: Kernels, rot, attn, *P):
         N, dt = x.shape[0], x.dtype
-        cos, sin, T = rot
-        C = [p.to(dt) for p in P]  # LoRA weights in the compute dtype, once for forward and backward
+        cos, sin, T = rot  # (the LoRA weights P are used through their per-step copies in the groups)
         # attention block: x2 = x + o_proj(attn(rope(qkv(norm(x)))))
         xa = L.qkv.input_buffer(N, x)
         _, xhat1, rstd1 = K.rms_fwd(x, L.w_in, out=xa[:, : L.qkv.n_in])
-        qkv, a1 = L.qkv.forward(xa, C)  # (N, (nh + 2 nkv) D)
+        qkv, a1 = L.qkv.forward(xa)  # (N, (nh + 2 nkv) D)
         q, k, v = K.rope_fwd(qkv, cos, sin, T=T if attn.head_major else 0)
         del xa, qkv
         xa = L.o.input_buffer(N, x)
         _, attn_state = attn.forward(q, k, v, out=xa[:, : L.o.n_in])
         del q, k, v  # attention keeps them
-        x2, a_o = L.o.forward(xa, C, residual=x)
+        x2, a_o = L.o.forward(xa, residual=x)
         # MLP block: x3 = x2 + down(silu(gate) * up), gate | up = gate_up(norm(x2))
         xa = L.gate_up.input_buffer(N, x)
         _, xhat2, rstd2 = K.rms_fwd(x2, L.w_post, out=xa[:, : L.gate_up.n_in])
-        gu, a2 = L.gate_up.forward(xa, C)  # (N, 2I)
+        gu, a2 = L.gate_up.forward(xa)  # (N, 2I)
         xa = L.down.input_buffer(N, x)
         K.swiglu_fwd(gu, out=xa[:, : L.down.n_in])
-        x3, a3 = L.down.forward(xa, C, residual=x2)
+        x3, a3 = L.down.forward(xa, residual=x2)
         ctx.save_for_backward(xhat1, rstd1, a1, a_o, xhat2, rstd2, a2, gu, a3)
-        ctx.layer, ctx.kernels, ctx.rot, ctx.attn, ctx.C = L, K, rot, attn, C
+        ctx.layer, ctx.kernels, ctx.rot, ctx.attn = L, K, rot, attn
         ctx.param_dtypes = [p.dtype for p in P]
         ctx.attn_state = attn_state  # q, k, v, out, log-sum-exp (SDPA: its own graph, kept whole)
         return x3
@@ -168,33 +175,33 @@ class LayerFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d3):
         xhat1, rstd1, a1, a_o, xhat2, rstd2, a2, gu, a3 = ctx.saved_tensors
-        L, K, (cos, sin, T), attn, C = ctx.layer, ctx.kernels, ctx.rot, ctx.attn, ctx.C
-        attn_state, ctx.attn_state, ctx.C = ctx.attn_state, None, None  # ctx outlives the backward: let go
+        L, K, (cos, sin, T), attn = ctx.layer, ctx.kernels, ctx.rot, ctx.attn
+        attn_state, ctx.attn_state = ctx.attn_state, None  # ctx outlives the backward: let go
         grads: list = [None] * len(ctx.param_dtypes)
         d3 = d3.contiguous()
         # MLP block
         dh = d3 @ L.down.weight
-        g = lora_bwd(d3, dh, a3, L.down, C, grads)
+        g = L.down.backward(d3, dh, a3, grads)
         dgu, h = K.swiglu_bwd_(dh, gu)  # h recomputed here: cheaper than keeping (N, I) a layer
-        lora_grad_a(g, h, L.down, grads)
+        L.down.grad_a(g, h, grads)
         del dh, h
         dy = dgu @ L.gate_up.weight
-        lora_grad_a(lora_bwd(dgu, dy, a2, L.gate_up, C, grads), xhat2, L.gate_up, grads, col_scale=L.w_post)
+        L.gate_up.grad_a(L.gate_up.backward(dgu, dy, a2, grads), xhat2, grads)
         del dgu
         d2 = K.rms_bwd(dy, xhat2, rstd2, L.w_post, d3)  # + the residual's gradient
         del dy
         # attention block
         do = d2 @ L.o.weight
-        lora_grad_a(lora_bwd(d2, do, a_o, L.o, C, grads), attn.output(attn_state), L.o, grads)
+        L.o.grad_a(L.o.backward(d2, do, a_o, grads), attn.output(attn_state), grads)
         dq, dk, dv = attn.backward(do, attn_state)
         del do, attn_state
         dqkv = K.rope_bwd(dq, dk, dv, cos, sin, T=T if attn.head_major else 0)
         del dq, dk, dv
         need_dx = ctx.needs_input_grad[0]  # False for the first layer (its input is an embedding)
         dy = dqkv @ L.qkv.weight if need_dx else None
-        lora_grad_a(lora_bwd(dqkv, dy, a1, L.qkv, C, grads), xhat1, L.qkv, grads, col_scale=L.w_in)
+        L.qkv.grad_a(L.qkv.backward(dqkv, dy, a1, grads), xhat1, grads)
         dx = K.rms_bwd(dy, xhat1, rstd1, L.w_in, d2) if need_dx else None
-        return (dx, None, None, None, None, *(g.to(t) for g, t in zip(grads, ctx.param_dtypes)))
+        return (dx, None, None, None, None, *(g.to(t).contiguous() for g, t in zip(grads, ctx.param_dtypes)))
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -219,12 +226,26 @@ class FusedModel:
 
     def __init__(self, inner, layers: list[Layer], kernels: Kernels, scale: float, dense_attention: str = "sdpa"):
         self.inner, self.layers, self.kernels, self.scale = inner, layers, kernels, scale
-        self.dense_attention = dense_attention  # rows without packing: "sdpa" (cuDNN) or "flash" (FA2 varlen)
+        self.dense_attention = dense_attention  # unpacked rows: "sdpa" (cuDNN), "sdpa_head_major", "flash" (FA2)
+        self._dst, self._src, self._a_dst, self._scales = [], [], [], []
+        for L in layers:
+            for group in (L.qkv, L.o, L.gate_up, L.down):
+                for mine, part in zip((self._dst, self._src, self._a_dst, self._scales), group.sync_pairs(L.params)):
+                    mine += part
+
+    def sync_lora(self) -> None:
+        """This step's LoRA weights into the groups' buffers, in the compute dtype: a few multi-tensor
+        launches for the whole model instead of a cast, a concatenation and a scaling per projection."""
+        if self._dst:
+            with torch.no_grad():
+                torch._foreach_copy_(self._dst, [p.detach() for p in self._src])
+                torch._foreach_mul_(self._a_dst, self._scales)
 
     def hidden_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """ids (B, T) -> final hidden states (B, T, H). With position_ids (packed rows), a sequence
         starts wherever the position is 0; without them each row is one sequence."""
         B, T = ids.shape
+        self.sync_lora()
         x = self.inner.embed_tokens(ids)
         dense = position_ids is None
         if dense:
@@ -235,8 +256,8 @@ class FusedModel:
             lengths = torch.diff(starts, append=torch.tensor([B * T]))
         cos, sin = self.inner.rotary_emb(x, position_ids)  # (B, T, D), rope scaling included
         half = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-        if half and dense and self.dense_attention == "sdpa":
-            attn = SDPAttention(B, T, self.scale)
+        if half and dense and self.dense_attention in ("sdpa", "sdpa_head_major"):
+            attn = SDPAttention(B, T, self.scale, head_major=self.dense_attention == "sdpa_head_major")
         else:
             cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
             cu[1:] = torch.cumsum(lengths, 0)
@@ -270,9 +291,10 @@ def _lora_parts(module, adapter: str | None):
     return module.base_layer, module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
 
 
-def _group(modules: list, adapter: str | None, params: list) -> Group:
+def _group(modules: list, adapter: str | None, params: list, norm_weight: torch.Tensor | None = None) -> Group:
     """One Group of ``modules``: their frozen weights copied into [W | 0] (their own weights become
-    views of it) and their LoRA parameters registered in ``params``."""
+    views of it) and their LoRA parameters registered in ``params``. ``norm_weight``: the RMSNorm
+    weight in front of the group (its input is saved as xhat, before that weight)."""
     parts = [_lora_parts(m, adapter) for m in modules]
     n_in = parts[0][0].weight.shape[1]
     R = sum(A.shape[0] for _, A, _, _ in parts if A is not None)
@@ -290,7 +312,13 @@ def _group(modules: list, adapter: str | None, params: list) -> Group:
             r0 += A.shape[0]
         members.append(m)
         row += out
-    return Group(aug, n_in, members)
+    group = Group(aug, n_in, members)
+    if R:
+        group.acat = torch.zeros((R, n_in), dtype=first.dtype, device=first.device)
+        acc = _acc(first.dtype)
+        rows = torch.tensor([m.scale for m in group.lora for _ in range(m.r[1] - m.r[0])], dtype=acc, device=first.device)
+        group.da_scale = rows[:, None] * (norm_weight.detach().to(acc)[None, :] if norm_weight is not None else 1.0)
+    return group
 
 
 def prepare(model, cuda: bool) -> tuple[FusedModel | None, str]:
@@ -320,9 +348,9 @@ def prepare(model, cuda: bool) -> tuple[FusedModel | None, str]:
         return None, str(e)
     for layer in inner.layers:
         at, mlp, params = layer.self_attn, layer.mlp, []
-        qkv = _group([at.q_proj, at.k_proj, at.v_proj], adapter, params)
+        qkv = _group([at.q_proj, at.k_proj, at.v_proj], adapter, params, layer.input_layernorm.weight)
         o = _group([at.o_proj], adapter, params)
-        gu = _group([mlp.gate_proj, mlp.up_proj], adapter, params)
+        gu = _group([mlp.gate_proj, mlp.up_proj], adapter, params, layer.post_attention_layernorm.weight)
         down = _group([mlp.down_proj], adapter, params)
         layers.append(Layer(qkv, o, gu, down, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, params))
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))

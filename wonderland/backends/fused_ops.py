@@ -154,26 +154,29 @@ class FlashAttention:
 
 
 class SDPAttention:
-    """Causal attention over B rows of T tokens through ``F.scaled_dot_product_attention``, head-major
-    inputs, which picks the fastest kernel it has (cuDNN's on Hopper: 0.49 ms a layer forward and
-    backward for 1B shapes vs 0.78 for FlashAttention-2, bench/README.md). Its own autograd graph is
-    kept from forward to backward; it saves q, k, v, the output and the log-sum-exp, as we would."""
+    """Causal attention over B rows of T tokens through ``F.scaled_dot_product_attention``, which picks
+    the fastest kernel it has (cuDNN's on Hopper: 0.49 ms a layer forward and backward for 1B shapes
+    vs 0.78 for FlashAttention-2, bench/README.md). Its own autograd graph is kept from forward to
+    backward; it saves q, k, v, the output and the log-sum-exp, as we would. q, k, v token-major
+    (passed as (B, h, T, D) views), or head-major copies when ``head_major``."""
 
-    head_major = True
+    def __init__(self, B: int, T: int, scale: float, head_major: bool = False):
+        self.B, self.T, self.scale, self.head_major = B, T, scale, head_major
 
-    def __init__(self, B: int, T: int, scale: float):
-        self.B, self.T, self.scale = B, T, scale
+    def _4d(self, t):  # token-major (N, h, D) -> a (B, h, T, D) view
+        return t.view(self.B, self.T, t.shape[1], t.shape[2]).transpose(1, 2)
 
     def forward(self, q, k, v, out):
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
         with torch.enable_grad():
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+            qq, kk, vv = (q, k, v) if self.head_major else (self._4d(q), self._4d(k), self._4d(v))
+            o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale,
                                                                  enable_gqa=q.shape[1] != k.shape[1])
-        out.view(self.B, self.T, o.shape[1], o.shape[3]).copy_(o.detach().transpose(1, 2))  # head- to token-major
+        out.view(self.B, self.T, o.shape[1], o.shape[3]).copy_(o.detach().transpose(1, 2))
         return out, (o, q, k, v)
 
     @staticmethod
-    def output(state):  # (B, nh, T, D) -> (N, nh*D): a copy unless the kernel wrote token-major
+    def output(state):  # (B, nh, T, D) -> (N, nh*D): a view when the kernel wrote token-major
         out = state[0].detach()
         return out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3])
 
