@@ -129,13 +129,16 @@ def test_backend_fast_path_trains_the_same_adapter_as_the_plain_path(tiny_model,
     _chat_dataset(tmp_path / "data")
     cfg = dict(model=str(tiny_model), backend="torch", device="cpu", iters=4, batch_size=4, lr=1e-3, warmup=1,
                val_every=0, save_every=0, rank=4, alpha=8, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    adapters, losses = [], []
+    adapters, losses, speedups = [], [], []
     for mode in ("0", "1"):
         monkeypatch.setenv(tf.ENV, mode)
         run = train(TrainConfig(**cfg), tmp_path / "data", out=str(tmp_path / f"run-{mode}"), log=lambda m: None)
         adapters.append(load_file(str(run.adapter / "adapter_model.safetensors")))
-        losses.append([json.loads(line)["loss"] for line in run.metrics.read_text().splitlines() if '"event": "step"' in line])
+        events = [json.loads(line) for line in run.metrics.read_text().splitlines()]
+        losses.append([e["loss"] for e in events if e["event"] == "step"])
+        speedups.append(next(e for e in events if e["event"] == "started")["speedups"])
     plain, fast = adapters
+    assert speedups[0] == [] and "fused_layers" in speedups[1]  # the hand-written LoRA layers ran (fused_lora.py)
     assert plain.keys() == fast.keys() and len(plain) == 2 * 7 * 2
     # float32 on CPU: the packed rows and the fused loss change only summation order. After 4
     # AdamW steps (lr 1e-3) weights agree to ~1e-6 absolute; 1e-5 is the stated tolerance.

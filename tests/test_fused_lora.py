@@ -182,8 +182,9 @@ def test_lora_is_folded_into_the_group_matmul():
     torch.testing.assert_close(torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], 1), ref)  # PEFT unchanged
 
 
-def test_unsupported_models_keep_the_peft_modules():
-    model = tiny(dropout=0.1)
+@pytest.mark.parametrize("lora,reason", [(dict(dropout=0.1), "dropout"), (dict(modules_to_save=["lm_head"]), "trainable")])
+def test_unsupported_models_keep_the_peft_modules(lora, reason):
+    model = tiny(**lora)
     opts = tf.prepare_model(model, torch.device("cpu"), tf.FastOptions())
-    assert "fused_layers" not in opts.applied and "dropout" in opts.fused_reason
+    assert "fused_layers" not in opts.applied and reason in opts.fused_reason
     assert not hasattr(model.get_base_model(), "_wonderland_fused")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
@@ -43,6 +43,7 @@ class Started(Event):
     train_records: int = 0
     valid_records: int = 0
     trainable_params: int = 0
+    speedups: list = field(default_factory=list)  # the fast path's levers that applied (torch on CUDA)
 
 
 @dataclass

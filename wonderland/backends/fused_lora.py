@@ -337,15 +337,19 @@ def prepare(model, cuda: bool) -> tuple[FusedModel | None, str]:
     inner = base.model
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    layers = []
+    lora = set()
     try:
         for layer in inner.layers:  # check every module before changing any
-            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                _lora_parts(getattr(layer.self_attn, name), adapter)
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                _lora_parts(getattr(layer.mlp, name), adapter)
+            for module in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                           *(getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))):
+                _, A, B, _ = _lora_parts(module, adapter)
+                lora |= {id(A), id(B)} if A is not None else set()
     except ValueError as e:
         return None, str(e)
+    extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora]
+    if extra:  # e.g. modules_to_save, trainable norms or embeddings: the fused backward would skip them
+        return None, f"trainable parameters besides the decoder's LoRA ({extra[0]})"
+    layers = []
     for layer in inner.layers:
         at, mlp, params = layer.self_attn, layer.mlp, []
         qkv = _group([at.q_proj, at.k_proj, at.v_proj], adapter, params, layer.input_layernorm.weight)

@@ -147,7 +147,8 @@ class TorchBackend:
             emit(Resumed(step=step, total_steps=cfg.iters, checkpoint=str(job.resume_from)))
         emit(Started(step=step, total_steps=cfg.iters, run=job.run.name, backend=self.name, model=str(job.model_path),
                      device=str(device), train_records=len(train_set), valid_records=len(valid_set),
-                     trainable_params=sum(p.numel() for p in params)))
+                     trainable_params=sum(p.numel() for p in params),
+                     speedups=(fast.applied + ([f"not fused_layers: {fast.fused_reason}"] if fast.fused_reason else [])) if fast else []))
 
         def evaluate() -> float:
             t0 = time.perf_counter()
