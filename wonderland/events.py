@@ -43,7 +43,7 @@ class Started(Event):
     train_records: int = 0
     valid_records: int = 0
     trainable_params: int = 0
-    speedups: list = field(default_factory=list)  # the fast path's levers that applied (torch on CUDA)
+    speedups: list = field(default_factory=list)  # the torch fast path's levers that applied ([] on the plain path)
 
 
 @dataclass

@@ -53,7 +53,7 @@ class FastOptions:
     """Levers of the fast path. Defaults: the fastest combination measured (H200, bench/README.md)."""
 
     fused_layers: bool = True  # hand-written LoRA decoder layers (fused_lora.py): llama/mistral, dropout 0
-    dense_attention: str = "sdpa"  # fused layers, unpacked rows: "sdpa" (cuDNN on Hopper) or "flash" (FA2)
+    dense_attention: str = "sdpa"  # fused layers, unpacked rows: "sdpa" (cuDNN on Hopper), "sdpa_head_major", "flash" (FA2)
     liger_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE (CUDA + liger-kernel installed)
     compile_layers: bool = True  # regional torch.compile of decoder layers (CUDA only)
     compile_dynamic: bool = True  # one graph for every batch shape (chat batches vary every step)
