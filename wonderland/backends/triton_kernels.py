@@ -1,11 +1,12 @@
 """Triton kernels for the pointwise work of the fused LoRA layers (CUDA only).
 
 Each is one pass over its tensors: memory-bound, so what counts is reading and writing every byte
-once with wide, coalesced accesses. torch.compile with dynamic shapes generated these as flat loops
-with run-time index arithmetic that ran 3-20x under the memory bandwidth on an H200 (swiglu backward
-0.73 ms a layer for 670 MB, RoPE backward 0.69 ms for 100 MB; bench/README.md). The reference
-definitions, and what the CPU runs, are the plain-PyTorch functions in ``fused_lora``;
-``bench/train_throughput.py --check`` compares both on the GPU.
+once with wide, coalesced accesses (one program per token row, or per row and column block). The
+same functions through ``torch.compile(dynamic=True)`` ran 3-20x under the memory bandwidth on an
+H200 (SwiGLU backward 0.73 ms a layer for 670 MB, RoPE backward 0.69 ms for 100 MB); these take
+0.20 and 0.03 ms (bench/README.md, "How the step time came down"). The reference definitions, and
+what the CPU runs, are the plain-PyTorch functions in ``fused_ops``; ``bench/train_throughput.py
+--check`` compares both on the GPU.
 
 Layouts (row-major, one row per token): x, xhat (N, H); qkv (N, (nh + 2 nkv) D); q (N, nh, D);
 k, v (N, nkv, D); cos, sin (N, D); gate | up (N, 2I); h (N, I). Rows are indexed in int64.
