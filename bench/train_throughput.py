@@ -317,7 +317,7 @@ def check_kernels() -> dict:
     on fresh random bf16 inputs for 1B, 3B and SmolLM2-135M head layouts: max |diff| / max |ref|."""
     import torch
 
-    from wonderland.backends import fused_lora as fl
+    from wonderland.backends import fused_ops as fl
     from wonderland.backends.triton_kernels import TritonKernels
 
     g = torch.Generator(device="cuda").manual_seed(5)
