@@ -1,0 +1,79 @@
+"""The Triton kernels of the fused LoRA layers compute their plain-PyTorch definitions.
+
+CI has no GPU: Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernel code on the CPU,
+program by program, so the index arithmetic, masks, layouts and in-place writes are checked here in
+float32 against ``fused_ops``. Speed and bf16 rounding are the GPU's business:
+``bench/train_throughput.py --check`` compares the compiled kernels there (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not sys.platform.startswith("linux"):  # Triton ships wheels for Linux only; CI runs on Linux
+    pytest.skip("Triton has no wheels for this platform", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit decorates the kernels
+
+import triton  # noqa: E402,F401 - a test dependency on Linux (pyproject's test extra)
+
+from wonderland.backends import fused_ops, triton_kernels  # noqa: E402
+
+triton_kernels = importlib.reload(triton_kernels)  # in case it was imported before the variable was set
+
+
+def rand(g, *shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("nh,nkv,hd", [(4, 2, 16), (3, 1, 8)])  # the second: head counts that need masks
+def test_rope_both_layouts_and_its_transpose(nh, nkv, hd):
+    g = torch.Generator().manual_seed(0)
+    B, T = 2, 5
+    N = B * T
+    tk, ref = triton_kernels.TritonKernels(1e-5, nh, nkv, hd), fused_ops.Kernels(1e-5, nh, nkv, hd)
+    qkv, ang = rand(g, N, (nh + 2 * nkv) * hd), rand(g, N, hd // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    for layout in (0, T):  # token-major, head-major
+        for got, want in zip(tk.rope_fwd(qkv, cos, sin, T=layout), ref.rope_fwd(qkv, cos, sin, T=layout)):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want)
+        grads = [rand(g, *t.shape) for t in ref.rope_fwd(qkv, cos, sin, T=layout)]
+        torch.testing.assert_close(tk.rope_bwd(*grads, cos, sin, T=layout), ref.rope_bwd(*grads, cos, sin, T=layout))
+
+
+def test_rms_norm_forward_into_a_strided_buffer_and_backward():
+    g = torch.Generator().manual_seed(1)
+    N, H = 7, 48  # H not a power of two: the row block is masked
+    tk, ref = triton_kernels.TritonKernels(1e-5, 4, 2, 16), fused_ops.Kernels(1e-5, 4, 2, 16)
+    x, w = rand(g, N, H), rand(g, H)
+    buf = torch.full((N, H + 8), float("nan"))
+    y, xhat, rstd = tk.rms_fwd(x, w, out=buf[:, :H])
+    want = ref.rms_fwd(x, w)
+    for got, exp in zip((y, xhat, rstd), want):
+        torch.testing.assert_close(got, exp)
+    assert torch.isnan(buf[:, H:]).all()  # the LoRA columns of the buffer are left alone
+    dy, dres = rand(g, N, H), rand(g, N, H)
+    for res in (dres, None):
+        torch.testing.assert_close(tk.rms_bwd(dy, xhat, rstd, w, res), ref.rms_bwd(dy, xhat, rstd, w, res))
+
+
+def test_swiglu_forward_into_a_strided_buffer_and_backward_in_place():
+    g = torch.Generator().manual_seed(2)
+    N, inter = 5, 40  # not a multiple of the kernel's column block
+    tk = triton_kernels.TritonKernels(1e-5, 4, 2, 16)
+    gu, dh = rand(g, N, 2 * inter), rand(g, N, inter)
+    buf = torch.full((N, inter + 4), float("nan"))
+    tk.swiglu_fwd(gu, out=buf[:, :inter])
+    torch.testing.assert_close(buf[:, :inter], fused_ops.swiglu_fwd(gu))
+    assert torch.isnan(buf[:, inter:]).all()
+    want_dgu, want_h = fused_ops.Kernels.swiglu_bwd_(dh, gu)
+    gu2, dh2 = gu.clone(), dh.clone()
+    dgu, h = tk.swiglu_bwd_(dh2, gu2)
+    assert dgu.data_ptr() == gu2.data_ptr() and h.data_ptr() == dh2.data_ptr()  # in place: no new (N, 2I)
+    torch.testing.assert_close(dgu, want_dgu)
+    torch.testing.assert_close(h, want_h)
