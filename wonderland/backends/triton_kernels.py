@@ -6,7 +6,7 @@ same functions through ``torch.compile(dynamic=True)`` ran 3-20x under the memor
 H200 (SwiGLU backward 0.73 ms a layer for 670 MB, RoPE backward 0.69 ms for 100 MB); these take
 0.20 and 0.03 ms (bench/README.md, "How the step time came down"). The reference definitions, and
 what the CPU runs, are the plain-PyTorch functions in ``fused_ops``; ``bench/train_throughput.py
---check`` compares both on the GPU.
+--check`` compares both on the GPU, ``tests/test_triton_kernels.py`` in Triton's interpreter on the CPU.
 
 Layouts (row-major, one row per token): x, xhat (N, H); qkv (N, (nh + 2 nkv) D); q (N, nh, D);
 k, v (N, nkv, D); cos, sin (N, D); gate | up (N, 2I); h (N, I). Rows are indexed in int64.
