@@ -4,6 +4,9 @@
   are shared through ``$WONDERLAND_MODELS`` so the embedded model is converted once per machine.
 * ``tiny_model``: a random-initialised 2-layer llama with the embedded model's tokenizer, for
   plumbing tests that need real training steps but not real learning.
+* ``TRITON_INTERPRET=1`` for the whole session: Triton reads it when its own library functions
+  (``tl.sum``, ``tl.sigmoid``...) are decorated, i.e. at its first import, which some other test's
+  imports (transformers) may trigger before tests/test_triton_kernels.py runs. No GPU here anyway.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("TRITON_INTERPRET", "1")
 SHARED_MODELS = Path(os.environ.get("WONDERLAND_MODELS") or Path.home() / ".cache" / "wonderland" / "models")
 REPO = Path(__file__).resolve().parents[1]
 

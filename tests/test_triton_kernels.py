@@ -8,7 +8,6 @@ float32 against ``fused_ops``. Speed and bf16 rounding are the GPU's business:
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
@@ -17,13 +16,14 @@ import torch
 
 if not sys.platform.startswith("linux"):  # Triton ships wheels for Linux only; CI runs on Linux
     pytest.skip("Triton has no wheels for this platform", allow_module_level=True)
-os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit decorates the kernels
+os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it for the session (see there)
 
 import triton  # noqa: E402,F401 - a test dependency on Linux (pyproject's test extra)
 
 from wonderland.backends import fused_ops, triton_kernels  # noqa: E402
 
-triton_kernels = importlib.reload(triton_kernels)  # in case it was imported before the variable was set
+assert os.environ["TRITON_INTERPRET"] == "1" and isinstance(triton_kernels._rms_fwd, triton.runtime.interpreter.InterpretedFunction), \
+    "Triton was imported before TRITON_INTERPRET=1 was set: its kernels would need a GPU"
 
 
 def rand(g, *shape):
