@@ -321,8 +321,9 @@ def _group(modules: list, adapter: str | None, params: list, norm_weight: torch.
     return group
 
 
-def prepare(model, cuda: bool) -> tuple[FusedModel | None, str]:
-    """The fused decoder of a PEFT-wrapped (or plain) causal LM, or None and why it does not apply."""
+def prepare(model, cuda: bool, dense_attention: str = "sdpa") -> tuple[FusedModel | None, str]:
+    """The fused decoder of a PEFT-wrapped (or plain) causal LM, or None and why it does not apply.
+    ``dense_attention``: see FusedModel."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
     if cfg.model_type not in SUPPORTED_MODEL_TYPES:
@@ -358,4 +359,4 @@ def prepare(model, cuda: bool) -> tuple[FusedModel | None, str]:
         down = _group([mlp.down_proj], adapter, params)
         layers.append(Layer(qkv, o, gu, down, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, params))
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
-    return FusedModel(inner, layers, make_kernels(eps, nh, nkv, hd, cuda), 1.0 / math.sqrt(hd)), "ok"
+    return FusedModel(inner, layers, make_kernels(eps, nh, nkv, hd, cuda), 1.0 / math.sqrt(hd), dense_attention), "ok"

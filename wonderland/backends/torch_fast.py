@@ -97,9 +97,8 @@ def prepare_model(model, device: torch.device, opts: FastOptions | None = None) 
     if opts.fused_layers:
         from wonderland.backends import fused_lora
 
-        fused, why = fused_lora.prepare(model, cuda=cuda)
+        fused, why = fused_lora.prepare(model, cuda=cuda, dense_attention=opts.dense_attention)
         if fused is not None:
-            fused.dense_attention = opts.dense_attention
             base._wonderland_fused = fused  # summed_loss runs the decoder through it
             opts.applied.append("fused_layers")
         else:

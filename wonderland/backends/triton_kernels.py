@@ -166,7 +166,6 @@ class TritonKernels:
         if hd % 2 or hd & (hd - 1):
             raise ValueError(f"head_dim {hd} is not a power of two")
         self.eps, self.nh, self.nkv, self.hd = eps, nh, nkv, hd
-        self.in_place_swiglu_bwd = True
 
     def rms_fwd(self, x, w, out=None):
         """out: where y goes, (N, H) with unit column stride (a view of a matmul's input buffer)."""
