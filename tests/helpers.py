@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny hand-made Hatter chat dataset for plumbing tests."""
+"""Shared test helpers: a tiny hand-made Hatter chat dataset for plumbing tests, and random
+tokenised records shaped like chat data."""
 
 from __future__ import annotations
 
@@ -27,3 +28,20 @@ def write_dataset(folder: Path, n_valid: int = 2) -> Path:
     (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:n_valid]))
     (folder / "stats.json").write_text(json.dumps({"character": "Hatter", "book": "Alice", "system_prompt": SYSTEM}))
     return folder
+
+
+def chat_records(n: int, seed: int, lo: int = 6, hi: int = 40, vocab: int = 500) -> list:
+    """``n`` Encoded records of lo..hi-1 random token ids below ``vocab``, shaped like chat data: an
+    unlabelled prompt (the first half), then labelled reply tokens."""
+    import torch
+
+    from wonderland.chat_format import IGNORE, Encoded
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(lo, hi, (1,), generator=g))
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        prompt = length // 2
+        out.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
+    return out

@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 
 from wonderland.backends import torch_fast as tf
 from wonderland.backends.torch_backend import collate, load_base, lora_config, summed_loss
-from wonderland.chat_format import IGNORE, Encoded
+from wonderland.chat_format import IGNORE
 from wonderland.config import TrainConfig
+
+from tests.helpers import chat_records as records
 
 CPU = torch.device("cpu")
 
@@ -36,18 +38,6 @@ def test_chunked_linear_cross_entropy_matches_plain_loss_and_gradients():
     torch.testing.assert_close(gw, ref_gw, rtol=1e-10, atol=1e-12)
     with torch.no_grad():  # evaluation: no gradient work, same value
         assert float(tf.linear_cross_entropy_sum(h, w, t)) == pytest.approx(float(ref), rel=1e-10)
-
-
-def records(n: int, seed: int, lo: int = 6, hi: int = 40) -> list[Encoded]:
-    """Variable-length records shaped like chat data: an unlabelled prompt, then labelled reply tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(lo, hi, (1,), generator=g))
-        ids = torch.randint(3, 500, (length,), generator=g).tolist()
-        prompt = length // 2
-        out.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
-    return out
 
 
 def test_pack_rows_keeps_every_record_once_within_capacity():

@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from wonderland.backends import fused_lora, fused_ops
 from wonderland.backends import torch_fast as tf
 from wonderland.backends.torch_backend import collate, summed_loss
-from wonderland.chat_format import IGNORE, Encoded
+
+from tests.helpers import chat_records
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -38,14 +39,8 @@ def tiny(targets=ALL, layers=None, rank=4, alpha=8, dtype=torch.float64, seed=0,
     return model
 
 
-def records(n: int, seed: int, lo: int = 5, hi: int = 30) -> list[Encoded]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(lo, hi, (1,), generator=g))
-        ids = torch.randint(3, 97, (length,), generator=g).tolist()
-        out.append(Encoded(ids, [IGNORE] * (length // 3) + ids[length // 3 :]))
-    return out
+def records(n: int, seed: int) -> list:
+    return chat_records(n, seed, lo=5, hi=30, vocab=97)  # the tiny model's vocabulary
 
 
 def loss_and_grads(model, fn):
