@@ -47,7 +47,7 @@ def worker(args) -> None:
             t0 = time.perf_counter()
         ids = b.to(dev, non_blocking=True)
         loss_sum, n = step_loss(ids)
-        total, n_all, tok_all = distributed.global_counts(loss_sum, n, ids.numel(), w)
+        n_all, tok_all = distributed.global_counts(n, ids.numel(), w, dev)
         (loss_sum * (w.size / n_all)).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -55,6 +55,7 @@ def worker(args) -> None:
             tokens += tok_all
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    total = distributed.global_sum(loss_sum, w)
     if w.is_main:
         flops = flops_per_step(model, [args.seq] * args.batch) * args.steps * w.size
         print(json.dumps({"size": args.size, "gpus": w.size, "tokens_per_s": round(tokens / dt),

@@ -59,7 +59,7 @@ UNSLOTH_REFERENCE = {"1b": {"tokens_per_s": 73_550, "peak_gib": 11.0}, "3b": {"t
 
 
 WL_VARIANTS = {  # wonderland's fast path: the default, and one lever changed at a time
-    "wl": {},  # hand-written LoRA layers (fused_lora.py) + Liger fused linear CE + fused AdamW
+    "wl": {},  # hand-written LoRA layers (fused_lora.py) + fused linear CE (fused_ce.py) + fused AdamW
     "wl_flash": dict(dense_attention="flash"),  # FlashAttention-2 (varlen) instead of SDPA's choice
     "wl_sdpa_hm": dict(dense_attention="sdpa_head_major"),  # SDPA on head-major q/k/v written by RoPE
     "wl_compile": dict(fused_layers=False),  # the previous default: regional torch.compile of the HF+PEFT layers
@@ -67,8 +67,9 @@ WL_VARIANTS = {  # wonderland's fast path: the default, and one lever changed at
     "wl_liger_compile": dict(liger_kernels=True),
     "wl_nopack": dict(pack=False),
     "wl_pack1024": dict(pack_capacity=1024),
-    "wl_chunked": dict(liger_loss=False),
+    "wl_liger_loss": dict(liger_loss=True),  # Liger's fused linear cross-entropy instead of fused_ce.py
     "wl_static": dict(compile_dynamic=False),
+    "wl_graph": {},  # experiment: forward + backward captured once as a CUDA graph (no host overhead at all)
 }
 
 
@@ -231,15 +232,14 @@ def worker(args) -> dict:
         tf.prepare_model(model, dev, opts)
         opt = tf.make_optimizer(params, 1e-4, 0.0, opts)
 
-        def step_fn(b):
-            if args.chat:
-                loss, n, tokens = tf.batch_loss(model, b, 0, dev, opts)
-                lengths = [len(e.input_ids) for e in b]
-            else:
-                ids = b.to(dev, non_blocking=True)
-                loss, n = tf.summed_loss(model, ids, ids, use_liger="liger_loss" in opts.applied)
-                tokens, lengths = ids.numel(), [ids.shape[1]] * ids.shape[0]
-            return loss / n, tokens, lengths
+        if not args.chat and trainer != "wl_graph":  # the trainer's own data path: records, laid out on the host
+            from wonderland.chat_format import Encoded
+
+            data = [[Encoded(row.tolist(), row.tolist()) for row in b] for b in data]
+
+        def step_fn(b):  # what TorchBackend.train does per step (its prepare_batch + prepared_loss)
+            loss, n, tokens = tf.prepared_loss(model, tf.prepare_batch(b, 0, dev, opts), opts)
+            return loss / n, tokens, [len(e.input_ids) for e in b]
         levers = opts.applied
     else:
         if trainer == "hf_compile":
@@ -255,10 +255,19 @@ def worker(args) -> dict:
             return model(input_ids=ids, labels=ids).loss, ids.numel(), [ids.shape[1]] * ids.shape[0]
         levers = [trainer]
 
+    def train_step(b):
+        loss, tokens, lengths = step_fn(b)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), tokens, lengths
+
     model.train()
     sync()
     if dev.type == "cuda":  # from here: weights + training, not loading transients (Unsloth loads from disk)
         torch.cuda.reset_peak_memory_stats()
+    if trainer == "wl_graph":
+        train_step = graphed_step(model, opt, params, data[0].to(dev), args.warmup)
     losses, tok, flops, t0 = [], 0, 0.0, 0.0
     t_first = time.perf_counter()
     for i, b in enumerate(data):
@@ -266,39 +275,81 @@ def worker(args) -> dict:
             sync()
             t0 = time.perf_counter()
             warm_s = t0 - t_first
-        loss, tokens, lengths = step_fn(b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, tokens, lengths = train_step(b)
         if i >= args.warmup:
             tok += tokens
             flops += flops_per_step(model if trainer != "hf_compile" else model._orig_mod, lengths)
-        losses.append(loss.detach())
+        losses.append(loss)
     sync()
     dt = time.perf_counter() - t0
-    prof = profile_top(step_fn, opt, data[-2:], args.profile_top) if args.profile else None
+    prof = profile_top(train_step, data[-2:], args.profile_top) if args.profile else None
+    timeline = None
+    if args.timeline:
+        sys.path.insert(0, str(REPO / "bench"))
+        from timeline import profile_steps
+
+        timeline = profile_steps(train_step, data[-2:])
     if trainer == "unsloth":
         from importlib import metadata
 
         levers = [f"unsloth {metadata.version('unsloth')}", f"load+patch {load_s:.1f}s"]
-    return {"profile_ms_per_step": prof, "trainer": trainer, "size": args.size, "data": "chat" if args.chat else f"random {args.batch}x{args.seq}",
+    return {"profile_ms_per_step": prof, "timeline": timeline, "trainer": trainer, "size": args.size, "data": "chat" if args.chat else f"random {args.batch}x{args.seq}",
             "tokens_per_s": round(tok / dt), "mfu": round(flops / dt / PEAK_FLOPS, 4),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None, "steps": args.steps,
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if dev.type == "cuda" else None, "steps": args.steps,
             "step_ms": round(1000 * dt / args.steps, 1), "warmup_s": round(warm_s, 1),
             "loss_first": round(float(losses[0]), 4), "loss_last": round(float(losses[-1]), 4), "levers": levers,
             "lora_params": sum(p.numel() for p in params)}
 
 
-def profile_top(step_fn, opt, batches, top: int = 10) -> dict:
+def graphed_step(model, opt, params, static_ids, warmup: int):
+    """Experiment (wl_graph): forward + backward of the fused path captured once as a CUDA graph and
+    replayed every step (the optimizer runs eagerly). Random 8 x 1024 data only: every target is
+    a real label, so the loss needs no host-side count."""
+    import torch
+
+    from wonderland.backends import torch_fast as tf
+
+    base = tf._base(model)
+    n = static_ids.shape[0] * (static_ids.shape[1] - 1)
+
+    def fwd_bwd():
+        hidden = base._wonderland_fused.hidden_states(static_ids)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        loss = tf.linear_cross_entropy_sum(h, base.lm_head.weight, static_ids[:, 1:].reshape(-1)) / n
+        loss.backward()
+        return loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernel selection, workspaces) outside the capture
+        for _ in range(max(1, warmup)):
+            fwd_bwd()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = fwd_bwd()
+    grads = [p.grad for p in params]
+
+    def train_step(b):
+        static_ids.copy_(b, non_blocking=True)
+        graph.replay()
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return static_loss.clone(), b.numel(), [b.shape[1]] * b.shape[0]
+    return train_step
+
+
+def profile_top(train_step, batches, top: int = 10) -> dict:
     """GPU time per step: the kernels that take the most, and totals by kind of kernel (ms)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for b in batches:
-            loss, _, _ = step_fn(b)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(b)
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     kinds: dict[str, float] = {}
     for e in events:
@@ -396,11 +447,12 @@ def check(args) -> dict:
         out[f"grad_rel_err_{name}_vs_plain"] = float((g - ref_g).norm() / ref_g.norm())
         out[f"grad_rel_err_{name}_vs_fp32"] = float((g - ref32_g).norm() / ref32_g.norm())
 
-    for name, kw in (("chunked", dict(use_liger=False)), ("liger", dict(use_liger=True))):
+    for name, kw in (("fused_ce", dict(use_liger=False)), ("liger", dict(use_liger=True))):
         record(name, *grads(lambda: tf.summed_loss(model, ids, ids, **kw)))
     out["kernels_max_rel_err"] = check_kernels()
     opts = tf.prepare_model(model, dev, tf.FastOptions())
-    record("fast_default", *grads(lambda: tf.summed_loss(model, ids, ids, use_liger="liger_loss" in opts.applied)))
+    recs = [Encoded(row.tolist(), row.tolist()) for row in ids.cpu()]
+    record("fast_default", *grads(lambda: tf.prepared_loss(model, tf.prepare_batch(recs, 0, dev, opts), opts)[:2]))
     out["levers"] = opts.applied
     g = torch.Generator().manual_seed(4)
     recs = [Encoded(t := torch.randint(0, 49152, (n,), generator=g).tolist(), [-100] * 5 + t[5:])
@@ -408,7 +460,7 @@ def check(args) -> dict:
     with torch.no_grad():
         padded, n_pad = summed_loss(model, *collate(recs, 0, dev))
         p = tf.pack(recs, 0, dev)
-        packed, n_pack = tf.summed_loss(model, p.input_ids, p.labels, None, p.position_ids, use_liger=True)
+        packed, n_pack = tf.summed_loss(model, p.input_ids, p.labels, None, p.position_ids, packed=p)
     out.update(pack_rows=list(p.input_ids.shape), loss_padded=float(padded / n_pad), loss_packed=float(packed / n_pack),
                pack_rel_err=abs(float(packed / n_pack) / float(padded / n_pad) - 1), labelled=[n_pad, n_pack])
     return out
@@ -541,6 +593,7 @@ def main() -> int:
     p.add_argument("--chat-batch", type=int, default=64, help="records per step on chat data")
     p.add_argument("--profile", action="store_true", help="add the top GPU kernels per step to each trainer's line")
     p.add_argument("--profile-top", type=int, default=10, help="kernels listed by --profile")
+    p.add_argument("--timeline", action="store_true", help="add where the GPU idles (bench/timeline.py) to each trainer's line")
     p.add_argument("--check", action="store_true", help="only the GPU equivalence check")
     p.add_argument("--e2e", nargs=2, metavar=("TOKENIZER_DIR", "DATA_DIR"),
                    help="only the end-to-end run of `wonderland train` (plain twice, fast once) on a chat dataset")
@@ -584,7 +637,7 @@ def main() -> int:
     for size, trainer, chat in runs:
         cmd = [sys.executable, __file__, "--worker", "--trainer", trainer, "--size", size, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile", "--profile-top", str(args.profile_top)] if args.profile else []) + (["--chat", chat] if chat else [])
+               "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile", "--profile-top", str(args.profile_top)] if args.profile else []) + (["--timeline"] if args.timeline else []) + (["--chat", chat] if chat else [])
         timeout = args.timeout
         if args.deadline:  # what is left of the whole invocation's time
             timeout = min(timeout, int(args.deadline - (time.perf_counter() - t_start)))

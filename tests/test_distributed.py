@@ -26,7 +26,8 @@ def test_shards_partition_the_global_batch():
     assert sorted(shards[0] + shards[1]) == sorted(idx)
     one = distributed.World()
     assert distributed.shard(idx, one) == idx and not one.distributed and one.is_main
-    assert distributed.global_counts(torch.tensor(2.5), 4, 10, one) == (2.5, 4, 10)
+    assert distributed.global_counts(4, 10, one, torch.device("cpu")) == (4, 10)
+    assert distributed.global_sum(torch.tensor(2.5), one) == 2.5
 
 
 def _dataset(path, n: int = 10) -> None:

@@ -1,9 +1,9 @@
 """The fast training path (wonderland.backends.torch_fast) computes what the plain path computes.
 
-CI has no GPU: these run the pure-PyTorch pieces on the CPU (chunked fused loss, packing, fused
-AdamW, the backend's wiring through ``WONDERLAND_TORCH_FAST=1``). Liger's Triton kernels need
-CUDA; `bench/train_throughput.py --check` compares them with the plain path on the GPU
-(results in bench/README.md).
+CI has no GPU: these run the pure-PyTorch pieces on the CPU (packing laid out on the host, fused
+AdamW, the backend's wiring through ``WONDERLAND_TORCH_FAST=1``; the fused loss itself is
+tests/test_fused_ce.py). `bench/train_throughput.py --check` compares the CUDA kernels with the
+plain path on the GPU (results in bench/README.md).
 """
 
 from __future__ import annotations
@@ -16,28 +16,12 @@ from safetensors.torch import load_file
 
 from wonderland.backends import torch_fast as tf
 from wonderland.backends.torch_backend import collate, load_base, lora_config, summed_loss
-from wonderland.chat_format import IGNORE
+from wonderland.chat_format import IGNORE, Encoded
 from wonderland.config import TrainConfig
 
 from tests.helpers import chat_records as records
 
 CPU = torch.device("cpu")
-
-
-def test_chunked_linear_cross_entropy_matches_plain_loss_and_gradients():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, 50, (37,), generator=g)
-    ref = torch.nn.functional.cross_entropy(h @ w.t(), t, reduction="sum")
-    ref_gh, ref_gw = torch.autograd.grad(3.0 * ref, (h, w))
-    loss = tf.ChunkedLinearCrossEntropy.apply(h, w, t, 8, True)  # 5 chunks, the last one partial
-    gh, gw = torch.autograd.grad(3.0 * loss, (h, w))  # an upstream factor reaches both gradients
-    torch.testing.assert_close(loss, ref.to(loss.dtype), rtol=1e-10, atol=0)
-    torch.testing.assert_close(gh, ref_gh, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gw, ref_gw, rtol=1e-10, atol=1e-12)
-    with torch.no_grad():  # evaluation: no gradient work, same value
-        assert float(tf.linear_cross_entropy_sum(h, w, t)) == pytest.approx(float(ref), rel=1e-10)
 
 
 def test_pack_rows_keeps_every_record_once_within_capacity():
@@ -136,3 +120,28 @@ def test_backend_fast_path_trains_the_same_adapter_as_the_plain_path(tiny_model,
         torch.testing.assert_close(fast[k], plain[k], rtol=0, atol=1e-5)
     assert any(float((plain[k] != 0).float().mean()) > 0 for k in plain if "lora_B" in k)  # training moved B
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_pack_works_out_labels_and_sequences_on_the_host(tiny_peft):
+    """What the GPU would otherwise be asked for mid-step (and waited for) comes with the batch."""
+    recs = records(6, seed=5)
+    p = tf.pack(recs, 0, CPU, capacity=sum(len(r.input_ids) for r in recs))  # one row, as on the fused layers
+    assert p.lengths.tolist()[: len(recs)] == sorted((len(r.input_ids) for r in recs), reverse=True)
+    assert int(p.lengths.sum()) == p.input_ids.numel()
+    shifted = p.labels[:, 1:].reshape(-1)
+    assert p.keep.tolist() == (shifted != IGNORE).nonzero().squeeze(1).tolist() and p.n == len(p.keep)
+    assert p.targets.tolist() == shifted[p.keep].tolist()
+    with_host, n1 = tf.summed_loss(tiny_peft, p.input_ids, p.labels, None, p.position_ids, packed=p)
+    on_device, n2 = tf.summed_loss(tiny_peft, p.input_ids, p.labels, None, p.position_ids)
+    assert n1 == n2 and float(with_host) == pytest.approx(float(on_device), rel=1e-6)
+
+
+def test_equal_length_records_become_plain_rows_on_the_fused_layers(tiny_peft):
+    opts = tf.FastOptions()
+    opts.applied = ["fused_layers", "fused_ce", "pack"]
+    recs = records(4, seed=6)
+    same = [Encoded(r.input_ids[:9], r.labels[:9]) for r in recs]
+    p = tf.prepare_batch(same, 0, CPU, opts)
+    assert p.input_ids.shape == (4, 9) and p.position_ids is None  # causal rows: no segments, cuDNN attention on CUDA
+    mixed = tf.prepare_batch(recs[:4], 0, CPU, opts)
+    assert mixed.input_ids.shape[0] == 1 and mixed.position_ids is not None  # one packed row, attended per record

@@ -160,20 +160,23 @@ def test_lora_is_folded_into_the_group_matmul():
     layer = model.get_base_model().model.layers[0].self_attn
     x = torch.randn(5, 32, dtype=torch.float64)
     ref = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], 1)
-    params: list = []
-    group = fused_lora._group([layer.q_proj, layer.k_proj, layer.v_proj], "default", params)
+    fused, why = fused_lora.prepare(model, cuda=False)
+    assert fused is not None, why
+    L = fused.layers[0]
+    group, params = L.qkv, L.params
     assert group.aug.shape == (32 + 16 + 16, 32 + 4 + 4) and len(params) == 4  # k has no LoRA
     assert layer.k_proj.weight.data_ptr() == group.aug.data_ptr() + 32 * group.aug.stride(0) * 8  # a view, no copy
-    dst, src, a_dst, scales = group.sync_pairs(params)
-    with torch.no_grad():
-        torch._foreach_copy_(dst, src)
-        torch._foreach_mul_(a_dst, scales)
+    assert group.aug.data_ptr() >= L.arena.data_ptr() and group.acat.data_ptr() >= L.arena.data_ptr()  # one arena
+    assert all(p.data_ptr() >= fused.master.data_ptr() for p in params)  # the LoRA weights are views of the master
+    fused.sync_lora()
+    q_a, q_b, v_a, v_b = (p.detach() for p in params)
+    torch.testing.assert_close(group.acat, 2.0 * torch.cat([q_a, v_a]))  # alpha / r = 2
+    torch.testing.assert_close(group.aug[:, 32:], torch.block_diag(q_b, torch.zeros(16, 0, dtype=q_b.dtype), v_b))
     xa = group.input_buffer(5, x)
     xa[:, :32] = x
     y, a = group.forward(xa)
     torch.testing.assert_close(y, ref.detach())
-    assert scales == [2.0, 2.0]  # alpha / r
-    torch.testing.assert_close(a, 2.0 * torch.cat([x @ params[0].t(), x @ params[2].t()], 1).detach())
+    torch.testing.assert_close(a, 2.0 * torch.cat([x @ q_a.t(), x @ v_a.t()], 1))
     torch.testing.assert_close(torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], 1), ref)  # PEFT unchanged
 
 

@@ -86,12 +86,23 @@ def shard(indices: list[int], w: World) -> list[int]:
     return indices[w.rank :: w.size]
 
 
-def global_counts(loss_sum: torch.Tensor, n: int, tokens: int, w: World) -> tuple[float, int, int]:
-    """Summed loss, labelled tokens and tokens over all ranks (one all-reduce)."""
-    t = torch.tensor([float(loss_sum.detach()), float(n), float(tokens)], dtype=torch.float64, device=loss_sum.device)
+def global_counts(n: int, tokens: int, w: World, device: torch.device) -> tuple[int, int]:
+    """Labelled tokens and tokens over all ranks. Host numbers: in one process nothing waits for
+    the GPU here; under torchrun, one small all-reduce."""
+    if not w.distributed:
+        return n, tokens
+    t = torch.tensor([n, tokens], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t[0]), int(t[1])
+
+
+def global_sum(x: torch.Tensor, w: World) -> float:
+    """A per-rank scalar tensor summed over all ranks, as a float. It waits for the GPU: call it
+    once a step, after everything of the step has been launched."""
     if w.distributed:
-        dist.all_reduce(t)
-    return float(t[0]), int(t[1]), int(t[2])
+        x = x.detach().to(torch.float64).clone()
+        dist.all_reduce(x)
+    return float(x)
 
 
 def any_rank(flag: bool, w: World, device: torch.device) -> bool:

@@ -81,16 +81,6 @@ class Group:
     def lora(self) -> list[Member]:
         return [m for m in self.members if m.a >= 0]
 
-    def sync_pairs(self, P) -> tuple[list, list, list, list]:
-        """(destinations, sources) of this group's per-step LoRA copies, and (A destinations, scales)."""
-        dst, src, a_dst, scales = [], [], [], []
-        for m in self.lora:
-            dst += [self.acat[m.r[0] : m.r[1]], self.aug[m.rows[0] : m.rows[1], self.n_in + m.r[0] : self.n_in + m.r[1]]]
-            src += [P[m.a], P[m.b]]
-            a_dst.append(dst[-2])
-            scales.append(m.scale)
-        return dst, src, a_dst, scales
-
     def input_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """(n, in + R): the caller writes the group's input into [:, :in]."""
         return torch.empty((n, self.aug.shape[1]), dtype=like.dtype, device=like.device)
@@ -106,15 +96,14 @@ class Group:
         return (xa @ w if residual is None else torch.addmm(residual, xa, w)), a
 
     def backward(self, dy, dx, a, grads):
-        """LoRA backward for the group's output gradient dy (N, out), first part: every member's B
-        gradient into ``grads`` (one matmul: the off-diagonal blocks are computed and dropped, which
-        costs no extra reads of dy) and dx += (dy B) scale A in place (unless dx is None).
+        """LoRA backward for the group's output gradient dy (N, out), first part: each member's B
+        gradient dy_m^T a_m (out_m, r_m) into ``grads``, computed in float32 (no rounding to bf16,
+        no cast afterwards), and dx += (dy B) scale A in place (unless dx is None).
         Returns g = dy B (N, R) for grad_a, or None without LoRA."""
         if not self.R:
             return None
-        dB = dy.t() @ a  # (out, R)
         for m in self.lora:
-            grads[m.b] = dB[m.rows[0] : m.rows[1], m.r[0] : m.r[1]]
+            grads[m.b] = _mm_acc(dy[:, m.rows[0] : m.rows[1]].t(), a[:, m.r[0] : m.r[1]])
         g = dy @ self.aug[:, self.n_in :]  # block-diagonal B: each member's dy_m B_m side by side
         if dx is not None:
             dx.addmm_(g, self.acat)
@@ -125,9 +114,25 @@ class Group:
         saved xhat for the norm-fed groups, whose norm weight is folded into ``da_scale``)."""
         if g is None:
             return
-        da = (g.t() @ x).to(_acc(x.dtype)).mul_(self.da_scale)  # (R, in)
+        da = _mm_acc(g.t(), x).mul_(self.da_scale)  # (R, in), float32
         for m in self.lora:
             grads[m.a] = da[m.r[0] : m.r[1]]
+
+
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) exists (CUDA, torch >= 2.8)
+
+
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in the accumulation dtype (float32 for bf16 inputs): cuBLAS accumulates in float32
+    anyway, so asking for a float32 result skips a rounding to bf16 and a cast kernel."""
+    global _MM_OUT_DTYPE
+    acc = _acc(a.dtype)
+    if acc != a.dtype and a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=acc)
+        except (TypeError, RuntimeError, NotImplementedError):  # an older torch
+            _MM_OUT_DTYPE = False
+    return (a @ b).to(acc)
 
 
 # ----------------------------------------------------------------------------- the decoder layer
@@ -140,6 +145,8 @@ class Layer:
     w_in: torch.Tensor  # input_layernorm.weight
     w_post: torch.Tensor  # post_attention_layernorm.weight
     params: list[torch.nn.Parameter] = field(default_factory=list)  # this layer's LoRA A/B, in Member order
+    arena: torch.Tensor | None = None  # flat buffer holding every group's aug and acat (views)
+    index: torch.Tensor | None = None  # where each element of params (flattened, in order) goes in arena
 
 
 class LayerFn(torch.autograd.Function):
@@ -201,7 +208,7 @@ class LayerFn(torch.autograd.Function):
         dy = dqkv @ L.qkv.weight if need_dx else None
         L.qkv.grad_a(L.qkv.backward(dqkv, dy, a1, grads), xhat1, grads)
         dx = K.rms_bwd(dy, xhat1, rstd1, L.w_in, d2) if need_dx else None
-        return (dx, None, None, None, None, *(g.to(t).contiguous() for g, t in zip(grads, ctx.param_dtypes)))
+        return (dx, None, None, None, None, *(g.to(t) for g, t in zip(grads, ctx.param_dtypes)))
 
 
 class RMSNormFn(torch.autograd.Function):
@@ -227,23 +234,47 @@ class FusedModel:
     def __init__(self, inner, layers: list[Layer], kernels: Kernels, scale: float, dense_attention: str = "sdpa"):
         self.inner, self.layers, self.kernels, self.scale = inner, layers, kernels, scale
         self.dense_attention = dense_attention  # unpacked rows: "sdpa" (cuDNN), "sdpa_head_major", "flash" (FA2)
-        self._dst, self._src, self._a_dst, self._scales = [], [], [], []
-        for L in layers:
-            for group in (L.qkv, L.o, L.gate_up, L.down):
-                for mine, part in zip((self._dst, self._src, self._a_dst, self._scales), group.sync_pairs(L.params)):
-                    mine += part
+        # Every LoRA weight becomes a view of one flat master tensor (layer by layer, in Member order),
+        # so that the per-step copy in the compute dtype is one cast plus one scatter per layer.
+        params = [p for L in layers for p in L.params]
+        self.master = self._flat = None
+        self._spans: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+        self._a_dst, self._scales = [], []
+        if params:
+            with torch.no_grad():
+                self.master = torch.cat([p.detach().reshape(-1) for p in params])
+            at = 0
+            for L in layers:
+                lo = at
+                for p in L.params:
+                    p.data = self.master[at : at + p.numel()].view_as(p)
+                    at += p.numel()
+                self._spans.append((lo, at, L.arena, L.index))
+                for group in (L.qkv, L.o, L.gate_up, L.down):
+                    for m in group.lora:
+                        self._a_dst.append(group.acat[m.r[0] : m.r[1]])
+                        self._scales.append(m.scale)
+            self._flat = torch.empty_like(self.master, dtype=layers[0].arena.dtype)
 
     def sync_lora(self) -> None:
-        """This step's LoRA weights into the groups' buffers, in the compute dtype: a few multi-tensor
-        launches for the whole model instead of a cast, a concatenation and a scaling per projection."""
-        if self._dst:
-            with torch.no_grad():
-                torch._foreach_copy_(self._dst, [p.detach() for p in self._src])
-                torch._foreach_mul_(self._a_dst, self._scales)
+        """This step's LoRA weights into the groups' buffers, in the compute dtype: A into ``acat``
+        (then scaled), B block-diagonally into ``aug``. One cast of the master tensor, one
+        ``index_copy_`` per layer and a multi-tensor scale: ~L + 2 launches, not a few per LoRA."""
+        if self.master is None:
+            return
+        with torch.no_grad():
+            self._flat.copy_(self.master)
+            for lo, hi, arena, index in self._spans:
+                if hi > lo:
+                    arena.index_copy_(0, index, self._flat[lo:hi])
+            torch._foreach_mul_(self._a_dst, self._scales)
 
-    def hidden_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """ids (B, T) -> final hidden states (B, T, H). With position_ids (packed rows), a sequence
-        starts wherever the position is 0; without them each row is one sequence."""
+    def hidden_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) -> final hidden states (B, T, H). Without position_ids each row is one
+        sequence. With them (packed rows) the sequences are ``lengths`` (a CPU int tensor, in
+        order over the flattened rows, summing to B * T); if not given they are found on the
+        device where the position is 0, which waits for the GPU (torch_fast.pack gives them)."""
         B, T = ids.shape
         self.sync_lora()
         x = self.inner.embed_tokens(ids)
@@ -251,7 +282,7 @@ class FusedModel:
         if dense:
             position_ids = torch.arange(T, device=ids.device).expand(B, T)
             lengths = torch.full((B,), T, dtype=torch.int64)
-        else:
+        elif lengths is None:
             starts = (position_ids.reshape(-1) == 0).nonzero().squeeze(1).cpu()
             lengths = torch.diff(starts, append=torch.tensor([B * T]))
         cos, sin = self.inner.rotary_emb(x, position_ids)  # (B, T, D), rope scaling included
@@ -259,9 +290,9 @@ class FusedModel:
         if half and dense and self.dense_attention in ("sdpa", "sdpa_head_major"):
             attn = SDPAttention(B, T, self.scale, head_major=self.dense_attention == "sdpa_head_major")
         else:
-            cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+            cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, pin_memory=x.is_cuda)
             cu[1:] = torch.cumsum(lengths, 0)
-            attn = (FlashAttention if half else MathAttention)(cu.to(ids.device), int(lengths.max()), self.scale)
+            attn = (FlashAttention if half else MathAttention)(cu.to(ids.device, non_blocking=True), int(lengths.max()), self.scale)
         rot = (cos.reshape(B * T, -1), sin.reshape(B * T, -1), T)
         x = x.reshape(B * T, -1)
         for L in self.layers:
@@ -291,34 +322,59 @@ def _lora_parts(module, adapter: str | None):
     return module.base_layer, module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
 
 
-def _group(modules: list, adapter: str | None, params: list, norm_weight: torch.Tensor | None = None) -> Group:
-    """One Group of ``modules``: their frozen weights copied into [W | 0] (their own weights become
-    views of it) and their LoRA parameters registered in ``params``. ``norm_weight``: the RMSNorm
-    weight in front of the group (its input is saved as xhat, before that weight)."""
-    parts = [_lora_parts(m, adapter) for m in modules]
-    n_in = parts[0][0].weight.shape[1]
-    R = sum(A.shape[0] for _, A, _, _ in parts if A is not None)
-    first = parts[0][0].weight
-    aug = torch.zeros((sum(base.weight.shape[0] for base, *_ in parts), n_in + R), dtype=first.dtype, device=first.device)
-    members, row, r0 = [], 0, 0
-    for base, A, B, scale in parts:
-        out = base.weight.shape[0]
-        aug[row : row + out, :n_in] = base.weight.detach()
-        base.weight.data = aug[row : row + out, :n_in]  # a view: the group's buffer is the only copy
-        m = Member((row, row + out))
-        if A is not None:
-            m.a, m.b, m.scale, m.r = len(params), len(params) + 1, scale, (r0, r0 + A.shape[0])
-            params += [A, B]
-            r0 += A.shape[0]
-        members.append(m)
-        row += out
-    group = Group(aug, n_in, members)
-    if R:
-        group.acat = torch.zeros((R, n_in), dtype=first.dtype, device=first.device)
-        acc = _acc(first.dtype)
-        rows = torch.tensor([m.scale for m in group.lora for _ in range(m.r[1] - m.r[0])], dtype=acc, device=first.device)
-        group.da_scale = rows[:, None] * (norm_weight.detach().to(acc)[None, :] if norm_weight is not None else 1.0)
-    return group
+_ALIGN = 64  # elements: every view of a layer's arena starts 128-byte aligned (bf16) for the matmuls
+
+
+def _layer(layer, adapter: str | None) -> Layer:
+    """One decoder layer's groups. The frozen weights are copied into [W | 0] blocks of one flat
+    *arena* per layer (the modules' own weights become views of it, so no memory is added), next to
+    each group's acat; ``index`` maps every element of the layer's LoRA weights, flattened in order,
+    to its place in the arena (A into acat rows, B into the block-diagonal columns of aug)."""
+    at, mlp = layer.self_attn, layer.mlp
+    specs = [([at.q_proj, at.k_proj, at.v_proj], layer.input_layernorm.weight), ([at.o_proj], None),
+             ([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm.weight), ([mlp.down_proj], None)]
+    parts = [[_lora_parts(m, adapter) for m in mods] for mods, _ in specs]
+    first = parts[0][0][0].weight
+    shapes, total = [], 0  # per group: (offset of aug, out, in + R, offset of acat, R, in)
+    for ps in parts:
+        n_in, R = ps[0][0].weight.shape[1], sum(A.shape[0] for _, A, _, _ in ps if A is not None)
+        out = sum(base.weight.shape[0] for base, *_ in ps)
+        off_aug = total
+        total += -(-(out * (n_in + R)) // _ALIGN) * _ALIGN
+        off_acat = total
+        total += -(-(R * n_in) // _ALIGN) * _ALIGN
+        shapes.append((off_aug, out, n_in + R, off_acat, R, n_in))
+    arena = torch.zeros(total, dtype=first.dtype, device=first.device)
+    params: list = []
+    index: list[torch.Tensor] = []
+    groups = []
+    for ps, (_, norm_weight), (off_aug, out, width, off_acat, R, n_in) in zip(parts, specs, shapes):
+        aug = arena[off_aug : off_aug + out * width].view(out, width)
+        members, row, r0 = [], 0, 0
+        for base, A, B, scale in ps:
+            rows = base.weight.shape[0]
+            aug[row : row + rows, :n_in] = base.weight.detach()
+            base.weight.data = aug[row : row + rows, :n_in]  # a view: the arena is the only copy
+            m = Member((row, row + rows))
+            if A is not None:
+                r = A.shape[0]
+                m.a, m.b, m.scale, m.r = len(params), len(params) + 1, scale, (r0, r0 + r)
+                params += [A, B]
+                index.append(off_acat + r0 * n_in + torch.arange(r * n_in))  # A (r, in) -> acat rows r0:r0+r
+                cols = off_aug + (row + torch.arange(rows))[:, None] * width + n_in + r0 + torch.arange(r)[None, :]
+                index.append(cols.reshape(-1))  # B (rows, r) -> aug[row:row+rows, n_in+r0 : n_in+r0+r]
+                r0 += r
+            members.append(m)
+            row += rows
+        group = Group(aug, n_in, members)
+        if R:
+            group.acat = arena[off_acat : off_acat + R * n_in].view(R, n_in)
+            acc = _acc(first.dtype)
+            scales = torch.tensor([m.scale for m in group.lora for _ in range(m.r[1] - m.r[0])], dtype=acc, device=first.device)
+            group.da_scale = scales[:, None] * (norm_weight.detach().to(acc)[None, :] if norm_weight is not None else 1.0)
+        groups.append(group)
+    idx = torch.cat(index).to(first.device) if index else torch.zeros(0, dtype=torch.int64, device=first.device)
+    return Layer(*groups, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, params, arena, idx)
 
 
 def prepare(model, cuda: bool, dense_attention: str = "sdpa") -> tuple[FusedModel | None, str]:
@@ -350,13 +406,9 @@ def prepare(model, cuda: bool, dense_attention: str = "sdpa") -> tuple[FusedMode
     extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora]
     if extra:  # e.g. modules_to_save, trainable norms or embeddings: the fused backward would skip them
         return None, f"trainable parameters besides the decoder's LoRA ({extra[0]})"
-    layers = []
-    for layer in inner.layers:
-        at, mlp, params = layer.self_attn, layer.mlp, []
-        qkv = _group([at.q_proj, at.k_proj, at.v_proj], adapter, params, layer.input_layernorm.weight)
-        o = _group([at.o_proj], adapter, params)
-        gu = _group([mlp.gate_proj, mlp.up_proj], adapter, params, layer.post_attention_layernorm.weight)
-        down = _group([mlp.down_proj], adapter, params)
-        layers.append(Layer(qkv, o, gu, down, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, params))
+    dtypes = {p.dtype for n, p in model.named_parameters() if id(p) in lora}
+    if len(dtypes) > 1:
+        return None, f"LoRA weights of several dtypes ({sorted(map(str, dtypes))})"
+    layers = [_layer(layer, adapter) for layer in inner.layers]
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
     return FusedModel(inner, layers, make_kernels(eps, nh, nkv, hd, cuda), 1.0 / math.sqrt(hd), dense_attention), "ok"

@@ -138,9 +138,14 @@ class TorchBackend:
         train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
         valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
         pad = tokenizer.pad_token_id
-        # DDP all-reduces LoRA gradients when several processes train (the loss function is its module)
-        step_loss = distributed.wrap_loss(model, (lambda m, b: torch_fast.batch_loss(m, b, pad, device, fast)) if fast
+        # A batch is laid out on the host (``prepare``) before its loss is computed on the device; DDP
+        # all-reduces LoRA gradients when several processes train (the loss function is its module).
+        prepare = (lambda b: torch_fast.prepare_batch(b, pad, device, fast)) if fast else (lambda b: b)
+        step_loss = distributed.wrap_loss(model, (lambda m, p: torch_fast.prepared_loss(m, p, fast)) if fast
                                           else (lambda m, b: batch_loss(m, b, pad, device)), world, device)
+
+        def batch_at(i: int):
+            return prepare([train_set[j] for j in distributed.shard(batch_indices(i, len(train_set), cfg.batch_size, cfg.seed), world)])
         step = 0
         if job.resume_from:
             step = self._load_checkpoint(job.resume_from, model, optimizer, device)
@@ -169,26 +174,28 @@ class TorchBackend:
         # --- train
         model.train()
         loss_value, val_loss = None, None
-        t_start, steps_done = time.perf_counter(), 0
+        t_start, steps_done, upcoming = time.perf_counter(), 0, None
         while step < cfg.iters:
             if distributed.any_rank(job.should_stop(), world, device):
                 ckpt = self._save_checkpoint(job, model, optimizer, step)
                 emit(Stopped(step=step, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=time.perf_counter() - t_start))
                 return TrainResult("stopped", step, loss_value, val_loss)
             t0 = time.perf_counter()
-            batch = [train_set[i] for i in distributed.shard(batch_indices(step, len(train_set), cfg.batch_size, cfg.seed), world)]
+            batch = upcoming if upcoming is not None else batch_at(step)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, n, tokens = step_loss(batch)
-            total, n, tokens = distributed.global_counts(loss_sum, n, tokens, world)  # all ranks together
+            n, tokens = distributed.global_counts(n, tokens, world, device)  # all ranks together
             # mean NLL per assistant token of the global batch (x world size: DDP averages gradients)
-            loss = loss_sum * (world.size / max(n, 1))
-            loss.backward()
+            (loss_sum * (world.size / max(n, 1))).backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            # the next batch's host work while the GPU runs this step, then the step's one wait for it
+            upcoming = batch_at(step + 1) if step + 1 < cfg.iters else None
+            total = distributed.global_sum(loss_sum, world)
             step, steps_done, loss_value = step + 1, steps_done + 1, total / max(n, 1)
             dt, elapsed = time.perf_counter() - t0, time.perf_counter() - t_start
             emit(Step(step=step, total_steps=cfg.iters, loss=loss_value, learning_rate=lr, tokens=tokens,

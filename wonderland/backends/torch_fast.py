@@ -6,9 +6,10 @@ What it changes, and why each pays (measured numbers: bench/README.md, "GPU trai
   Llama-3: 4 GiB in float32 for 8 x 1024 tokens) and their gradient. Here the loss is taken only
   at labelled positions (prompt and padding tokens never reach the LM head) and through a fused
   linear cross-entropy that works on a few hundred rows at a time and computes the gradient of
-  the hidden states in the forward pass, so the logits never exist in full. On CUDA it is Liger's
-  Triton kernel; elsewhere (and when Liger is missing) :class:`ChunkedLinearCrossEntropy`, the
-  same algorithm in plain PyTorch, which the CPU tests check against the plain loss.
+  the hidden states in the forward pass, so the logits never exist in full (``fused_ce.py``: a
+  Triton kernel on CUDA, the same maths in PyTorch elsewhere). Nothing in a step waits for the
+  GPU: labelled positions, counts and sequence lengths are worked out on the host when the batch
+  is laid out (:func:`pack`), and the trainer reads the loss once, after launching the step.
 * **Hand-written LoRA decoder layers** (``fused_lora.py``; Llama/Mistral-style models with LoRA
   dropout 0): one autograd Function per layer that keeps about half the activations autograd
   would, q|k|v and gate|up as single matmuls with the LoRA folded in, cuDNN / FlashAttention-2,
@@ -44,7 +45,6 @@ import torch
 from wonderland.chat_format import IGNORE, Encoded
 
 ENV = "WONDERLAND_TORCH_FAST"
-CE_CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk of the pure-PyTorch fused loss (256 MiB)
 FAST_LOSS_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # plain lm_head, no logit scaling/softcap
 
 
@@ -57,8 +57,8 @@ class FastOptions:
     liger_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE (CUDA + liger-kernel installed)
     compile_layers: bool = True  # regional torch.compile of decoder layers (CUDA only)
     compile_dynamic: bool = True  # one graph for every batch shape (chat batches vary every step)
-    fused_loss: bool = True  # loss at labelled positions only, without materialising logits
-    liger_loss: bool = True  # Liger's Triton kernel for that loss (CUDA); else the PyTorch one
+    fused_loss: bool = True  # loss at labelled positions only, without materialising logits (fused_ce.py)
+    liger_loss: bool = False  # Liger's fused linear cross-entropy for that loss instead (CUDA, if installed)
     pack: bool = True  # pack short records into rows (position ids reset per record)
     pack_capacity: int = 0  # tokens per packed row (0 = the batch's longest record)
     fused_adamw: bool = True  # torch's fused AdamW (CUDA and CPU)
@@ -119,7 +119,7 @@ def prepare_model(model, device: torch.device, opts: FastOptions | None = None) 
             layer.compile(dynamic=opts.compile_dynamic)
         opts.applied.append("compile_layers")
     if opts.fused_loss and fused_loss_supported(model):
-        opts.applied.append("liger_loss" if cuda and opts.liger_loss and liger_available() else "chunked_loss")
+        opts.applied.append("liger_loss" if cuda and opts.liger_loss and liger_available() else "fused_ce")
     if opts.pack:
         opts.applied.append("pack")
     if opts.fused_adamw:
@@ -133,56 +133,16 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay
 
 
 # ----------------------------------------------------------------------------- fused loss
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``h @ weight.T`` against ``targets``, ``chunk`` rows at a time.
-
-    The gradients are computed during the forward pass (softmax minus one-hot, times the chunk's
-    rows), so memory holds one chunk of logits at a time instead of all of them and the backward
-    pass is a multiplication by the incoming scalar. Logits are computed in the weights' dtype and
-    the softmax in float32, exactly as the plain path's ``cross_entropy(logits.float())``.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, need_grad: bool):
-        acc = torch.promote_types(h.dtype, torch.float32)  # float32 softmax for bf16/fp16 weights
-        loss = torch.zeros((), dtype=acc, device=h.device)
-        grad_h = torch.empty_like(h) if need_grad and h.requires_grad else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad and weight.requires_grad else None
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            logits = (hc @ weight.t()).to(acc)  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the logits
-            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
-            g = g.to(h.dtype)
-            if grad_h is not None:
-                grad_h[s : s + chunk] = g @ weight
-            if grad_w is not None:
-                grad_w.addmm_(g.t().to(acc), hc.to(acc))
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
-
-
 def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, use_liger: bool = False) -> torch.Tensor:
-    """sum_i CE(h_i @ weight.T, targets_i) for (N, H) rows whose targets are all real labels."""
+    """sum_i CE(h_i @ weight.T, targets_i) for (N, H) rows, without the (N, V) logits (fused_ce.py;
+    ``use_liger``: Liger's kernel instead, which waits for the GPU twice a step)."""
     if use_liger:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=IGNORE, reduction="sum")
-    chunk = max(16, CE_CHUNK_BYTES // (4 * weight.shape[0]))
-    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk, need_grad)
+    from wonderland.backends.fused_ce import linear_cross_entropy_sum as fused
+
+    return fused(h, weight, targets)
 
 
 def fused_loss_supported(model) -> bool:
@@ -194,30 +154,51 @@ def fused_loss_supported(model) -> bool:
 
 
 def summed_loss(model, ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, use_liger: bool = False) -> tuple[torch.Tensor, int]:
+                position_ids: torch.Tensor | None = None, use_liger: bool = False,
+                packed: "Packed | None" = None) -> tuple[torch.Tensor, int]:
     """Like ``torch_backend.summed_loss`` (sum of next-token NLLs at labelled positions, and their
-    count) but the LM head runs only on labelled positions and its logits are never stored."""
+    count) but the LM head runs only on labelled positions and its logits are never stored.
+    ``packed`` (from :func:`pack`) brings what the host already knows (labelled positions, their
+    count, sequence lengths), so nothing here waits for the GPU."""
     base = _base(model)
     fused = getattr(base, "_wonderland_fused", None)
     if fused is not None:
         # right padding needs no mask under causal attention: real tokens never see later positions
-        hidden = fused.hidden_states(ids, position_ids)
+        hidden = fused.hidden_states(ids, position_ids, lengths=packed.lengths if packed is not None else None)
     else:
         hidden = base.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
-    targets = labels[:, 1:].reshape(-1)
-    keep = (targets != IGNORE).nonzero().squeeze(1)
+    if packed is not None:
+        keep, targets, n = packed.keep, packed.targets, packed.n
+    else:  # the labelled positions, found on the device (one wait for the GPU)
+        shifted = labels[:, 1:].reshape(-1)
+        keep = (shifted != IGNORE).nonzero().squeeze(1)
+        targets, n = shifted.index_select(0, keep), int(keep.numel())
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    loss = linear_cross_entropy_sum(h, base.lm_head.weight, targets.index_select(0, keep), use_liger=use_liger)
-    return loss, int(keep.numel())
+    return linear_cross_entropy_sum(h, base.lm_head.weight, targets, use_liger=use_liger), n
 
 
 # ----------------------------------------------------------------------------- packing
 @dataclass
 class Packed:
+    """One batch, laid out on the host and uploaded without waiting for the GPU."""
+
     input_ids: torch.Tensor  # (R, L)
     labels: torch.Tensor  # (R, L), IGNORE on padding and on each record's first token
-    position_ids: torch.Tensor  # (R, L), restarting at 0 for each record (and for the padding tail)
+    position_ids: torch.Tensor | None  # (R, L), restarting at 0 for each record (and for the padding tail);
+    # None when every row is exactly one record (``dense``): attention then needs no segments
     tokens: int  # real (non-padding) tokens
+    lengths: torch.Tensor  # CPU int64: the sequences over the flattened rows (records and padding tails)
+    keep: torch.Tensor  # (n,) labelled positions among the R * (L - 1) shifted positions
+    targets: torch.Tensor  # (n,) their labels
+    n: int  # labelled tokens
+    attention_mask: torch.Tensor | None = None  # (R, L), only for padded rows (packing off)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device``; to CUDA through pinned memory, so the host does not wait."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -236,9 +217,11 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: int | None = None, multiple: int = 8) -> Packed:
+def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: int | None = None, multiple: int = 8,
+         dense: bool = False) -> Packed:
     """Pack records into rows of ``capacity`` tokens (default: the longest record, rounded up to
     ``multiple``), so attention costs at most what the padded batch's would and padding is gone.
+    ``dense``: when every row is then exactly one record, give no position ids (plain causal rows).
 
     A record's first label is set to IGNORE: its target position is the previous record's last
     token, which must not predict across the boundary (chat records start with a prompt token
@@ -251,6 +234,7 @@ def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: 
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), L), dtype=torch.long)
+    segments: list[int] = []
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -259,31 +243,58 @@ def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: 
             labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:])
             pos[r, at : at + n] = torch.arange(n)
             at += n
+            segments.append(n)
         pos[r, at:] = torch.arange(L - at)  # the padding tail is a segment of its own
-    return Packed(ids.to(device), labels.to(device), pos.to(device), sum(lengths))
+        if at < L:
+            segments.append(L - at)
+    one_per_row = dense and len(segments) == len(rows)
+    shifted = labels[:, 1:].reshape(-1)
+    keep = (shifted != IGNORE).nonzero().squeeze(1)
+    return Packed(to_device(ids, device), to_device(labels, device), None if one_per_row else to_device(pos, device),
+                  sum(lengths), torch.tensor(segments, dtype=torch.int64), to_device(keep, device),
+                  to_device(shifted[keep], device), int(keep.numel()))
+
+
+def padded(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> Packed:
+    """The unpacked layout: one record per row, right-padded to the longest, with an attention mask."""
+    lengths = [len(e.input_ids) for e in batch]
+    T = max(lengths)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, (e, n) in enumerate(zip(batch, lengths)):
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    shifted = labels[:, 1:].reshape(-1)
+    keep = (shifted != IGNORE).nonzero().squeeze(1)
+    return Packed(to_device(ids, device), to_device(labels, device), None, sum(lengths), torch.full((len(batch),), T),
+                  to_device(keep, device), to_device(shifted[keep], device), int(keep.numel()), to_device(mask, device))
+
+
+def prepare_batch(batch: Sequence[Encoded], pad_id: int, device: torch.device, opts: FastOptions) -> Packed:
+    """One batch laid out on the host and sent to ``device`` (see :func:`pack`): the part of a step
+    that the trainer does for the next step while the GPU still runs this one."""
+    if "pack" not in opts.applied:
+        return padded(batch, pad_id, device)
+    lengths = [len(e.input_ids) for e in batch]
+    layers = "fused_layers" in opts.applied
+    if layers and len(set(lengths)) == 1:  # equal records: one per row, plain causal rows (cuDNN attention)
+        return pack(batch, pad_id, device, capacity=lengths[0], multiple=1, dense=True)
+    # the fused layers attend per record (variable-length attention): one row holds them all
+    return pack(batch, pad_id, device, capacity=sum(lengths) if layers else max(opts.pack_capacity, max(lengths)))
+
+
+def prepared_loss(model, p: Packed, opts: FastOptions) -> tuple[torch.Tensor, int, int]:
+    """Summed loss, labelled-token count and real-token count of a prepared batch."""
+    use_liger = "liger_loss" in opts.applied
+    if use_liger or "fused_ce" in opts.applied:
+        loss, n = summed_loss(model, p.input_ids, p.labels, p.attention_mask, p.position_ids, use_liger=use_liger, packed=p)
+        return loss, n, p.tokens
+    logits = model(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), p.labels[:, 1:].reshape(-1),
+                                             ignore_index=IGNORE, reduction="sum")
+    return loss, p.n, p.tokens
 
 
 def batch_loss(model, batch: Sequence[Encoded], pad_id: int, device: torch.device, opts: FastOptions) -> tuple[torch.Tensor, int, int]:
     """Summed loss, labelled-token count and real-token count of one batch on the fast path."""
-    use_liger = "liger_loss" in opts.applied
-    fused = use_liger or "chunked_loss" in opts.applied
-    if "pack" in opts.applied:
-        longest = max(len(e.input_ids) for e in batch)
-        # the fused layers attend per record (variable-length attention): one row holds them all
-        capacity = sum(len(e.input_ids) for e in batch) if "fused_layers" in opts.applied else max(opts.pack_capacity, longest)
-        p = pack(batch, pad_id, device, capacity=capacity)
-        ids, labels, mask, pos, tokens = p.input_ids, p.labels, None, p.position_ids, p.tokens
-    else:
-        from wonderland.backends.torch_backend import collate
-
-        ids, labels, mask = collate(batch, pad_id, device)
-        pos, tokens = None, int(mask.sum())
-    if fused:
-        loss, n = summed_loss(model, ids, labels, mask, pos, use_liger=use_liger)
-    else:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits[:, :-1]
-        targets = labels[:, 1:]
-        n = int((targets != IGNORE).sum())
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
-    return loss, n, tokens
+    return prepared_loss(model, prepare_batch(batch, pad_id, device, opts), opts)
