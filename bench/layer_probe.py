@@ -142,3 +142,23 @@ report("lora bwd dB one member (dy^T a, splitK shape)", lambda: dy[:, :I].t() @ 
 report("lora bwd dB via a^T dy (transposed)", lambda: a[:, :R].t() @ dy[:, :I])
 report("lora bwd g one member (dy B)", lambda: dy[:, :I] @ Bm[:I])
 report("lora bwd dA (g^T x)", lambda: a.t() @ x)
+
+
+# ---------------------------------------------------------------- fused cross-entropy: rows per chunk
+def ce_chunks():
+    """wonderland.backends.fused_ce forward + backward over 8184 rows of V = 128256 (the frozen LM
+    head), for the 1B and 3B hidden sizes and a few chunk sizes (the default: 256 MiB of logits)."""
+    from wonderland.backends.fused_ce import FusedLinearCrossEntropy, default_chunk_rows
+
+    V, rows = 128256, N - B
+    for hidden in (2048, 3072):
+        h = rnd(rows, hidden).requires_grad_()
+        w = rnd(V, hidden, scale=0.02)
+        t = torch.randint(0, V, (rows,), generator=g, device=dev)
+        default = default_chunk_rows(rows, V, dt)
+        for chunk in (512, 1024, 2048, 4096):
+            report(f"fused CE fwd+bwd H={hidden} chunk={chunk}",
+                   lambda: FusedLinearCrossEntropy.apply(h, w, t, chunk).backward(), default=chunk == default)
+
+
+ce_chunks()

@@ -11,6 +11,8 @@ Python stacks) and adds this summary to its JSON line:
   latency between queued kernels).
 * ``idle_top``: the host code that launched the activities after the largest gaps, as
   "innermost Python frame of this repository or Liger | innermost aten op", with idle ms per step.
+* ``copies_top``: GPU time of copies, memsets and elementwise kernels by the host code that
+  launched them.
 * ``syncs``: host calls that wait for the GPU (stream/device/event synchronise, device-to-host
   copies), with the Python frame they came from and ms per step spent waiting.
 
@@ -73,6 +75,13 @@ def summarise(trace: dict, steps: int, top: int = 15) -> dict:
                 by_frame[_frame(ancestors.get(id(launch), []))] += gap
         busy += t - s if end is None or s >= end else max(0.0, t - end)
         end = t if end is None else max(end, t)
+    small: dict[str, float] = defaultdict(float)  # copies and elementwise kernels, by who launched them
+    for e in gpu:
+        name = e["name"]
+        if name.startswith(("Memcpy", "Memset")) or "elementwise" in name or "copy" in name.lower():
+            launch = runtime.get(e.get("args", {}).get("correlation"))
+            where = _frame(ancestors.get(id(launch), [])) if launch is not None else "?"
+            small[f"{name[:40]} <- {where}"] += e["dur"]
     syncs: dict[str, float] = defaultdict(float)
     for e in runtime.values():
         if any(e["name"].startswith(n) for n in SYNC_NAMES) and e["dur"] > 5:
@@ -82,7 +91,8 @@ def summarise(trace: dict, steps: int, top: int = 15) -> dict:
     return {"step_ms": ms(span), "busy_ms": ms(busy), "idle_ms": ms(span - busy), "kernels": round(len(gpu) / steps),
             "idle_by_cause": {k: ms(v) for k, v in idle.items()},
             "idle_top": [[k, ms(v)] for k, v in sorted(by_frame.items(), key=lambda kv: -kv[1])[:top]],
-            "syncs": [[k, ms(v)] for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]]}
+            "syncs": [[k, ms(v)] for k, v in sorted(syncs.items(), key=lambda kv: -kv[1])[:8]],
+            "copies_top": [[k, ms(v)] for k, v in sorted(small.items(), key=lambda kv: -kv[1])[:12]]}
 
 
 def profile_steps(run_step, batches, top: int = 15) -> dict:

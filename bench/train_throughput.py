@@ -402,8 +402,15 @@ def check_kernels() -> dict:
         cmp("swiglu_fwd", tk.swiglu_fwd(gu), ref.swiglu_fwd(gu))
         buf = torch.full((N, I + 16), float("nan"), device="cuda", dtype=torch.bfloat16)
         cmp("swiglu_fwd_strided_out", tk.swiglu_fwd(gu, out=buf[:, :I]), ref.swiglu_fwd(gu))
-        expect = ref.swiglu_bwd_(dh, gu)
+        expect = ref.swiglu_bwd_(dh.clone(), gu.clone())  # both write d(gate | up) over gu
         cmp("swiglu_bwd", tk.swiglu_bwd_(dh.clone(), gu.clone()), expect)
+        wide = torch.cat([gu, r(N, 32)], 1)  # gate | up with spare columns, as the layers keep it
+        cmp("swiglu_bwd_strided", tk.swiglu_bwd_(dh.clone(), wide[:, : 2 * I]), expect)
+        buf = torch.full((N, H + 48), float("nan"), device="cuda", dtype=torch.bfloat16)
+        res = torch.cat([dres, r(N, 48)], 1)
+        cmp("rms_bwd_strided", tk.rms_bwd(dy, xhat, rstd, w, res[:, :H], out=buf[:, :H]), ref.rms_bwd(dy, xhat, rstd, w, dres))
+        buf = torch.full((N, qkv.shape[1] + 48), float("nan"), device="cuda", dtype=torch.bfloat16)
+        cmp("rope_bwd_strided_out", tk.rope_bwd(dq, dk, dv, cos, sin, out=buf[:, : qkv.shape[1]]), ref.rope_bwd(dq, dk, dv, cos, sin))
         out[name] = {k: round(v, 5) for k, v in errs.items()}
     return out
 

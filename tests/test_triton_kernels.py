@@ -64,16 +64,41 @@ def test_rms_norm_forward_into_a_strided_buffer_and_backward():
 
 def test_swiglu_forward_into_a_strided_buffer_and_backward_in_place():
     g = torch.Generator().manual_seed(2)
-    N, inter = 5, 40  # not a multiple of the kernel's column block
+    N, inter, R = 5, 40, 3  # not a multiple of the kernel's column block
     tk = triton_kernels.TritonKernels(1e-5, 4, 2, 16)
-    gu, dh = rand(g, N, 2 * inter), rand(g, N, inter)
+    gu_buf, dh = rand(g, N, 2 * inter + R), rand(g, N, inter)  # gate | up with R spare columns, as the layers keep it
+    gu = gu_buf[:, : 2 * inter]
     buf = torch.full((N, inter + 4), float("nan"))
     tk.swiglu_fwd(gu, out=buf[:, :inter])
     torch.testing.assert_close(buf[:, :inter], fused_ops.swiglu_fwd(gu))
     assert torch.isnan(buf[:, inter:]).all()
-    want_dgu, want_h = fused_ops.Kernels.swiglu_bwd_(dh, gu)
-    gu2, dh2 = gu.clone(), dh.clone()
-    dgu, h = tk.swiglu_bwd_(dh2, gu2)
-    assert dgu.data_ptr() == gu2.data_ptr() and h.data_ptr() == dh2.data_ptr()  # in place: no new (N, 2I)
+    want_dgu, want_h = fused_ops.Kernels.swiglu_bwd_(dh.clone(), gu.clone())
+    spare = gu_buf[:, 2 * inter :].clone()
+    dh2 = dh.clone()
+    dgu, h = tk.swiglu_bwd_(dh2, gu)
+    assert dgu.data_ptr() == gu_buf.data_ptr() and h.data_ptr() == dh2.data_ptr()  # in place: no new (N, 2I)
     torch.testing.assert_close(dgu, want_dgu)
     torch.testing.assert_close(h, want_h)
+    torch.testing.assert_close(gu_buf[:, 2 * inter :], spare)  # the spare columns are left alone
+
+
+def test_backward_kernels_write_into_views_of_wider_buffers():
+    """The layers hand rms_bwd and rope_bwd a view of a buffer with the LoRA's spare columns."""
+    g = torch.Generator().manual_seed(7)
+    N, H, nh, nkv, hd, R = 6, 48, 4, 2, 16, 5
+    tk, ref = triton_kernels.TritonKernels(1e-5, nh, nkv, hd), fused_ops.Kernels(1e-5, nh, nkv, hd)
+    x, w, dy = rand(g, N, H), rand(g, H), rand(g, N, H)
+    _, xhat, rstd = ref.rms_fwd(x, w)
+    res_buf = rand(g, N, H + R)
+    out_buf = torch.full((N, H + R), float("nan"))
+    tk.rms_bwd(dy, xhat, rstd, w, res_buf[:, :H], out=out_buf[:, :H])
+    torch.testing.assert_close(out_buf[:, :H], ref.rms_bwd(dy, xhat, rstd, w, res_buf[:, :H].clone()))
+    assert torch.isnan(out_buf[:, H:]).all()
+    ang = rand(g, N, hd // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    dq, dk, dv = rand(g, N, nh, hd), rand(g, N, nkv, hd), rand(g, N, nkv, hd)
+    width = (nh + 2 * nkv) * hd
+    qkv_buf = torch.full((N, width + R), float("nan"))
+    tk.rope_bwd(dq, dk, dv, cos, sin, out=qkv_buf[:, :width])
+    torch.testing.assert_close(qkv_buf[:, :width], ref.rope_bwd(dq, dk, dv, cos, sin))
+    assert torch.isnan(qkv_buf[:, width:]).all()

@@ -16,13 +16,18 @@ cannot cheaply recompute, per token and layer (bf16 elements, 1B shapes):
 autograd keeps.
 
 Matmuls: the projections of one input are one *group* (q|k|v, o, gate|up, down) and each group is
-one matmul with its LoRA folded in: the group's input x and its LoRA activations a = x A^T sit side
-by side in one buffer [x | a] (N, in + R), multiplied by [W | scale * B] (out, in + R), B placed
+one matmul with its LoRA folded in: the group's input x and its LoRA activations a = x (sA)^T sit
+side by side in one buffer [x | a] (N, in + R), multiplied by [W | B] (out, in + R), B placed
 block-diagonally per projection. So the base matmul also adds the LoRA term, and the residual for
-o_proj and down_proj (``addmm``), in one pass with one rounding. The modules' frozen weights become
-views of the W part: no extra memory, and PEFT's own forward (evaluation, sampling) is unchanged.
-Attention: see fused_ops (cuDNN through SDPA for unpacked rows, FlashAttention-2 variable-length for
-packed records). Pointwise work: one Triton kernel each on CUDA (triton_kernels.py).
+o_proj and down_proj (in place), in one pass with one rounding. The backward does the same the
+other way round: the output gradient dy and g = dy B sit side by side, and one matmul with
+[W ; sA] (out + R, in) gives dx = dy W + g sA. The modules' frozen weights become views of the W
+part: no extra memory, and PEFT's own forward (evaluation, sampling) is unchanged. The LoRA
+weights themselves become views of one float32 master tensor, copied (scaled, in the compute
+dtype) into the groups' buffers once per step in L + 1 launches; their gradients are computed in
+float32 straight away. Attention: see fused_ops (cuDNN through SDPA for unpacked rows,
+FlashAttention-2 variable-length for packed records). Pointwise work: one Triton kernel each on
+CUDA (triton_kernels.py).
 
 Applies to ``llama``/``mistral``-style layers (no biases, SiLU MLP, no sliding window) whose LoRA
 modules are plain PEFT ``lora.Linear`` with dropout 0; anything else keeps the PEFT modules
@@ -58,24 +63,38 @@ class Member:
 
 @dataclass
 class Group:
-    """Projections that share an input. Per step, ``sync_lora`` copies the LoRA weights in the compute
-    dtype into ``aug`` (B, unscaled, block-diagonally next to the frozen W) and ``acat`` (scale * A of
-    every member stacked): then the forward is [x | x acat^T] @ aug^T and the backward's small matmuls
-    take all members at once."""
+    """Projections that share an input, with their LoRA folded into two matmuls. One buffer ``ext``
+    (out + R, in + R) holds
 
-    aug: torch.Tensor  # (sum of outs, in + R): [frozen weights | block-diagonal B]
+        [ W       | B ]   out rows: frozen weights, block-diagonal B (each member's B in its rows
+        [ scale A | 0 ]   R rows:   and rank columns), then scale * A of every member stacked
+
+    so that the forward is y = [x | a] @ [W | B]^T with a = x (sA)^T, and the backward's input
+    gradient is dx = [dy | g] @ [W ; sA] with g = dy B: the LoRA's dx term rides along in the
+    frozen weights' matmul (K = out + R) instead of a separate read-modify-write of dx.
+    ``sync_lora`` writes B and scale * A into ``ext`` every step, in the compute dtype."""
+
+    ext: torch.Tensor  # (out + R, in + R), see above
     n_in: int
+    n_out: int
     members: list[Member]
-    acat: torch.Tensor | None = None  # (R, in): scale * A of each member, stacked
     da_scale: torch.Tensor | float = 1.0  # A's gradient factor per input column (norm weight x scale)
 
     @property
+    def aug(self) -> torch.Tensor:  # (out, in + R): [W | B]
+        return self.ext[: self.n_out]
+
+    @property
     def weight(self) -> torch.Tensor:  # the frozen (out, in) part, a view
-        return self.aug[:, : self.n_in]
+        return self.ext[: self.n_out, : self.n_in]
+
+    @property
+    def acat(self) -> torch.Tensor:  # (R, in): scale * A of each member, stacked
+        return self.ext[self.n_out :, : self.n_in]
 
     @property
     def R(self) -> int:
-        return self.aug.shape[1] - self.n_in
+        return self.ext.shape[1] - self.n_in
 
     @property
     def lora(self) -> list[Member]:
@@ -83,35 +102,40 @@ class Group:
 
     def input_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """(n, in + R): the caller writes the group's input into [:, :in]."""
-        return torch.empty((n, self.aug.shape[1]), dtype=like.dtype, device=like.device)
+        return torch.empty((n, self.n_in + self.R), dtype=like.dtype, device=like.device)
 
-    def forward(self, xa: torch.Tensor, residual: torch.Tensor | None = None):
-        """xa holds x in [:, :in]. Returns (residual +) x W^T + sum scale * (x A^T) B^T, and
-        a = x (scale A)^T (N, R), saved for B's gradient (None without LoRA)."""
+    def grad_buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, out + R): the caller writes the group's output gradient dy into [:, :out]."""
+        return torch.empty((n, self.n_out + self.R), dtype=like.dtype, device=like.device)
+
+    def forward(self, xa: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        """xa holds x in [:, :in]. Returns x W^T + sum scale * (x A^T) B^T (added into ``residual``
+        in place, or written into ``out``, when given), and a = x (scale A)^T (N, R), saved for B's
+        gradient (None without LoRA)."""
         a = None
         if self.R:
             a = xa[:, : self.n_in] @ self.acat.t()
             xa[:, self.n_in :].copy_(a)
         w = self.aug.t()
-        return (xa @ w if residual is None else torch.addmm(residual, xa, w)), a
+        if residual is not None:
+            return residual.addmm_(xa, w), a
+        return (xa @ w if out is None else torch.mm(xa, w, out=out)), a
 
-    def backward(self, dy, dx, a, grads):
-        """LoRA backward for the group's output gradient dy (N, out), first part: each member's B
-        gradient dy_m^T a_m (out_m, r_m) into ``grads``, computed in float32 (no rounding to bf16,
-        no cast afterwards), and dx += (dy B) scale A in place (unless dx is None).
-        Returns g = dy B (N, R) for grad_a, or None without LoRA."""
-        if not self.R:
-            return None
-        for m in self.lora:
-            grads[m.b] = _mm_acc(dy[:, m.rows[0] : m.rows[1]].t(), a[:, m.r[0] : m.r[1]])
-        g = dy @ self.aug[:, self.n_in :]  # block-diagonal B: each member's dy_m B_m side by side
-        if dx is not None:
-            dx.addmm_(g, self.acat)
-        return g
+    def backward(self, dyg, a, grads, need_dx: bool = True):
+        """dyg (N, out + R) holds the output gradient dy in [:, :out]. Each member's B gradient
+        dy_m^T a_m (out_m, r_m) goes into ``grads`` in float32 (no rounding to bf16, no cast),
+        g = dy B into dyg[:, out:], and then dx = dyg @ [W ; sA] = dy W + g sA (None unless
+        ``need_dx``). Returns (dx, g); g is None without LoRA."""
+        dy, g = dyg[:, : self.n_out], None
+        if self.R:
+            for m in self.lora:
+                grads[m.b] = _mm_acc(dy[:, m.rows[0] : m.rows[1]].t(), a[:, m.r[0] : m.r[1]])
+            g = torch.mm(dy, self.aug[:, self.n_in :], out=dyg[:, self.n_out :])  # block-diagonal B
+        return (dyg @ self.ext[:, : self.n_in] if need_dx else None), g
 
     def grad_a(self, g, x, grads):
-        """Second part: the A gradients scale * g^T (x * norm weight) for the group's input x (the
-        saved xhat for the norm-fed groups, whose norm weight is folded into ``da_scale``)."""
+        """The A gradients scale * g^T (x * norm weight) for the group's input x (the saved xhat for
+        the norm-fed groups, whose norm weight is folded into ``da_scale``)."""
         if g is None:
             return
         da = _mm_acc(g.t(), x).mul_(self.da_scale)  # (R, in), float32
@@ -145,8 +169,9 @@ class Layer:
     w_in: torch.Tensor  # input_layernorm.weight
     w_post: torch.Tensor  # post_attention_layernorm.weight
     params: list[torch.nn.Parameter] = field(default_factory=list)  # this layer's LoRA A/B, in Member order
-    arena: torch.Tensor | None = None  # flat buffer holding every group's aug and acat (views)
+    arena: torch.Tensor | None = None  # flat buffer holding every group's ext (views)
     index: torch.Tensor | None = None  # where each element of params (flattened, in order) goes in arena
+    scales: torch.Tensor | None = None  # and its factor there (the LoRA scale for A, 1 for B)
 
 
 class LayerFn(torch.autograd.Function):
@@ -165,15 +190,18 @@ class LayerFn(torch.autograd.Function):
         xa = L.o.input_buffer(N, x)
         _, attn_state = attn.forward(q, k, v, out=xa[:, : L.o.n_in])
         del q, k, v  # attention keeps them
+        # the residual stream x is not needed after the norm: the two residual adds go into it in place
         x2, a_o = L.o.forward(xa, residual=x)
         # MLP block: x3 = x2 + down(silu(gate) * up), gate | up = gate_up(norm(x2))
         xa = L.gate_up.input_buffer(N, x)
         _, xhat2, rstd2 = K.rms_fwd(x2, L.w_post, out=xa[:, : L.gate_up.n_in])
-        gu, a2 = L.gate_up.forward(xa)  # (N, 2I)
+        gu = L.gate_up.grad_buffer(N, x)  # (N, 2I + R): the backward writes d(gate | up) and g over it
+        _, a2 = L.gate_up.forward(xa, out=gu[:, : L.gate_up.n_out])
         xa = L.down.input_buffer(N, x)
-        K.swiglu_fwd(gu, out=xa[:, : L.down.n_in])
+        K.swiglu_fwd(gu[:, : L.gate_up.n_out], out=xa[:, : L.down.n_in])
         x3, a3 = L.down.forward(xa, residual=x2)
         ctx.save_for_backward(xhat1, rstd1, a1, a_o, xhat2, rstd2, a2, gu, a3)
+        ctx.mark_dirty(x)  # x3 is x, updated
         ctx.layer, ctx.kernels, ctx.rot, ctx.attn = L, K, rot, attn
         ctx.param_dtypes = [p.dtype for p in P]
         ctx.attn_state = attn_state  # q, k, v, out, log-sum-exp (SDPA: its own graph, kept whole)
@@ -186,27 +214,35 @@ class LayerFn(torch.autograd.Function):
         attn_state, ctx.attn_state = ctx.attn_state, None  # ctx outlives the backward: let go
         grads: list = [None] * len(ctx.param_dtypes)
         d3 = d3.contiguous()
+        # Each group's output gradient is written into a buffer with R spare columns, where its
+        # backward puts g = dy B: see Group. (d3 comes from outside: copied in when down has a LoRA.)
         # MLP block
-        dh = d3 @ L.down.weight
-        g = L.down.backward(d3, dh, a3, grads)
-        dgu, h = K.swiglu_bwd_(dh, gu)  # h recomputed here: cheaper than keeping (N, I) a layer
+        dyg = d3
+        if L.down.R:
+            dyg = L.down.grad_buffer(d3.shape[0], d3)
+            dyg[:, : L.down.n_out] = d3
+        dh, g = L.down.backward(dyg, a3, grads)
+        del dyg
+        dgu, h = K.swiglu_bwd_(dh, gu[:, : L.gate_up.n_out])  # in place; h recomputed: cheaper than keeping it
         L.down.grad_a(g, h, grads)
-        del dh, h
-        dy = dgu @ L.gate_up.weight
-        L.gate_up.grad_a(L.gate_up.backward(dgu, dy, a2, grads), xhat2, grads)
-        del dgu
-        d2 = K.rms_bwd(dy, xhat2, rstd2, L.w_post, d3)  # + the residual's gradient
+        del dh, h, dgu
+        dy, g = L.gate_up.backward(gu, a2, grads)  # gu now holds d(gate | up)
+        L.gate_up.grad_a(g, xhat2, grads)
+        del gu
+        d2g = L.o.grad_buffer(dy.shape[0], dy)
+        d2 = K.rms_bwd(dy, xhat2, rstd2, L.w_post, d3, out=d2g[:, : L.o.n_out])  # + the residual's gradient
         del dy
         # attention block
-        do = d2 @ L.o.weight
-        L.o.grad_a(L.o.backward(d2, do, a_o, grads), attn.output(attn_state), grads)
+        do, g = L.o.backward(d2g, a_o, grads)
+        L.o.grad_a(g, attn.output(attn_state), grads)
         dq, dk, dv = attn.backward(do, attn_state)
         del do, attn_state
-        dqkv = K.rope_bwd(dq, dk, dv, cos, sin, T=T if attn.head_major else 0)
+        dqkv = L.qkv.grad_buffer(d2.shape[0], d2)
+        K.rope_bwd(dq, dk, dv, cos, sin, T=T if attn.head_major else 0, out=dqkv[:, : L.qkv.n_out])
         del dq, dk, dv
         need_dx = ctx.needs_input_grad[0]  # False for the first layer (its input is an embedding)
-        dy = dqkv @ L.qkv.weight if need_dx else None
-        L.qkv.grad_a(L.qkv.backward(dqkv, dy, a1, grads), xhat1, grads)
+        dy, g = L.qkv.backward(dqkv, a1, grads, need_dx)
+        L.qkv.grad_a(g, xhat1, grads)
         dx = K.rms_bwd(dy, xhat1, rstd1, L.w_in, d2) if need_dx else None
         return (dx, None, None, None, None, *(g.to(t) for g, t in zip(grads, ctx.param_dtypes)))
 
@@ -237,9 +273,8 @@ class FusedModel:
         # Every LoRA weight becomes a view of one flat master tensor (layer by layer, in Member order),
         # so that the per-step copy in the compute dtype is one cast plus one scatter per layer.
         params = [p for L in layers for p in L.params]
-        self.master = self._flat = None
+        self.master = self._flat = self._scales = None
         self._spans: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        self._a_dst, self._scales = [], []
         if params:
             with torch.no_grad():
                 self.master = torch.cat([p.detach().reshape(-1) for p in params])
@@ -250,24 +285,20 @@ class FusedModel:
                     p.data = self.master[at : at + p.numel()].view_as(p)
                     at += p.numel()
                 self._spans.append((lo, at, L.arena, L.index))
-                for group in (L.qkv, L.o, L.gate_up, L.down):
-                    for m in group.lora:
-                        self._a_dst.append(group.acat[m.r[0] : m.r[1]])
-                        self._scales.append(m.scale)
+            self._scales = torch.cat([L.scales for L in layers]).to(self.master.dtype)
             self._flat = torch.empty_like(self.master, dtype=layers[0].arena.dtype)
 
     def sync_lora(self) -> None:
-        """This step's LoRA weights into the groups' buffers, in the compute dtype: A into ``acat``
-        (then scaled), B block-diagonally into ``aug``. One cast of the master tensor, one
-        ``index_copy_`` per layer and a multi-tensor scale: ~L + 2 launches, not a few per LoRA."""
+        """This step's LoRA weights into the groups' ``ext`` buffers, in the compute dtype: scale * A
+        and B. One scaled cast of the master tensor and one ``index_copy_`` per layer: L + 1
+        launches, not a few per LoRA weight."""
         if self.master is None:
             return
         with torch.no_grad():
-            self._flat.copy_(self.master)
+            torch.mul(self.master, self._scales, out=self._flat)
             for lo, hi, arena, index in self._spans:
                 if hi > lo:
                     arena.index_copy_(0, index, self._flat[lo:hi])
-            torch._foreach_mul_(self._a_dst, self._scales)
 
     def hidden_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                       lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -326,55 +357,56 @@ _ALIGN = 64  # elements: every view of a layer's arena starts 128-byte aligned (
 
 
 def _layer(layer, adapter: str | None) -> Layer:
-    """One decoder layer's groups. The frozen weights are copied into [W | 0] blocks of one flat
-    *arena* per layer (the modules' own weights become views of it, so no memory is added), next to
-    each group's acat; ``index`` maps every element of the layer's LoRA weights, flattened in order,
-    to its place in the arena (A into acat rows, B into the block-diagonal columns of aug)."""
+    """One decoder layer's groups. The frozen weights are copied into the ``ext`` buffers (see
+    Group) of one flat *arena* per layer (the modules' own weights become views of it, so no memory
+    is added); ``index`` maps every element of the layer's LoRA weights, flattened in order, to its
+    place in the arena (A into the scale-A rows, B into the block-diagonal columns), ``scales`` is
+    each element's factor (the LoRA scale for A, 1 for B)."""
     at, mlp = layer.self_attn, layer.mlp
     specs = [([at.q_proj, at.k_proj, at.v_proj], layer.input_layernorm.weight), ([at.o_proj], None),
              ([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm.weight), ([mlp.down_proj], None)]
     parts = [[_lora_parts(m, adapter) for m in mods] for mods, _ in specs]
     first = parts[0][0][0].weight
-    shapes, total = [], 0  # per group: (offset of aug, out, in + R, offset of acat, R, in)
+    shapes, total = [], 0  # per group: (offset, out, in, R)
     for ps in parts:
         n_in, R = ps[0][0].weight.shape[1], sum(A.shape[0] for _, A, _, _ in ps if A is not None)
         out = sum(base.weight.shape[0] for base, *_ in ps)
-        off_aug = total
-        total += -(-(out * (n_in + R)) // _ALIGN) * _ALIGN
-        off_acat = total
-        total += -(-(R * n_in) // _ALIGN) * _ALIGN
-        shapes.append((off_aug, out, n_in + R, off_acat, R, n_in))
+        shapes.append((total, out, n_in, R))
+        total += -(-((out + R) * (n_in + R)) // _ALIGN) * _ALIGN
     arena = torch.zeros(total, dtype=first.dtype, device=first.device)
     params: list = []
     index: list[torch.Tensor] = []
+    scales: list[torch.Tensor] = []
     groups = []
-    for ps, (_, norm_weight), (off_aug, out, width, off_acat, R, n_in) in zip(parts, specs, shapes):
-        aug = arena[off_aug : off_aug + out * width].view(out, width)
+    for ps, (_, norm_weight), (off, out, n_in, R) in zip(parts, specs, shapes):
+        width = n_in + R
+        ext = arena[off : off + (out + R) * width].view(out + R, width)
         members, row, r0 = [], 0, 0
         for base, A, B, scale in ps:
             rows = base.weight.shape[0]
-            aug[row : row + rows, :n_in] = base.weight.detach()
-            base.weight.data = aug[row : row + rows, :n_in]  # a view: the arena is the only copy
+            ext[row : row + rows, :n_in] = base.weight.detach()
+            base.weight.data = ext[row : row + rows, :n_in]  # a view: the arena is the only copy
             m = Member((row, row + rows))
             if A is not None:
                 r = A.shape[0]
                 m.a, m.b, m.scale, m.r = len(params), len(params) + 1, scale, (r0, r0 + r)
                 params += [A, B]
-                index.append(off_acat + r0 * n_in + torch.arange(r * n_in))  # A (r, in) -> acat rows r0:r0+r
-                cols = off_aug + (row + torch.arange(rows))[:, None] * width + n_in + r0 + torch.arange(r)[None, :]
-                index.append(cols.reshape(-1))  # B (rows, r) -> aug[row:row+rows, n_in+r0 : n_in+r0+r]
+                a_at = off + (out + r0 + torch.arange(r))[:, None] * width + torch.arange(n_in)[None, :]
+                b_at = off + (row + torch.arange(rows))[:, None] * width + n_in + r0 + torch.arange(r)[None, :]
+                index += [a_at.reshape(-1), b_at.reshape(-1)]  # A (r, in) -> rows out+r0..; B (rows, r) -> cols in+r0..
+                scales += [torch.full((r * n_in,), scale), torch.ones(rows * r)]
                 r0 += r
             members.append(m)
             row += rows
-        group = Group(aug, n_in, members)
+        group = Group(ext, n_in, out, members)
         if R:
-            group.acat = arena[off_acat : off_acat + R * n_in].view(R, n_in)
             acc = _acc(first.dtype)
-            scales = torch.tensor([m.scale for m in group.lora for _ in range(m.r[1] - m.r[0])], dtype=acc, device=first.device)
-            group.da_scale = scales[:, None] * (norm_weight.detach().to(acc)[None, :] if norm_weight is not None else 1.0)
+            col = torch.tensor([m.scale for m in group.lora for _ in range(m.r[1] - m.r[0])], dtype=acc, device=first.device)
+            group.da_scale = col[:, None] * (norm_weight.detach().to(acc)[None, :] if norm_weight is not None else 1.0)
         groups.append(group)
-    idx = torch.cat(index).to(first.device) if index else torch.zeros(0, dtype=torch.int64, device=first.device)
-    return Layer(*groups, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, params, arena, idx)
+    cat = (lambda ts, dt: torch.cat(ts).to(first.device, dt)) if index else (lambda ts, dt: torch.zeros(0, dtype=dt, device=first.device))
+    return Layer(*groups, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, params, arena,
+                 cat(index, torch.int64), cat(scales, _acc(first.dtype)))
 
 
 def prepare(model, cuda: bool, dense_attention: str = "sdpa") -> tuple[FusedModel | None, str]:

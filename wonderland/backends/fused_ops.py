@@ -31,13 +31,15 @@ def rms_fwd(x, w, eps: float, out=None):
     return (y if out is None else out.copy_(y)), xhat, rstd
 
 
-def rms_bwd(dy, xhat, rstd, w, dres):
-    """Gradient of x through y = w * x * rstd(x), plus the residual branch's gradient ``dres``."""
+def rms_bwd(dy, xhat, rstd, w, dres, out=None):
+    """Gradient of x through y = w * x * rstd(x), plus the residual branch's gradient ``dres``
+    (written into ``out`` when given)."""
     acc = _acc(dy.dtype)
     g = dy.to(acc) * w.to(acc)
     xh = xhat.to(acc)
     dx = rstd * (g - xh * (g * xh).mean(-1, keepdim=True))
-    return (dx if dres is None else dx + dres.to(acc)).to(dy.dtype)
+    dx = (dx if dres is None else dx + dres.to(acc)).to(dy.dtype)
+    return dx if out is None else out.copy_(dx)
 
 
 def _rotate(x, cos, sin):  # x (..., heads, D); transformers' rotate_half convention
@@ -70,17 +72,19 @@ def rope_fwd(qkv, cos, sin, nh: int, nkv: int, hd: int, T: int = 0):
     return tuple(_head_major(t, T) for t in (q, k, v)) if T else (q, k, v)
 
 
-def rope_bwd(dq, dk, dv, cos, sin, T: int = 0):
-    """(dq, dk, dv) of rope_fwd's outputs (same layout) -> the gradient of qkv (N, (nh + 2 nkv) hd)."""
+def rope_bwd(dq, dk, dv, cos, sin, T: int = 0, out=None):
+    """(dq, dk, dv) of rope_fwd's outputs (same layout) -> the gradient of qkv (N, (nh + 2 nkv) hd),
+    written into ``out`` when given."""
     if T:
         dq, dk, dv = _token_major(dq), _token_major(dk), _token_major(dv)
     n = dq.shape[0]
     c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((_rotate_bwd(dq, c, s).reshape(n, -1), _rotate_bwd(dk, c, s).reshape(n, -1), dv.reshape(n, -1)), 1)
+    d = torch.cat((_rotate_bwd(dq, c, s).reshape(n, -1), _rotate_bwd(dk, c, s).reshape(n, -1), dv.reshape(n, -1)), 1)
+    return d if out is None else out.copy_(d)
 
 
 def swiglu_fwd(gu, out=None):
-    """gate | up (N, 2I) -> silu(gate) * up (N, I), written into ``out`` when given."""
+    """gate | up (N, 2I; rows may be strided) -> silu(gate) * up (N, I), written into ``out`` when given."""
     g, u = gu.to(_acc(gu.dtype)).chunk(2, -1)
     h = (g * torch.sigmoid(g) * u).to(gu.dtype)
     return h if out is None else out.copy_(h)
@@ -107,8 +111,9 @@ class Kernels:
 
     @staticmethod
     def swiglu_bwd_(dh, gu):
-        """(d(gate | up), h): the Triton version writes them over gu and dh, this one allocates."""
-        return swiglu_bwd(dh, gu), swiglu_fwd(gu)
+        """(d(gate | up), h), d(gate | up) written over gu (the Triton version writes h over dh too)."""
+        h = swiglu_fwd(gu)
+        return gu.copy_(swiglu_bwd(dh, gu)), h
 
 
 def make_kernels(eps: float, nh: int, nkv: int, hd: int, cuda: bool):

@@ -9,7 +9,9 @@ what the CPU runs, are the plain-PyTorch functions in ``fused_ops``; ``bench/tra
 --check`` compares both on the GPU, ``tests/test_triton_kernels.py`` in Triton's interpreter on the CPU.
 
 Layouts (row-major, one row per token): x, xhat (N, H); qkv (N, (nh + 2 nkv) D); q (N, nh, D);
-k, v (N, nkv, D); cos, sin (N, D); gate | up (N, 2I); h (N, I). Rows are indexed in int64.
+k, v (N, nkv, D); cos, sin (N, D); gate | up (N, 2I); h (N, I). Rows are indexed in int64. The
+buffers the LoRA matmuls read or write (gate | up, the norm outputs, the qkv and residual
+gradients) may be views of wider buffers: their row stride is an argument.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _rms_fwd(X, W, Y, XHAT, RSTD, H, y_stride, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rms_bwd(DY, XHAT, RSTD, W, DRES, DX, H, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_bwd(DY, XHAT, RSTD, W, DRES, DX, H, res_stride, dx_stride, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < H
@@ -47,8 +49,8 @@ def _rms_bwd(DY, XHAT, RSTD, W, DRES, DX, H, HAS_RES: tl.constexpr, BLOCK: tl.co
     rstd = tl.load(RSTD + row)
     dx = rstd * (g - xh * (tl.sum(g * xh, 0) / H))
     if HAS_RES:
-        dx += tl.load(DRES + row * H + cols, mask=m, other=0.0).to(tl.float32)
-    tl.store(DX + row * H + cols, dx.to(DX.dtype.element_ty), mask=m)
+        dx += tl.load(DRES + row * res_stride + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(DX + row * dx_stride + cols, dx.to(DX.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -96,7 +98,7 @@ def _rope_fwd(QKV, COS, SIN, Q, K, V, T, NH: tl.constexpr, NKV: tl.constexpr, D:
 
 
 @triton.jit
-def _rope_bwd(DQ, DK, DV, COS, SIN, DQKV, T, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
+def _rope_bwd(DQ, DK, DV, COS, SIN, DQKV, T, out_stride, NH: tl.constexpr, NKV: tl.constexpr, D: tl.constexpr,
               BH: tl.constexpr, BKV: tl.constexpr, HM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     half = tl.arange(0, D // 2)
@@ -104,7 +106,7 @@ def _rope_bwd(DQ, DK, DV, COS, SIN, DQKV, T, NH: tl.constexpr, NKV: tl.constexpr
     c2 = tl.load(COS + row * D + D // 2 + half).to(tl.float32)
     s1 = tl.load(SIN + row * D + half).to(tl.float32)
     s2 = tl.load(SIN + row * D + D // 2 + half).to(tl.float32)
-    dst = DQKV + row * (NH + 2 * NKV) * D
+    dst = DQKV + row * out_stride
     qo, ko, hs = _qkv_addr(row, T, NH, NKV, D, HM)
     # transpose of the rotation: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1
     hq = tl.arange(0, BH)[:, None]
@@ -128,28 +130,28 @@ def _rope_bwd(DQ, DK, DV, COS, SIN, DQKV, T, NH: tl.constexpr, NKV: tl.constexpr
 
 
 @triton.jit
-def _swiglu_fwd(GU, Hout, I, h_stride, BLOCK: tl.constexpr):
+def _swiglu_fwd(GU, Hout, I, gu_stride, h_stride, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # grid (N, cdiv(I, BLOCK)): contiguous columns, 16-byte accesses
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < I
-    g = tl.load(GU + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(GU + row * gu_stride + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * gu_stride + I + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(Hout + row * h_stride + cols, (g * tl.sigmoid(g) * u).to(Hout.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _swiglu_bwd(GU, DH, I, BLOCK: tl.constexpr):
+def _swiglu_bwd(GU, DH, I, gu_stride, BLOCK: tl.constexpr):
     """In place: GU <- d(gate | up), DH <- h = silu(gate) * up (the down LoRA's input)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < I
-    g = tl.load(GU + row * 2 * I + cols, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * 2 * I + I + cols, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(GU + row * gu_stride + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * gu_stride + I + cols, mask=m, other=0.0).to(tl.float32)
     d = tl.load(DH + row * I + cols, mask=m, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
-    tl.store(GU + row * 2 * I + cols, (d * u * sig * (1 + g * (1 - sig))).to(GU.dtype.element_ty), mask=m)
-    tl.store(GU + row * 2 * I + I + cols, (d * silu).to(GU.dtype.element_ty), mask=m)
+    tl.store(GU + row * gu_stride + cols, (d * u * sig * (1 + g * (1 - sig))).to(GU.dtype.element_ty), mask=m)
+    tl.store(GU + row * gu_stride + I + cols, (d * silu).to(GU.dtype.element_ty), mask=m)
     tl.store(DH + row * I + cols, (silu * u).to(DH.dtype.element_ty), mask=m)
 
 
@@ -178,12 +180,15 @@ class TritonKernels:
         _rms_fwd[(N,)](x, w, y, xhat, rstd, H, y.stride(0), self.eps, BLOCK=block, num_warps=_warps(block))
         return y, xhat, rstd
 
-    def rms_bwd(self, dy, xhat, rstd, w, dres):
+    def rms_bwd(self, dy, xhat, rstd, w, dres, out=None):
+        """dres, out: (N, H) with unit column stride (views of wider buffers allowed)."""
         N, H = dy.shape
-        dx = torch.empty_like(dy)
+        dx = torch.empty_like(dy) if out is None else out
         block = _pow2(H)
         has_res = dres is not None and dres.dim() == 2
-        _rms_bwd[(N,)](dy, xhat, rstd, w, dres if has_res else dy, dx, H, HAS_RES=has_res, BLOCK=block,
+        res = dres if has_res else dy
+        assert dy.is_contiguous() and xhat.is_contiguous() and res.stride(1) == 1 and dx.stride(1) == 1
+        _rms_bwd[(N,)](dy, xhat, rstd, w, res, dx, H, res.stride(0), dx.stride(0), HAS_RES=has_res, BLOCK=block,
                        num_warps=_warps(block))
         return dx
 
@@ -199,22 +204,26 @@ class TritonKernels:
                         BH=_pow2(nh), BKV=_pow2(nkv), HM=bool(T), num_warps=4)
         return q, k, v
 
-    def rope_bwd(self, dq, dk, dv, cos, sin, T: int = 0):
+    def rope_bwd(self, dq, dk, dv, cos, sin, T: int = 0, out=None):
+        """out: (N, (nh + 2 nkv) D) with unit column stride (a view of a wider buffer allowed)."""
         N, (nh, nkv, hd) = cos.shape[0], (self.nh, self.nkv, self.hd)
-        dqkv = torch.empty((N, (nh + 2 * nkv) * hd), dtype=dq.dtype, device=dq.device)
+        dqkv = torch.empty((N, (nh + 2 * nkv) * hd), dtype=dq.dtype, device=dq.device) if out is None else out
+        assert dqkv.stride(1) == 1
         _rope_bwd[(N,)](dq.contiguous(), dk.contiguous(), dv.contiguous(), cos.contiguous(), sin.contiguous(), dqkv,
-                        max(T, 1), NH=nh, NKV=nkv, D=hd, BH=_pow2(nh), BKV=_pow2(nkv), HM=bool(T), num_warps=4)
+                        max(T, 1), dqkv.stride(0), NH=nh, NKV=nkv, D=hd, BH=_pow2(nh), BKV=_pow2(nkv), HM=bool(T), num_warps=4)
         return dqkv
 
     def swiglu_fwd(self, gu, out=None):
         N, I = gu.shape[0], gu.shape[1] // 2
         h = torch.empty((N, I), dtype=gu.dtype, device=gu.device) if out is None else out
-        assert h.stride(1) == 1 and gu.is_contiguous()
-        _swiglu_fwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, h, I, h.stride(0), BLOCK=self.SWIGLU_BLOCK, num_warps=4)
+        assert h.stride(1) == 1 and gu.stride(1) == 1
+        _swiglu_fwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, h, I, gu.stride(0), h.stride(0), BLOCK=self.SWIGLU_BLOCK,
+                                                            num_warps=4)
         return h
 
     def swiglu_bwd_(self, dh, gu):
         """In place: gu becomes d(gate | up), dh becomes h. Returns (dgu, h)."""
         N, I = gu.shape[0], gu.shape[1] // 2
-        _swiglu_bwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, dh, I, BLOCK=self.SWIGLU_BLOCK, num_warps=4)
+        assert gu.stride(1) == 1 and dh.is_contiguous()
+        _swiglu_bwd[(N, triton.cdiv(I, self.SWIGLU_BLOCK))](gu, dh, I, gu.stride(0), BLOCK=self.SWIGLU_BLOCK, num_warps=4)
         return gu, dh
