@@ -102,3 +102,12 @@ def test_backward_kernels_write_into_views_of_wider_buffers():
     tk.rope_bwd(dq, dk, dv, cos, sin, out=qkv_buf[:, :width])
     torch.testing.assert_close(qkv_buf[:, :width], ref.rope_bwd(dq, dk, dv, cos, sin))
     assert torch.isnan(qkv_buf[:, width:]).all()
+
+
+def test_copy_rows_between_row_strided_views():
+    g = torch.Generator().manual_seed(8)
+    src_buf, dst_buf = rand(g, 9, 70), torch.full((9, 75), float("nan"))
+    tk = triton_kernels.TritonKernels(1e-5, 4, 2, 16)
+    tk.copy_rows(dst_buf[:, :67], src_buf[:, 3:])  # 67 columns: not a multiple of the block
+    torch.testing.assert_close(dst_buf[:, :67], src_buf[:, 3:])
+    assert torch.isnan(dst_buf[:, 67:]).all()

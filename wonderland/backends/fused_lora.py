@@ -108,14 +108,15 @@ class Group:
         """(n, out + R): the caller writes the group's output gradient dy into [:, :out]."""
         return torch.empty((n, self.n_out + self.R), dtype=like.dtype, device=like.device)
 
-    def forward(self, xa: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+    def forward(self, xa: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                copy_rows=torch.Tensor.copy_):
         """xa holds x in [:, :in]. Returns x W^T + sum scale * (x A^T) B^T (added into ``residual``
         in place, or written into ``out``, when given), and a = x (scale A)^T (N, R), saved for B's
-        gradient (None without LoRA)."""
+        gradient (None without LoRA). ``copy_rows(dst, src)``: Kernels.copy_rows."""
         a = None
         if self.R:
             a = xa[:, : self.n_in] @ self.acat.t()
-            xa[:, self.n_in :].copy_(a)
+            copy_rows(xa[:, self.n_in :], a)
         w = self.aug.t()
         if residual is not None:
             return residual.addmm_(xa, w), a
@@ -184,22 +185,22 @@ class LayerFn(torch.autograd.Function):
         # attention block: x2 = x + o_proj(attn(rope(qkv(norm(x)))))
         xa = L.qkv.input_buffer(N, x)
         _, xhat1, rstd1 = K.rms_fwd(x, L.w_in, out=xa[:, : L.qkv.n_in])
-        qkv, a1 = L.qkv.forward(xa)  # (N, (nh + 2 nkv) D)
+        qkv, a1 = L.qkv.forward(xa, copy_rows=K.copy_rows)  # (N, (nh + 2 nkv) D)
         q, k, v = K.rope_fwd(qkv, cos, sin, T=T if attn.head_major else 0)
         del xa, qkv
         xa = L.o.input_buffer(N, x)
         _, attn_state = attn.forward(q, k, v, out=xa[:, : L.o.n_in])
         del q, k, v  # attention keeps them
         # the residual stream x is not needed after the norm: the two residual adds go into it in place
-        x2, a_o = L.o.forward(xa, residual=x)
+        x2, a_o = L.o.forward(xa, residual=x, copy_rows=K.copy_rows)
         # MLP block: x3 = x2 + down(silu(gate) * up), gate | up = gate_up(norm(x2))
         xa = L.gate_up.input_buffer(N, x)
         _, xhat2, rstd2 = K.rms_fwd(x2, L.w_post, out=xa[:, : L.gate_up.n_in])
         gu = L.gate_up.grad_buffer(N, x)  # (N, 2I + R): the backward writes d(gate | up) and g over it
-        _, a2 = L.gate_up.forward(xa, out=gu[:, : L.gate_up.n_out])
+        _, a2 = L.gate_up.forward(xa, out=gu[:, : L.gate_up.n_out], copy_rows=K.copy_rows)
         xa = L.down.input_buffer(N, x)
         K.swiglu_fwd(gu[:, : L.gate_up.n_out], out=xa[:, : L.down.n_in])
-        x3, a3 = L.down.forward(xa, residual=x2)
+        x3, a3 = L.down.forward(xa, residual=x2, copy_rows=K.copy_rows)
         ctx.save_for_backward(xhat1, rstd1, a1, a_o, xhat2, rstd2, a2, gu, a3)
         ctx.mark_dirty(x)  # x3 is x, updated
         ctx.layer, ctx.kernels, ctx.rot, ctx.attn = L, K, rot, attn
@@ -213,14 +214,15 @@ class LayerFn(torch.autograd.Function):
         L, K, (cos, sin, T), attn = ctx.layer, ctx.kernels, ctx.rot, ctx.attn
         attn_state, ctx.attn_state = ctx.attn_state, None  # ctx outlives the backward: let go
         grads: list = [None] * len(ctx.param_dtypes)
-        d3 = d3.contiguous()
         # Each group's output gradient is written into a buffer with R spare columns, where its
-        # backward puts g = dy B: see Group. (d3 comes from outside: copied in when down has a LoRA.)
-        # MLP block
-        dyg = d3
+        # backward puts g = dy B: see Group. d3 comes from autograd (which hands custom Functions
+        # contiguous gradients): copied into such a buffer when down has a LoRA.
+        N, H = d3.shape
+        d3 = dyg = d3.contiguous()
         if L.down.R:
-            dyg = L.down.grad_buffer(d3.shape[0], d3)
-            dyg[:, : L.down.n_out] = d3
+            dyg = L.down.grad_buffer(N, d3)
+            d3 = K.copy_rows(dyg[:, :H], d3)
+        # MLP block
         dh, g = L.down.backward(dyg, a3, grads)
         del dyg
         dgu, h = K.swiglu_bwd_(dh, gu[:, : L.gate_up.n_out])  # in place; h recomputed: cheaper than keeping it
@@ -319,11 +321,14 @@ class FusedModel:
         cos, sin = self.inner.rotary_emb(x, position_ids)  # (B, T, D), rope scaling included
         half = x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
         if half and dense and self.dense_attention in ("sdpa", "sdpa_head_major"):
-            attn = SDPAttention(B, T, self.scale, head_major=self.dense_attention == "sdpa_head_major")
+            attn = SDPAttention(B, T, self.scale, head_major=self.dense_attention == "sdpa_head_major",
+                                copy_rows=self.kernels.copy_rows)
         else:
             cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, pin_memory=x.is_cuda)
             cu[1:] = torch.cumsum(lengths, 0)
-            attn = (FlashAttention if half else MathAttention)(cu.to(ids.device, non_blocking=True), int(lengths.max()), self.scale)
+            cu, longest = cu.to(ids.device, non_blocking=True), int(lengths.max())
+            attn = (FlashAttention(cu, longest, self.scale, self.kernels.copy_rows) if half
+                    else MathAttention(cu, longest, self.scale))
         rot = (cos.reshape(B * T, -1), sin.reshape(B * T, -1), T)
         x = x.reshape(B * T, -1)
         for L in self.layers:

@@ -110,6 +110,11 @@ class Kernels:
         self.rms_bwd, self.rope_bwd, self.swiglu_fwd = rms_bwd, rope_bwd, swiglu_fwd
 
     @staticmethod
+    def copy_rows(dst, src):
+        """dst <- src, both (N, C) with unit column stride (rows may be strided)."""
+        return dst.copy_(src)
+
+    @staticmethod
     def swiglu_bwd_(dh, gu):
         """(d(gate | up), h), d(gate | up) written over gu (the Triton version writes h over dh too)."""
         h = swiglu_fwd(gu)
@@ -139,13 +144,13 @@ class FlashAttention:
 
     head_major = False
 
-    def __init__(self, cu: torch.Tensor, max_len: int, scale: float):
-        self.cu, self.max_len, self.scale = cu.to(torch.int32), max_len, scale
+    def __init__(self, cu: torch.Tensor, max_len: int, scale: float, copy_rows=Kernels.copy_rows):
+        self.cu, self.max_len, self.scale, self.copy_rows = cu.to(torch.int32), max_len, scale, copy_rows
 
     def forward(self, q, k, v, out):
         o, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
             q, k, v, self.cu, self.cu, self.max_len, self.max_len, 0.0, True, False, scale=self.scale)
-        return out.copy_(o.view(o.shape[0], -1)), (q, k, v, o, lse, rng, unused)
+        return self.copy_rows(out, o.view(o.shape[0], -1)), (q, k, v, o, lse, rng, unused)
 
     @staticmethod
     def output(state):
@@ -165,8 +170,8 @@ class SDPAttention:
     backward; it saves q, k, v, the output and the log-sum-exp, as we would. q, k, v token-major
     (passed as (B, h, T, D) views), or head-major copies when ``head_major``."""
 
-    def __init__(self, B: int, T: int, scale: float, head_major: bool = False):
-        self.B, self.T, self.scale, self.head_major = B, T, scale, head_major
+    def __init__(self, B: int, T: int, scale: float, head_major: bool = False, copy_rows=Kernels.copy_rows):
+        self.B, self.T, self.scale, self.head_major, self.copy_rows = B, T, scale, head_major, copy_rows
 
     def _4d(self, t):  # token-major (N, h, D) -> a (B, h, T, D) view
         return t.view(self.B, self.T, t.shape[1], t.shape[2]).transpose(1, 2)
@@ -177,7 +182,11 @@ class SDPAttention:
             qq, kk, vv = (q, k, v) if self.head_major else (self._4d(q), self._4d(k), self._4d(v))
             o = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=self.scale,
                                                                  enable_gqa=q.shape[1] != k.shape[1])
-        out.view(self.B, self.T, o.shape[1], o.shape[3]).copy_(o.detach().transpose(1, 2))
+        tm = o.detach().transpose(1, 2)  # (B, T, nh, D)
+        if tm.stride(2) == o.shape[3] and tm.stride(1) == o.shape[1] * o.shape[3] and tm.stride(3) == 1:
+            self.copy_rows(out, tm.reshape(out.shape))  # the kernel wrote token-major: rows of nh * D
+        else:
+            out.view(self.B, self.T, o.shape[1], o.shape[3]).copy_(tm)
         return out, (o, q, k, v)
 
     @staticmethod
