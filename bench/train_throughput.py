@@ -17,8 +17,10 @@ Trainers: ``hf`` (the bare loop ``model(ids, labels=ids).loss.backward(); opt.st
 ``apply_liger_kernel_to_llama()``), ``unsloth`` (``FastLanguageModel.from_pretrained`` of the same
 random-init model saved to a temporary folder with a stand-in tokenizer of the right vocab size, bf16,
 no 4-bit, then ``FastLanguageModel.get_peft_model`` with the same LoRA, no gradient checkpointing, and
-the same bare loop), ``wl`` (wonderland's default fast path, torch_fast.FastOptions()) and its variants
-in WL_VARIANTS (one lever changed each).
+the same bare loop), ``wl`` (wonderland's default fast path, torch_fast.FastOptions(), through the
+trainer's own per-step code: ``prepare_batch`` lays the records out on the host, ``prepared_loss``
+computes the loss) and its variants in WL_VARIANTS (one lever changed each). ``--timeline`` adds
+where the GPU idles and who launched the copies (bench/timeline.py) to each line.
 
 Tokens are counted the same way for every trainer: real (non-padding) input tokens per step.
 MFU counts 4 FLOPs per frozen weight per token (forward + input gradient; frozen weights get no

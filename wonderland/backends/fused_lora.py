@@ -180,7 +180,7 @@ class LayerFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, L: Layer, K: Kernels, rot, attn, *P):
-        N, dt = x.shape[0], x.dtype
+        N = x.shape[0]
         cos, sin, T = rot  # (the LoRA weights P are used through their per-step copies in the groups)
         # attention block: x2 = x + o_proj(attn(rope(qkv(norm(x)))))
         xa = L.qkv.input_buffer(N, x)

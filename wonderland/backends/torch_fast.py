@@ -5,7 +5,7 @@ What it changes, and why each pays (measured numbers: bench/README.md, "GPU trai
 * **Loss without the vocabulary logits.** The plain path builds (B, T, V) logits (V = 128k for
   Llama-3: 4 GiB in float32 for 8 x 1024 tokens) and their gradient. Here the loss is taken only
   at labelled positions (prompt and padding tokens never reach the LM head) and through a fused
-  linear cross-entropy that works on a few hundred rows at a time and computes the gradient of
+  linear cross-entropy that works on 256 MiB of logits at a time and computes the gradient of
   the hidden states in the forward pass, so the logits never exist in full (``fused_ce.py``: a
   Triton kernel on CUDA, the same maths in PyTorch elsewhere). Nothing in a step waits for the
   GPU: labelled positions, counts and sequence lengths are worked out on the host when the batch
@@ -13,9 +13,9 @@ What it changes, and why each pays (measured numbers: bench/README.md, "GPU trai
 * **Hand-written LoRA decoder layers** (``fused_lora.py``; Llama/Mistral-style models with LoRA
   dropout 0): one autograd Function per layer that keeps about half the activations autograd
   would, q|k|v and gate|up as single matmuls with the LoRA folded in, cuDNN / FlashAttention-2,
-  Triton kernels for the pointwise work, no compilation. Measured on an H200, Llama-3.2-1B shapes
-  at 8 x 1024 tokens: 84-89k tokens/s at 9.1 GiB, against 69-79k tokens/s at 11.0 GiB for Unsloth
-  in the same invocations and 68.8k at 16.7 GiB for the regional ``torch.compile`` below.
+  Triton kernels for the pointwise work, no compilation. Measured on an H200 at 8 x 1024 tokens
+  (bench/README.md): Llama-3.2-1B shapes 90-92k tokens/s at 9.4 GiB against 64-78k at 11.0 GiB for
+  Unsloth in the same invocations, 3B 37.2-37.7k at 20.6 GiB against 33.3-33.9k at 24.4 GiB.
 * **Otherwise** (other architectures, dropout > 0, ``fused_layers=False``): regional
   ``torch.compile`` of the Hugging Face + PEFT decoder layers (one graph reused by every layer,
   dynamic shapes so that chat batches of a new size do not recompile; a one-time compilation of
