@@ -32,6 +32,16 @@ CE_BLOCK = 16384
 
 
 @functools.cache
+def _have_triton() -> bool:
+    """Triton comes with torch's CUDA wheels on Linux; elsewhere (e.g. Windows) the PyTorch maths runs."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
 def _kernel():
     """The Triton kernel, compiled on first use (Triton is a CUDA-only dependency)."""
     import triton
@@ -119,7 +129,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 
     h (N, H) and weight (V, H) in one dtype; targets (N,) int64. The gradients are computed in the
     forward pass, chunk by chunk, so only one (chunk_rows, V) logits buffer ever exists; backward
-    scales them by the incoming gradient. ``use_triton`` defaults to ``h.is_cuda`` (tests pass True
+    scales them by the incoming gradient. ``use_triton`` defaults to CUDA with Triton installed (tests pass True
     on CPU tensors to run the kernel in Triton's interpreter); ``need_grad=False`` (what
     ``linear_cross_entropy_sum`` passes under ``torch.no_grad()``) skips the gradient matmuls."""
 
@@ -127,7 +137,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
                 use_triton: bool | None = None, ignore_index: int = IGNORE_INDEX, need_grad: bool = True):
         N, V = h.shape[0], weight.shape[0]
-        use_triton = h.is_cuda if use_triton is None else use_triton
+        use_triton = (h.is_cuda and _have_triton()) if use_triton is None else use_triton
         ce = ce_rows_ if use_triton else _ce_rows_torch
         acc = torch.promote_types(h.dtype, torch.float32)  # float32 (float64 for float64 inputs)
         # needs_input_grad is requires_grad, also under no_grad (forward itself always runs under it)
