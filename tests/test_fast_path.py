@@ -145,3 +145,17 @@ def test_equal_length_records_become_plain_rows_on_the_fused_layers(tiny_peft):
     assert p.input_ids.shape == (4, 9) and p.position_ids is None  # causal rows: no segments, cuDNN attention on CUDA
     mixed = tf.prepare_batch(recs[:4], 0, CPU, opts)
     assert mixed.input_ids.shape[0] == 1 and mixed.position_ids is not None  # one packed row, attended per record
+
+
+def test_unpacked_batches_are_the_padded_collate_with_host_side_labels(tiny_peft):
+    """``pack=False``: one record per row as ``collate`` lays it out, labelled positions counted on the host."""
+    recs = records(5, seed=7)
+    opts = tf.FastOptions(pack=False)
+    opts.applied = ["fused_ce"]
+    p = tf.prepare_batch(recs, 0, CPU, opts)
+    ids, labels, mask = collate(recs, 0, CPU)
+    assert torch.equal(p.input_ids, ids) and torch.equal(p.labels, labels) and torch.equal(p.attention_mask, mask)
+    assert p.position_ids is None and p.tokens == sum(len(r.input_ids) for r in recs)
+    ref, n_ref = summed_loss(tiny_peft, ids, labels, mask)
+    loss, n, _ = tf.prepared_loss(tiny_peft, p, opts)
+    assert n == n_ref == p.n and float(loss) == pytest.approx(float(ref), rel=1e-5)

@@ -248,26 +248,24 @@ def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: 
         if at < L:
             segments.append(L - at)
     one_per_row = dense and len(segments) == len(rows)
-    shifted = labels[:, 1:].reshape(-1)
-    keep = (shifted != IGNORE).nonzero().squeeze(1)
-    return Packed(to_device(ids, device), to_device(labels, device), None if one_per_row else to_device(pos, device),
-                  sum(lengths), torch.tensor(segments, dtype=torch.int64), to_device(keep, device),
-                  to_device(shifted[keep], device), int(keep.numel()))
+    return _upload(ids, labels, None if one_per_row else pos, sum(lengths), torch.tensor(segments, dtype=torch.int64), device)
 
 
 def padded(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> Packed:
     """The unpacked layout: one record per row, right-padded to the longest, with an attention mask."""
-    lengths = [len(e.input_ids) for e in batch]
-    T = max(lengths)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, (e, n) in enumerate(zip(batch, lengths)):
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
+    from wonderland.backends.torch_backend import collate
+
+    ids, labels, mask = collate(batch, pad_id, torch.device("cpu"))
+    return _upload(ids, labels, None, int(mask.sum()), torch.full((len(batch),), ids.shape[1]), device, mask)
+
+
+def _upload(ids, labels, pos, tokens: int, lengths: torch.Tensor, device: torch.device, mask=None) -> Packed:
+    """A batch laid out on the host (CPU tensors) -> Packed on ``device``, with its labelled
+    positions and their count worked out here, on the host."""
     shifted = labels[:, 1:].reshape(-1)
     keep = (shifted != IGNORE).nonzero().squeeze(1)
-    return Packed(to_device(ids, device), to_device(labels, device), None, sum(lengths), torch.full((len(batch),), T),
-                  to_device(keep, device), to_device(shifted[keep], device), int(keep.numel()), to_device(mask, device))
+    up = lambda t: None if t is None else to_device(t, device)  # noqa: E731
+    return Packed(up(ids), up(labels), up(pos), tokens, lengths, up(keep), up(shifted[keep]), int(keep.numel()), up(mask))
 
 
 def prepare_batch(batch: Sequence[Encoded], pad_id: int, device: torch.device, opts: FastOptions) -> Packed:
