@@ -81,3 +81,12 @@ def test_num_gpus_must_be_positive(tmp_path, capsys):
     _dataset(tmp_path / "data")
     assert main(["train", "--data", str(tmp_path / "data"), "--num-gpus", "0"]) == 2
     assert "--num-gpus must be >= 1" in capsys.readouterr().err
+
+
+def test_global_sum_of_a_loss_that_requires_grad_warns_nothing():
+    import warnings
+
+    loss = (torch.ones(3, requires_grad=True) * 2).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor that requires grad becomes a float
+        assert distributed.global_sum(loss, distributed.World()) == 6.0

@@ -99,8 +99,9 @@ def global_counts(n: int, tokens: int, w: World, device: torch.device) -> tuple[
 def global_sum(x: torch.Tensor, w: World) -> float:
     """A per-rank scalar tensor summed over all ranks, as a float. It waits for the GPU: call it
     once a step, after everything of the step has been launched."""
+    x = x.detach()
     if w.distributed:
-        x = x.detach().to(torch.float64).clone()
+        x = x.to(torch.float64).clone()
         dist.all_reduce(x)
     return float(x)
 
