@@ -92,7 +92,7 @@ def child(backend: str, data: str, model: str, iters: int, out: str, threads: in
 
 PROBE = """
 import ctypes, sys, time
-if sys.argv[1] == "ctypes":  # what wonderland.backends.mlx_backend does before importing mlx
+if sys.argv[1] == "ctypes":  # what wonderland.backends.mlx_lora.backend does before importing mlx
     ctypes.CDLL("libopenblas.so.0", mode=ctypes.RTLD_GLOBAL)
 import mlx.core as mx
 a, b = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024))

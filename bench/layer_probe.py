@@ -146,9 +146,9 @@ report("lora bwd dA (g^T x)", lambda: a.t() @ x)
 
 # ---------------------------------------------------------------- fused cross-entropy: rows per chunk
 def ce_chunks():
-    """wonderland.backends.fused_ce forward + backward over 8184 rows of V = 128256 (the frozen LM
+    """wonderland.backends.torch_peft.fast.fused_ce forward + backward over 8184 rows of V = 128256 (the frozen LM
     head), for the 1B and 3B hidden sizes and a few chunk sizes (the default: 256 MiB of logits)."""
-    from wonderland.backends.fused_ce import FusedLinearCrossEntropy, default_chunk_rows
+    from wonderland.backends.torch_peft.fast.fused_ce import FusedLinearCrossEntropy, default_chunk_rows
 
     V, rows = 128256, N - B
     for hidden in (2048, 3072):

@@ -1,7 +1,7 @@
 """Benchmark: does the default demo reach the issue-5 target? Prints JSON.
 
 Builds the character's dataset from the book (``wonderland.data.build_dataset``), trains a run with a
-preset (default ``quick``, the demo's) plus any overrides, evaluates it with ``wonderland.evaluate``
+preset (default ``quick``, the demo's) plus any overrides, evaluates it with ``wonderland.eval.evaluate``
 and prints base / prompted / trained metrics, the target checks and timings.
 
     python bench/persona.py                                  # the default demo settings
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_options(p)
     args = p.parse_args(argv)
 
-    from wonderland.evaluate import evaluate
+    from wonderland.eval.evaluate import evaluate
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wl-persona-"))
     if args.calibrate:

@@ -3,7 +3,7 @@
 Each point launches ``torchrun --nproc-per-node N`` running this file's worker: the Llama-3.2
 shapes of bench/train_throughput.py, LoRA r=16 on all seven projections, wonderland's fast path
 (torch_fast defaults) under DDP exactly as ``wonderland train --num-gpus N`` runs it
-(wonderland.distributed.wrap_loss, global-token loss accounting), 8 x 1024 random tokens per GPU
+(wonderland.backends.torch_peft.distributed.wrap_loss, global-token loss accounting), 8 x 1024 random tokens per GPU
 per step (weak scaling). Rank 0 prints one JSON line; the parent adds the speed-up over 1 GPU.
 
     python bench/scaling.py                    # 1b and 3b on 1, 2, 4, 8 GPUs (those present)
@@ -29,8 +29,8 @@ def worker(args) -> None:
     import torch
 
     from train_throughput import PEAK_FLOPS, build_model, flops_per_step, random_batches
-    from wonderland import distributed
-    from wonderland.backends import torch_fast as tf
+    from wonderland.backends.torch_peft import distributed
+    from wonderland.backends.torch_peft.fast import training as tf
 
     w, dev = distributed.setup(torch.device("cuda"))
     model = build_model(args.size, "cuda")  # same seed on every rank; DDP broadcasts rank 0's anyway

@@ -206,8 +206,8 @@ def worker(args) -> dict:
         import unsloth  # noqa: F401
     import torch
 
-    from wonderland.backends import torch_fast as tf
-    from wonderland.backends.torch_backend import collate
+    from wonderland.backends.torch_peft.fast import training as tf
+    from wonderland.backends.torch_peft.batching import collate
 
     torch.backends.cuda.matmul.allow_tf32 = True
     trainer, dev = args.trainer, torch.device(args.device)
@@ -310,7 +310,7 @@ def graphed_step(model, opt, params, static_ids, warmup: int):
     a real label, so the loss needs no host-side count."""
     import torch
 
-    from wonderland.backends import torch_fast as tf
+    from wonderland.backends.torch_peft.fast import training as tf
 
     base = tf._base(model)
     n = static_ids.shape[0] * (static_ids.shape[1] - 1)
@@ -370,8 +370,8 @@ def check_kernels() -> dict:
     on fresh random bf16 inputs for 1B, 3B and SmolLM2-135M head layouts: max |diff| / max |ref|."""
     import torch
 
-    from wonderland.backends import fused_ops as fl
-    from wonderland.backends.triton_kernels import TritonKernels
+    from wonderland.backends.torch_peft.fast import fused_ops as fl
+    from wonderland.backends.torch_peft.fast.triton_kernels import TritonKernels
 
     g = torch.Generator(device="cuda").manual_seed(5)
     out = {}
@@ -422,8 +422,8 @@ def check(args) -> dict:
     model width; random tokens). Also packed vs padded loss on variable-length records."""
     import torch
 
-    from wonderland.backends import torch_fast as tf
-    from wonderland.backends.torch_backend import collate, summed_loss
+    from wonderland.backends.torch_peft.fast import training as tf
+    from wonderland.backends.torch_peft.batching import collate, summed_loss
     from wonderland.chat_format import Encoded
 
     dev = torch.device("cuda")
@@ -488,7 +488,7 @@ def e2e(args) -> list[dict]:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from wonderland.backends import torch_fast as tf
+    from wonderland.backends.torch_peft.fast import training as tf
     from wonderland.config import TrainConfig
     from wonderland.train import train
 

@@ -19,7 +19,7 @@ import pytest
 from wonderland.errors import UserError
 
 # Import the backend before anything imports mlx: it loads OpenBLAS for MLX first (~10x faster on CPU).
-import wonderland.backends.mlx_backend  # noqa: E402,F401,I001
+import wonderland.backends.mlx_lora.backend  # noqa: E402,F401,I001
 
 PROMPT = [1, 504, 3055, 314, 357, 47, 2146, 30, 198, 77, 1035, 42]  # a fixed prompt, several positions
 ATOL = 2e-4  # float32 on two frameworks; the adapters move logits by > 0.1
@@ -54,7 +54,7 @@ def torch_logits(model_path: Path, peft_dir: Path | None = None) -> np.ndarray:
 def mlx_logits(model_path: Path, mlx_dir: Path | None = None) -> np.ndarray:
     import mlx.core as mx
 
-    from wonderland.backends.mlx_backend import BACKEND
+    from wonderland.backends.mlx_lora.backend import BACKEND
 
     chat = BACKEND.load(model_path, mlx_dir)
     return np.array(chat.model(mx.array([PROMPT]))[0].astype(mx.float32))
@@ -66,7 +66,7 @@ def make_mlx_adapter(model_path: Path, out: Path, num_layers: int, keys: list[st
     from mlx.utils import tree_flatten
     from mlx_lm.tuner import linear_to_lora_layers
 
-    from wonderland.backends.mlx_backend import load_base
+    from wonderland.backends.mlx_lora.backend import load_base
 
     model, _ = load_base(model_path)
     model.freeze()
@@ -96,7 +96,7 @@ def test_mlx_loads_transformers5_rope_theta(rope_model):
 def test_mlx_adapter_to_peft_gives_the_same_logits_and_round_trips(rope_model, tmp_path):
     from safetensors.numpy import load_file
 
-    from wonderland.adapters import mlx_to_peft, peft_to_mlx
+    from wonderland.backends.torch_peft.adapters import mlx_to_peft, peft_to_mlx
 
     mlx_dir = make_mlx_adapter(rope_model, tmp_path / "mlx", num_layers=1,
                                keys=["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"])
@@ -127,7 +127,7 @@ def test_peft_adapter_to_mlx_gives_the_same_logits_and_round_trips(rope_model, t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from wonderland.adapters import mlx_to_peft, peft_to_mlx
+    from wonderland.backends.torch_peft.adapters import mlx_to_peft, peft_to_mlx
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(rope_model, dtype=torch.float32)
@@ -156,7 +156,7 @@ def test_peft_adapter_to_mlx_gives_the_same_logits_and_round_trips(rope_model, t
 
 def test_trained_mlx_run_serves_through_torch(tiny_model, tmp_path):
     """An adapter written by the MLX backend (a Mac run) converts and runs on the torch path."""
-    from wonderland.adapters import mlx_to_peft
+    from wonderland.backends.torch_peft.adapters import mlx_to_peft
     from wonderland.cli import main
 
     data = tmp_path / "data"
@@ -179,7 +179,7 @@ def test_trained_mlx_run_serves_through_torch(tiny_model, tmp_path):
     ({"bias": "all"}, "no mlx-lm equivalent"),
 ])
 def test_peft_features_without_an_mlx_equivalent_are_refused(tmp_path, tiny_model, change, message):
-    from wonderland.adapters import peft_to_mlx
+    from wonderland.backends.torch_peft.adapters import peft_to_mlx
 
     src = tmp_path / "peft"
     src.mkdir()
@@ -191,7 +191,7 @@ def test_peft_features_without_an_mlx_equivalent_are_refused(tmp_path, tiny_mode
 @pytest.mark.slow
 def test_embedded_model_logits_agree_across_frameworks_with_a_converted_adapter(embedded_model, tmp_path):
     """The packaged SmolLM2-135M (rope_theta 100000, 30 layers): MLX + mlx adapter == torch + PEFT."""
-    from wonderland.adapters import mlx_to_peft
+    from wonderland.backends.torch_peft.adapters import mlx_to_peft
 
     mlx_dir = make_mlx_adapter(embedded_model, tmp_path / "mlx", num_layers=30, rank=8, scale=0.5,
                                keys=["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])

@@ -1,4 +1,4 @@
-"""Data-parallel training (wonderland.distributed): 2 gloo processes on the CPU train what one
+"""Data-parallel training (wonderland.backends.torch_peft.distributed): 2 gloo processes on the CPU train what one
 process trains with the same global batch, write one metrics stream, and leave checkpoints that
 resume on a different process count. The processes are real (torchrun, launched by
 ``wonderland train --num-gpus 2``); only the backend (gloo instead of NCCL) differs from a GPU run.
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wonderland import distributed
+from wonderland.backends.torch_peft import distributed
 from wonderland.config import TrainConfig
 from wonderland.train import train
 

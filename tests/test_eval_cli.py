@@ -10,7 +10,7 @@ import pytest
 from wonderland.cli import main
 from wonderland.config import GenerationConfig
 from wonderland.errors import UserError
-from wonderland.evaluate import EVAL_MAX_TOKENS, OUTPUT_FILES, default_generation, evaluate, seeded_for
+from wonderland.eval.evaluate import EVAL_MAX_TOKENS, OUTPUT_FILES, default_generation, evaluate, seeded_for
 
 SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland. Stay in character."
 PAIRS = [

@@ -9,7 +9,7 @@ import pytest
 from wonderland.data import build_dataset, load_chat_jsonl
 from wonderland.data.persona import CHARACTER_PROMPTS, TOPICS
 from wonderland.errors import UserError
-from wonderland.evaluate import DEFAULT_PROMPTS, load_prompts
+from wonderland.eval.evaluate import DEFAULT_PROMPTS, load_prompts
 
 
 def norm(text: str) -> str:

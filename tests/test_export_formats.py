@@ -25,7 +25,7 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.export_helpers import PROMPTS, SYSTEM, shared_tiny_run
-from wonderland.backends.torch_backend import TorchChatModel
+from wonderland.backends.torch_peft.chat import TorchChatModel
 from wonderland.chat_format import prompt_ids, with_system
 from wonderland.config import GenerationConfig
 from wonderland.export import export
@@ -279,8 +279,8 @@ def test_ollama_alpha_reproduces_a_fractional_or_mlx_scale(trained, tmp_path):
 @pytest.fixture(scope="module")
 def mlx_run(trained, tmp_path_factory):
     """The same run as if trained by the MLX backend: its adapter in mlx-lm format (converted
-    exactly by wonderland.adapters.peft_to_mlx), run.json saying backend mlx."""
-    from wonderland.adapters import peft_to_mlx
+    exactly by wonderland.backends.torch_peft.adapters.peft_to_mlx), run.json saying backend mlx."""
+    from wonderland.backends.torch_peft.adapters import peft_to_mlx
     from wonderland.runs import RunDir
 
     path = tmp_path_factory.mktemp("mlx-run") / "hatter"

@@ -13,7 +13,7 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
 from tests.export_helpers import PROMPTS, SYSTEM, train_tiny_run
-from wonderland.backends.torch_backend import TorchChatModel
+from wonderland.backends.torch_peft.chat import TorchChatModel
 from wonderland.chat_format import prompt_ids, with_system
 from wonderland.config import DEFAULT_MODEL, GenerationConfig
 from wonderland.export import export

@@ -1,4 +1,4 @@
-"""The fast training path (wonderland.backends.torch_fast) computes what the plain path computes.
+"""The fast training path (wonderland.backends.torch_peft.fast.training) computes what the plain path computes.
 
 CI has no GPU: these run the pure-PyTorch pieces on the CPU (packing laid out on the host, fused
 AdamW, the backend's wiring through ``WONDERLAND_TORCH_FAST=1``; the fused loss itself is
@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from wonderland.backends import torch_fast as tf
-from wonderland.backends.torch_backend import collate, load_base, lora_config, summed_loss
+from wonderland.backends.torch_peft.fast import training as tf
+from wonderland.backends.torch_peft.backend import load_base, lora_config
+from wonderland.backends.torch_peft.batching import collate, summed_loss
 from wonderland.chat_format import IGNORE, Encoded
 from wonderland.config import TrainConfig
 

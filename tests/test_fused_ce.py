@@ -1,4 +1,4 @@
-"""The fused linear cross-entropy (``wonderland.backends.fused_ce``) equals ``F.cross_entropy``.
+"""The fused linear cross-entropy (``wonderland.backends.torch_peft.fast.fused_ce``) equals ``F.cross_entropy``.
 
 The CPU path (plain PyTorch, chunked) is checked in float64 to rounding; the Triton kernel, which
 the CUDA path runs, through Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, see
@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wonderland.backends import fused_ce
-from wonderland.backends.fused_ce import FusedLinearCrossEntropy, default_chunk_rows, linear_cross_entropy_sum
+from wonderland.backends.torch_peft.fast import fused_ce
+from wonderland.backends.torch_peft.fast.fused_ce import FusedLinearCrossEntropy, default_chunk_rows, linear_cross_entropy_sum
 
 IGNORE = -100
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton has no wheels for this platform")

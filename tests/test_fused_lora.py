@@ -1,4 +1,4 @@
-"""The hand-written LoRA decoder layers (wonderland.backends.fused_lora) compute the PEFT model's
+"""The hand-written LoRA decoder layers (wonderland.backends.torch_peft.fast.fused_lora) compute the PEFT model's
 loss and LoRA gradients exactly.
 
 CI has no GPU: these run the layers on the CPU in float64 with the plain-PyTorch attention
@@ -14,9 +14,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from wonderland.backends import fused_lora, fused_ops
-from wonderland.backends import torch_fast as tf
-from wonderland.backends.torch_backend import collate, summed_loss
+from wonderland.backends.torch_peft.fast import fused_lora, fused_ops
+from wonderland.backends.torch_peft.fast import training as tf
+from wonderland.backends.torch_peft.batching import collate, summed_loss
 
 from tests.helpers import chat_records
 

@@ -19,7 +19,7 @@ from wonderland.cli import main
 from wonderland.config import TrainConfig
 
 # Import the backend before anything imports mlx: it loads OpenBLAS for MLX first (~10x faster on CPU).
-import wonderland.backends.mlx_backend  # noqa: E402,F401,I001
+import wonderland.backends.mlx_lora.backend  # noqa: E402,F401,I001
 from tests.helpers import write_dataset  # noqa: E402
 from wonderland.events import StopFlag, read_metrics  # noqa: E402
 
@@ -156,7 +156,7 @@ def test_mlx_stop_then_resume_matches_an_uninterrupted_run(dataset, tiny_model, 
 
 @pytest.mark.parametrize("schedule,warmup,iters", [("cosine", 5, 60), ("cosine", 1, 10), ("constant", 0, 8), ("constant", 3, 8)])
 def test_mlx_schedule_equals_the_torch_schedule(schedule, warmup, iters):
-    from wonderland.backends.mlx_backend import lr_schedule
+    from wonderland.backends.mlx_lora.backend import lr_schedule
     from wonderland.backends.common import lr_at
     from wonderland.config import TrainConfig
 
@@ -190,7 +190,7 @@ def test_backend_mlx_without_mlx_says_what_to_install(dataset, tiny_model, tmp_p
 
 def test_importing_wonderland_never_imports_mlx():
     proc = _run_python("import sys, wonderland, wonderland.cli, wonderland.train, wonderland.generate, "
-                       "wonderland.adapters, wonderland.backends.torch_backend\n"
+                       "wonderland.backends.torch_peft.adapters, wonderland.backends.torch_peft.backend\n"
                        "from wonderland.cli import build_parser; build_parser()\n"
                        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))")
     assert proc.returncode == 0, proc.stderr
@@ -200,9 +200,9 @@ def test_importing_wonderland_never_imports_mlx():
 def test_mlx_on_linux_runs_on_openblas():
     """The OpenBLAS preload took effect (`make test` installs libopenblas0-pthread): without it every
     MLX matmul on Linux CPU goes through the wheel's reference BLAS, ~20x slower (bench/README.md)."""
-    from wonderland.backends import mlx_backend
+    from wonderland.backends.mlx_lora import backend as mlx_backend, blas
 
-    assert not sys.platform.startswith("linux") or mlx_backend.BLAS in mlx_backend.OPENBLAS_LIBS
+    assert not sys.platform.startswith("linux") or blas.BLAS in blas.OPENBLAS_LIBS
     assert mlx_backend.device_name() == ("gpu (metal)" if sys.platform == "darwin" else "cpu (OpenBLAS)")
 
 

@@ -20,7 +20,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it for the sessi
 
 import triton  # noqa: E402,F401 - a test dependency on Linux (pyproject's test extra)
 
-from wonderland.backends import fused_ops, triton_kernels  # noqa: E402
+from wonderland.backends.torch_peft.fast import fused_ops, triton_kernels  # noqa: E402
 
 assert os.environ["TRITON_INTERPRET"] == "1" and isinstance(triton_kernels._rms_fwd, triton.runtime.interpreter.InterpretedFunction), \
     "Triton was imported before TRITON_INTERPRET=1 was set: its kernels would need a GPU"

@@ -95,8 +95,8 @@ def _mlx_installed() -> bool:
 
 def _peft_copy_of_mlx_adapter(run: RunDir, model_path: Path) -> Path:
     """An MLX run served where MLX is missing (e.g. trained on a Mac, served on Linux/CUDA): its
-    adapter converted once to PEFT (same logits, see wonderland.adapters) and kept in the run."""
-    from wonderland.adapters import mlx_to_peft
+    adapter converted once to PEFT (same logits, see wonderland.backends.torch_peft.adapters) and kept in the run."""
+    from wonderland.backends.torch_peft.adapters import mlx_to_peft
     from wonderland.fileio import atomic_replace_dir, staging_dir
 
     target = run.path / "adapter-peft"

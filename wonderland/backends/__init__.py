@@ -16,7 +16,7 @@ from wonderland.errors import UserError
 
 __all__ = ["Backend", "ChatModel", "TrainJob", "TrainResult", "get_backend", "resolve_backend_name"]
 
-_MODULES = {"torch": "wonderland.backends.torch_backend", "mlx": "wonderland.backends.mlx_backend"}
+_MODULES = {"torch": "wonderland.backends.torch_peft.backend", "mlx": "wonderland.backends.mlx_lora.backend"}
 _INSTALL = {"torch": "pip install torch", "mlx": "pip install 'wonderland[mlx]'"}
 
 

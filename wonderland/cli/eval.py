@@ -7,7 +7,7 @@ import sys
 
 from wonderland.cli.options import add_generation_options, dataclass_overrides
 from wonderland.config import GenerationConfig
-from wonderland.evaluate import EVAL_MAX_TOKENS
+from wonderland.eval.evaluate import EVAL_MAX_TOKENS
 
 HELP = "measure a run: held-out perplexity, persona score, distinctness, copying; writes an HTML report"
 
@@ -37,7 +37,7 @@ def _progress(event: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wonderland.evaluate import default_generation, evaluate
+    from wonderland.eval.evaluate import default_generation, evaluate
 
     gen = GenerationConfig(**{**default_generation().to_dict(), **dataclass_overrides(args, GenerationConfig)})
     result = evaluate(args.run, prompts=args.prompts, out=args.out, gen=gen, device=args.device,

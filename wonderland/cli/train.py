@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.data and not args.resume:
         raise UserError("--data is required (a folder from `wonderland data`), or --resume NAME to continue a run")
     config = resolve_config(args)
-    from wonderland import distributed
+    from wonderland.backends.torch_peft import distributed
 
     if args.num_gpus < 1:
         raise UserError(f"--num-gpus must be >= 1 (got {args.num_gpus})")

@@ -1,2 +1,2 @@
 """Evaluation internals: persona scoring, text metrics and the report. The entry point is
-:func:`wonderland.evaluate.evaluate` (``wonderland eval``)."""
+:func:`wonderland.eval.evaluate.evaluate` (``wonderland eval``)."""

@@ -178,7 +178,7 @@ def _write_mlx(src: RunSource, tmp: Path, final: Path, **_) -> ExportResult:
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
     else:
-        from wonderland.adapters import peft_to_mlx
+        from wonderland.backends.torch_peft.adapters import peft_to_mlx
 
         peft_to_mlx(src.run.adapter, tmp, base_model_path=src.base_path)
     return ExportResult("mlx", tmp, [], [f"mlx_lm.generate --model {src.base_path} --adapter-path {final} --prompt 'Who are you?'"])

@@ -1,7 +1,7 @@
 """A run's adapter in PEFT form, and the base model with it merged in (PyTorch + PEFT).
 
 Every export goes through PEFT: a torch run's adapter already is one; an MLX run's adapter is
-converted with :func:`wonderland.adapters.mlx_to_peft` first. Merging is PEFT's
+converted with :func:`wonderland.backends.torch_peft.adapters.mlx_to_peft` first. Merging is PEFT's
 ``merge_and_unload`` in float32 on the CPU (W + alpha/r * B @ A), so the merged weights equal what
 base + adapter computes, up to float32 rounding.
 """
@@ -60,7 +60,7 @@ def peft_adapter(src: RunSource, scratch: Path) -> Iterator[Path]:
     if src.adapter_format == "peft":
         yield src.run.adapter
         return
-    from wonderland.adapters import mlx_to_peft
+    from wonderland.backends.torch_peft.adapters import mlx_to_peft
 
     out = scratch / "peft-adapter"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,7 @@
 usage: trained_only.py RUN_DIR [THREADS] [GENERATION_SEED]; prints each reply with its score, then a JSON summary."""
 import sys, json, math, time
 import torch
-from wonderland.evaluate import seeded_for, default_generation, load_prompts, DEFAULT_PROMPTS, _data_files, _split_lines
+from wonderland.eval.evaluate import seeded_for, default_generation, load_prompts, DEFAULT_PROMPTS, _data_files, _split_lines
 from wonderland.generate import load_run, ARMS
 from wonderland.eval.persona import PersonaScorer
 from wonderland.eval.metrics import CopyDetector, reply_stats

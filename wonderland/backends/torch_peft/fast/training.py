@@ -42,6 +42,7 @@ from typing import Sequence
 
 import torch
 
+from wonderland.backends.torch_peft.batching import collate, shifted_nll_sum
 from wonderland.chat_format import IGNORE, Encoded
 
 ENV = "WONDERLAND_TORCH_FAST"
@@ -95,7 +96,7 @@ def prepare_model(model, device: torch.device, opts: FastOptions | None = None) 
     base = _base(model)
     cuda = device.type == "cuda"
     if opts.fused_layers:
-        from wonderland.backends import fused_lora
+        from wonderland.backends.torch_peft.fast import fused_lora
 
         fused, why = fused_lora.prepare(model, cuda=cuda, dense_attention=opts.dense_attention)
         if fused is not None:
@@ -140,7 +141,7 @@ def linear_cross_entropy_sum(h: torch.Tensor, weight: torch.Tensor, targets: tor
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=IGNORE, reduction="sum")
-    from wonderland.backends.fused_ce import linear_cross_entropy_sum as fused
+    from wonderland.backends.torch_peft.fast.fused_ce import linear_cross_entropy_sum as fused
 
     return fused(h, weight, targets)
 
@@ -156,7 +157,7 @@ def fused_loss_supported(model) -> bool:
 def summed_loss(model, ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, use_liger: bool = False,
                 packed: "Packed | None" = None) -> tuple[torch.Tensor, int]:
-    """Like ``torch_backend.summed_loss`` (sum of next-token NLLs at labelled positions, and their
+    """Like ``batching.summed_loss`` (sum of next-token NLLs at labelled positions, and their
     count) but the LM head runs only on labelled positions and its logits are never stored.
     ``packed`` (from :func:`pack`) brings what the host already knows (labelled positions, their
     count, sequence lengths), so nothing here waits for the GPU."""
@@ -253,8 +254,6 @@ def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: 
 
 def padded(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> Packed:
     """The unpacked layout: one record per row, right-padded to the longest, with an attention mask."""
-    from wonderland.backends.torch_backend import collate
-
     ids, labels, mask = collate(batch, pad_id, torch.device("cpu"))
     return _upload(ids, labels, None, int(mask.sum()), torch.full((len(batch),), ids.shape[1]), device, mask)
 
@@ -288,9 +287,7 @@ def prepared_loss(model, p: Packed, opts: FastOptions) -> tuple[torch.Tensor, in
         loss, n = summed_loss(model, p.input_ids, p.labels, p.attention_mask, p.position_ids, use_liger=use_liger, packed=p)
         return loss, n, p.tokens
     logits = model(input_ids=p.input_ids, attention_mask=p.attention_mask, position_ids=p.position_ids, use_cache=False).logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), p.labels[:, 1:].reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-    return loss, p.n, p.tokens
+    return shifted_nll_sum(logits, p.labels), p.n, p.tokens
 
 
 def batch_loss(model, batch: Sequence[Encoded], pad_id: int, device: torch.device, opts: FastOptions) -> tuple[torch.Tensor, int, int]:

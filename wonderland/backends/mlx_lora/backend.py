@@ -10,73 +10,39 @@ backend trains on), and the optimizer (AdamW with the torch backend's warmup/cos
 gradient clipping). The final adapter is what mlx-lm writes (``adapters.safetensors`` +
 ``adapter_config.json``): ``mlx_lm.load(model, adapter_path=run/adapter)`` loads it unchanged.
 
-Linux CPU traps (see ../shared/NOTES.md): the ``mlx-cpu`` wheel links a reference BLAS (~3-5
-GFLOP/s matmuls). Loading Debian's OpenBLAS into the global symbol scope *before* ``mlx.core``
-is imported makes libmlx resolve ``cblas_sgemm`` to it (~20x faster matmuls, measured), with no
-``LD_PRELOAD`` or re-exec needed. bf16/fp16 are slow on CPU, so weights are cast to float32 there.
+On Linux CPU the package loads OpenBLAS first (:mod:`.blas`); bf16/fp16 are slow on CPU, so
+weights are cast to float32 there.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
-import math
-import os
 import shutil
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
 
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm import load as mlx_load
+from mlx_lm.tuner import TrainingArgs, evaluate, linear_to_lora_layers
+from mlx_lm.tuner import train as mlx_train
+from mlx_lm.tuner.callbacks import TrainingCallback
+
+from wonderland.backends.base import TrainJob, TrainResult
+from wonderland.backends.common import batch_indices, finish_checkpoint
+from wonderland.backends.mlx_lora.batching import collate, mean_loss
+from wonderland.backends.mlx_lora.blas import BLAS
+from wonderland.backends.mlx_lora.chat import MLXChatModel
+from wonderland.chat_format import encode_chat
+from wonderland.config import GenerationConfig, TrainConfig
 from wonderland.errors import UserError
-
-OPENBLAS_LIBS = ("libopenblas.so.0", "libopenblasp.so.0")  # Debian: libopenblas0-pthread
-
-
-def _preload_openblas() -> str | None:
-    """Put OpenBLAS first in the global symbol scope so libmlx binds cblas_* to it.
-
-    Must run before ``mlx.core`` is first imported (a library's symbols are bound when it loads).
-    Returns the library used, or None (not Linux, not installed, or mlx already loaded).
-    """
-    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules or os.environ.get("WONDERLAND_MLX_BLAS") == "bundled":
-        return None
-    for name in OPENBLAS_LIBS:
-        try:
-            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
-            return name
-        except OSError:
-            continue
-    print("wonderland: MLX on Linux CPU is ~10x slower without OpenBLAS; install it with "
-          "`sudo apt-get install libopenblas0-pthread`", file=sys.stderr)
-    return None
-
-
-BLAS = _preload_openblas()
-
-import mlx.core as mx  # noqa: E402  (after the OpenBLAS preload, on purpose)
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-from mlx.utils import tree_flatten, tree_unflatten  # noqa: E402
-from mlx_lm import load as mlx_load  # noqa: E402
-from mlx_lm import stream_generate  # noqa: E402
-from mlx_lm.sample_utils import apply_top_p, make_logits_processors  # noqa: E402
-from mlx_lm.tuner import TrainingArgs, evaluate, linear_to_lora_layers  # noqa: E402
-from mlx_lm.tuner import train as mlx_train  # noqa: E402
-from mlx_lm.tuner.callbacks import TrainingCallback  # noqa: E402
-from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
-
-from wonderland.backends.base import TrainJob, TrainResult  # noqa: E402
-from wonderland.backends.common import batch_indices, finish_checkpoint  # noqa: E402
-from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids  # noqa: E402
-from wonderland.config import GenerationConfig, TrainConfig  # noqa: E402
-from wonderland.events import Eval, Resumed, Sample, Started, Step, Stopped  # noqa: E402
-from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir  # noqa: E402
+from wonderland.events import Eval, Resumed, Sample, Started, Step, Stopped
+from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
 
 ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's file names
 ADAPTER_CONFIG = "adapter_config.json"
-PAD_TO = 32  # pad batches to multiples of 32 tokens, as mlx-lm does: few shapes, few recompiles
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -176,31 +142,6 @@ class ClippedAdamW(optim.AdamW):
         if self.max_grad_norm:
             gradients, _ = optim.clip_grad_norm(gradients, self.max_grad_norm)
         super().update(model, gradients)
-
-
-def collate(batch: Sequence[Encoded]) -> tuple[mx.array, mx.array]:
-    """(B, T) token ids and a (B, T) 0/1 mask of the label positions; T - 1 is a multiple of 32."""
-    longest = max(len(e.input_ids) for e in batch)
-    width = 1 + PAD_TO * max(1, math.ceil((longest - 1) / PAD_TO))
-    ids = [[0] * width for _ in batch]
-    mask = [[0] * width for _ in batch]
-    for row, e in enumerate(batch):
-        ids[row][: len(e.input_ids)] = e.input_ids
-        mask[row][: len(e.labels)] = [int(t != IGNORE) for t in e.labels]
-    return mx.array(ids, mx.int32), mx.array(mask, mx.int32)
-
-
-def summed_nll(model, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Sum of next-token NLLs at label positions, and their count."""
-    logits = model(ids[:, :-1]).astype(mx.float32)
-    targets, m = ids[:, 1:], mask[:, 1:]
-    return (nn.losses.cross_entropy(logits, targets) * m).sum(), m.sum()
-
-
-def mean_loss(model, ids: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """mlx-lm's loss contract: (mean loss, token count)."""
-    total, n = summed_nll(model, ids, mask)
-    return total / mx.maximum(n, 1), n
 
 
 class Batches:
@@ -382,75 +323,6 @@ class _quiet_mlx_console:
 
     def __exit__(self, *exc):
         self.console.quiet = self.previous
-
-
-# ----------------------------------------------------------------------------- generation
-class MLXChatModel:
-    """Generation via ``mlx_lm.stream_generate``. The adapter is switched per decode step by
-    setting every LoRA layer's scale (0 = pure base model) under a lock: mlx bakes the scale into
-    the graph when a step is built, and ``stream_generate`` builds each step inside ``next()``, so
-    interleaved streams (Base / Prompted / Trained columns) never see each other's setting."""
-
-    def __init__(self, model, tokenizer, model_path: Path) -> None:
-        self.model, self.tokenizer, self.model_path = model, tokenizer, model_path
-        self._lora = [m for _, m in model.named_modules() if isinstance(m, LoRALinear)]
-        self._scales = [m.scale for m in self._lora]
-        self.has_adapter = bool(self._lora)
-        self._lock = threading.Lock()
-
-    def _set_adapter(self, on: bool) -> None:
-        for m, s in zip(self._lora, self._scales):
-            m.scale = s if on else 0.0
-
-    def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
-        ids = prompt_ids(self.tokenizer._tokenizer, messages)
-        processors = make_logits_processors(repetition_penalty=gen.repetition_penalty,
-                                            repetition_context_size=len(ids) + gen.max_tokens) \
-            if gen.repetition_penalty != 1.0 else None
-        steps = stream_generate(self.model, self.tokenizer, ids, max_tokens=gen.max_tokens,
-                                sampler=make_sampler(gen), logits_processors=processors)
-        while True:
-            with self._lock:
-                self._set_adapter(adapter)
-                try:
-                    response = next(steps)
-                except StopIteration:
-                    return
-                finally:
-                    self._set_adapter(True)
-            if response.text:
-                yield response.text
-
-    def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
-        total, count = 0.0, 0
-        for r in records:
-            ids, mask = collate([encode_chat(self.tokenizer._tokenizer, r["messages"], max_seq_len)])
-            with self._lock:
-                self._set_adapter(adapter)
-                try:
-                    nll, n = summed_nll(self.model, ids, mask)
-                    mx.eval(nll, n)
-                finally:
-                    self._set_adapter(True)
-            total, count = total + nll.item(), count + n.item()
-        return total, count
-
-
-def make_sampler(gen: GenerationConfig):
-    """Temperature + top-p sampling with the stream's own seeded key (interleaved streams stay
-    reproducible); greedy at temperature 0. Same order as the torch backend: temperature first."""
-    if gen.temperature == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    key = [mx.random.key(gen.seed)]
-
-    def sample(logprobs: mx.array) -> mx.array:
-        key[0], sub = mx.random.split(key[0])
-        scaled = logprobs / gen.temperature
-        if gen.top_p < 1.0:
-            scaled = apply_top_p(scaled - mx.logsumexp(scaled, axis=-1, keepdims=True), gen.top_p)
-        return mx.random.categorical(scaled, key=sub)
-
-    return sample
 
 
 BACKEND = MLXBackend()

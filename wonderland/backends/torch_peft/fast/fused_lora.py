@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wonderland.backends.fused_ops import FlashAttention, Kernels, MathAttention, SDPAttention, _acc, make_kernels
+from wonderland.backends.torch_peft.fast.fused_ops import FlashAttention, Kernels, MathAttention, SDPAttention, _acc, make_kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 

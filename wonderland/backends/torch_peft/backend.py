@@ -6,25 +6,23 @@ The adapter is saved in PEFT's own format (``adapter_config.json`` +
 
 from __future__ import annotations
 
-import inspect
 import json
-import threading
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from wonderland import distributed
-from wonderland.backends import torch_fast
 from wonderland.backends.base import TrainJob, TrainResult
 from wonderland.backends.common import batch_indices, finish_checkpoint, lr_at
-from wonderland.chat_format import IGNORE, Encoded, encode_chat, prompt_ids
+from wonderland.backends.torch_peft import distributed
+from wonderland.backends.torch_peft.batching import batch_loss, collate, summed_loss
+from wonderland.backends.torch_peft.chat import TorchChatModel
+from wonderland.backends.torch_peft.fast import training as torch_fast
+from wonderland.chat_format import encode_chat
 from wonderland.config import GenerationConfig, TrainConfig
 from wonderland.errors import UserError
 from wonderland.events import Eval, Resumed, Sample, Started, Step, Stopped
@@ -72,36 +70,6 @@ def lora_config(cfg: TrainConfig, n_layers: int) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
-
-
-def collate(batch: Sequence[Encoded], pad_id: int, device: torch.device):
-    """Right-pad to the longest record: input_ids/labels/attention_mask of shape (B, T)."""
-    T = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), T), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    for i, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
-    return ids.to(device), labels.to(device), mask.to(device)
-
-
-def summed_loss(model, ids, labels, mask) -> tuple[torch.Tensor, int]:
-    """Sum of token NLLs over labelled positions (next-token shift), and how many there were."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
-    targets = labels[:, 1:]
-    n = int((targets != IGNORE).sum())
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, n
-
-
-def batch_loss(model, batch: Sequence[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """The plain path: padded batch, full logits. Summed loss, labelled tokens, real tokens."""
-    ids, labels, mask = collate(batch, pad_id, device)
-    loss, n = summed_loss(model, ids, labels, mask)
-    return loss, n, int(mask.sum())
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -255,79 +223,6 @@ class TorchBackend:
             model = PeftModel.from_pretrained(model, str(adapter_path))
         model.eval()
         return TorchChatModel(model, tokenizer, Path(model_path), dev)
-
-
-# ----------------------------------------------------------------------------- generation
-class TorchChatModel:
-    """Token-by-token decoding with a KV cache. Each forward step holds a lock and sets the
-    adapter on or off for that step only, so several streams (Base / Prompted / Trained columns)
-    can interleave on one model and the Base column can never run with the adapter active."""
-
-    def __init__(self, model, tokenizer, model_path: Path, device: torch.device) -> None:
-        self.model, self.tokenizer, self.model_path, self.device = model, tokenizer, model_path, device
-        self.has_adapter = isinstance(model, PeftModel)
-        self._lock = threading.Lock()
-        # transformers >= 5.2x renamed past_key_values -> cache (the GPU machine has an older 5.x)
-        forward = type(model.get_base_model() if self.has_adapter else model).forward
-        self._cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-        self.eos_ids = {i for i in [tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))] if i is not None}
-
-    def _adapter(self, on: bool):
-        if self.has_adapter and not on:
-            return self.model.disable_adapter()
-        return nullcontext()
-
-    def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
-        ids = prompt_ids(self.tokenizer, messages)
-        seen = torch.tensor(ids)
-        rng = torch.Generator().manual_seed(gen.seed)
-        cur, past, out_ids, emitted = torch.tensor([ids], device=self.device), None, [], ""
-        for _ in range(gen.max_tokens):
-            with self._lock, torch.no_grad(), self._adapter(adapter):
-                out = self.model(input_ids=cur, use_cache=True, **{self._cache_kw: past})
-            past = getattr(out, self._cache_kw)
-            token = sample_token(out.logits[0, -1].float().cpu(), seen, gen, rng)
-            if token in self.eos_ids:
-                break
-            out_ids.append(token)
-            seen = torch.cat([seen, torch.tensor([token])])
-            cur = torch.tensor([[token]], device=self.device)
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
-
-    def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
-        total, count = 0.0, 0
-        pad = self.tokenizer.pad_token_id
-        for r in records:
-            enc = encode_chat(self.tokenizer, r["messages"], max_seq_len)
-            with self._lock, torch.no_grad(), self._adapter(adapter):
-                loss, n = summed_loss(self.model, *collate([enc], pad, self.device))
-            total, count = total + float(loss), count + n
-        return total, count
-
-
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def sample_token(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig, rng: torch.Generator) -> int:
-    """Pick the next token from (V,) logits: repetition penalty, temperature, top-p."""
-    logits = logits.clone()
-    if gen.repetition_penalty != 1.0 and len(seen):
-        prev = logits[seen]
-        logits[seen] = torch.where(prev > 0, prev / gen.repetition_penalty, prev * gen.repetition_penalty)
-    if gen.temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / gen.temperature, dim=-1)
-    if gen.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < gen.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=rng))
 
 
 BACKEND = TorchBackend()

@@ -124,7 +124,7 @@ class Kernels:
 def make_kernels(eps: float, nh: int, nkv: int, hd: int, cuda: bool):
     if cuda:
         try:
-            from wonderland.backends.triton_kernels import TritonKernels
+            from wonderland.backends.torch_peft.fast.triton_kernels import TritonKernels
 
             return TritonKernels(eps, nh, nkv, hd)
         except (ImportError, ValueError):  # no Triton, or a head size its kernels do not take

@@ -34,7 +34,7 @@ from wonderland.generate import ARMS, LoadedRun, load_run
 from wonderland.runs import RunDir, now_iso
 
 SCHEMA_VERSION = 1
-DEFAULT_PROMPTS = Path(__file__).with_name("eval") / "prompts.txt"
+DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 EVAL_MAX_TOKENS = 60  # ~3.5 s per reply at ~17 tokens/s on one CPU core: 24 prompts x 3 arms in ~4 min
 RETENTION_MAX_TOKENS = 32
 OUTPUT_FILES = ("eval.json", "samples.jsonl", "report.html", "loss.png", "persona.png")

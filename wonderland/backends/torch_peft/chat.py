@@ -1,0 +1,88 @@
+"""Streamed generation and teacher-forced loss with a PyTorch model, adapter on or off per step."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from peft import PeftModel
+
+from wonderland.backends.torch_peft.batching import collate, summed_loss
+from wonderland.chat_format import encode_chat, prompt_ids
+from wonderland.config import GenerationConfig
+
+
+class TorchChatModel:
+    """Token-by-token decoding with a KV cache. Each forward step holds a lock and sets the
+    adapter on or off for that step only, so several streams (Base / Prompted / Trained columns)
+    can interleave on one model and the Base column can never run with the adapter active."""
+
+    def __init__(self, model, tokenizer, model_path: Path, device: torch.device) -> None:
+        self.model, self.tokenizer, self.model_path, self.device = model, tokenizer, model_path, device
+        self.has_adapter = isinstance(model, PeftModel)
+        self._lock = threading.Lock()
+        # transformers >= 5.2x renamed past_key_values -> cache (the GPU machine has an older 5.x)
+        forward = type(model.get_base_model() if self.has_adapter else model).forward
+        self._cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+        self.eos_ids = {i for i in [tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))] if i is not None}
+
+    def _adapter(self, on: bool):
+        if self.has_adapter and not on:
+            return self.model.disable_adapter()
+        return nullcontext()
+
+    def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
+        ids = prompt_ids(self.tokenizer, messages)
+        seen = torch.tensor(ids)
+        rng = torch.Generator().manual_seed(gen.seed)
+        cur, past, out_ids, emitted = torch.tensor([ids], device=self.device), None, [], ""
+        for _ in range(gen.max_tokens):
+            with self._lock, torch.no_grad(), self._adapter(adapter):
+                out = self.model(input_ids=cur, use_cache=True, **{self._cache_kw: past})
+            past = getattr(out, self._cache_kw)
+            token = sample_token(out.logits[0, -1].float().cpu(), seen, gen, rng)
+            if token in self.eos_ids:
+                break
+            out_ids.append(token)
+            seen = torch.cat([seen, torch.tensor([token])])
+            cur = torch.tensor([[token]], device=self.device)
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+                emitted = text
+
+    def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
+        total, count = 0.0, 0
+        pad = self.tokenizer.pad_token_id
+        for r in records:
+            enc = encode_chat(self.tokenizer, r["messages"], max_seq_len)
+            with self._lock, torch.no_grad(), self._adapter(adapter):
+                loss, n = summed_loss(self.model, *collate([enc], pad, self.device))
+            total, count = total + float(loss), count + n
+        return total, count
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def sample_token(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig, rng: torch.Generator) -> int:
+    """Pick the next token from (V,) logits: repetition penalty, temperature, top-p."""
+    logits = logits.clone()
+    if gen.repetition_penalty != 1.0 and len(seen):
+        prev = logits[seen]
+        logits[seen] = torch.where(prev > 0, prev / gen.repetition_penalty, prev * gen.repetition_penalty)
+    if gen.temperature == 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / gen.temperature, dim=-1)
+    if gen.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < gen.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=rng))
