@@ -144,18 +144,32 @@ def clean_chat_text(text: str) -> str:
     return t
 
 
-def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, *, aliases: Sequence[str] = (),
-                  valid_fraction: float = 0.1, seed: int = 0, persona: bool = True,
-                  persona_share: float = PERSONA_SHARE, warn: Callable[[str], None] | None = None) -> dict:
-    """Write ``character``'s dataset from ``book`` (default book when None) into ``out_dir``.
+@dataclass
+class DatasetContext:
+    """What every record builder sees: the analysed book, who the character is, the shared RNG."""
+    an: Analysis
+    canon: str
+    targets: set[str]
+    display: str
+    system: str
+    rng: random.Random
+    seed: int
+    persona: bool
+    persona_share: float
+    dialogue: list[dict]  # the dialogue records, each already in its split (``_split``)
 
-    Returns the stats (also written to ``stats.json``). Everything is computed before anything is
-    written; the folder appears complete or not at all."""
+
+# Record builders: ``builder(ctx) -> records``, each record a chat record (``_record``) that carries
+# the ``_split`` ("train"/"valid") it belongs to. The dialogue records come first and fix the split;
+# every builder here adds records after them, in this order (e.g. multi-turn scenes go here too).
+RecordBuilder = Callable[[DatasetContext], list[dict]]
+
+
+def _check_build_args(out_dir: Path, valid_fraction: float, persona_share: float) -> None:
     if not 0 <= valid_fraction < 1:
         raise UserError(f"valid fraction must be in [0, 1), got {valid_fraction}")
     if not 0 <= persona_share <= 5:
         raise UserError(f"persona share must be in [0, 5] (persona pairs per dialogue record), got {persona_share}")
-    out_dir = Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output path {out_dir} exists and is not a folder")
     if out_dir.is_dir():
@@ -163,6 +177,17 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
         if stray:
             raise UserError(f"output folder {out_dir} holds other files ({', '.join(stray[:3])}); "
                             f"pick an empty or new folder")
+
+
+def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, *, aliases: Sequence[str] = (),
+                  valid_fraction: float = 0.1, seed: int = 0, persona: bool = True,
+                  persona_share: float = PERSONA_SHARE, warn: Callable[[str], None] | None = None) -> dict:
+    """Write ``character``'s dataset from ``book`` (default book when None) into ``out_dir``.
+
+    Returns the stats (also written to ``stats.json``). Everything is computed before anything is
+    written; the folder appears complete or not at all."""
+    out_dir = Path(out_dir).expanduser()
+    _check_build_args(out_dir, valid_fraction, persona_share)
     warnings: list[str] = []
 
     def _warn(msg: str) -> None:
@@ -173,11 +198,23 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
     an = load_book_analysis(book, warn=_warn)
     canon, targets = resolve_character(an, character, aliases)
     display = an.display_name(canon)
-    title = an.book.title
-    system = character_system_prompt(display, title)
+    system = character_system_prompt(display, an.book.title)
     rng = random.Random(seed)
+    dialogue = _dialogue_records(an, targets, system, rng)
+    _split_by_exchange(dialogue, valid_fraction, rng)
+    ctx = DatasetContext(an, canon, targets, display, system, rng, seed, persona, persona_share, dialogue)
+    extra = [r for builder in RECORD_BUILDERS for r in builder(ctx)]
+    train, valid = _dedupe_and_split(dialogue + extra)
+    rng.shuffle(train)
+    _warn_if_thin(ctx, valid_fraction, valid, _warn)
+    stats = _stats(ctx, train, valid, valid_fraction, warnings)
+    _write_dataset(out_dir, an, train, valid, stats)
+    return stats
 
-    # dialogue records
+
+def _dialogue_records(an: Analysis, targets: set[str], system: str, rng: random.Random) -> list[dict]:
+    """One record per turn of the character: the turn just before (someone else's, same exchange)
+    is the user's line; without one, a persona prompt that fits the answer or an opener."""
     turns = _turns(an)
     dialogue: list[dict] = []
     for k, t in enumerate(turns):
@@ -195,9 +232,13 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
             user = best_prompt_for(answer, rng) or rng.choice(_OPENERS)
         dialogue.append(_record(system, user, answer, t.lines, "dialogue", context=context,
                                 exchange=t.exchange))
+    return dialogue
 
-    # split by exchange; an exchange longer than the validation target (one long conversation) is
-    # cut into runs of consecutive turns, so the split stays near the target
+
+def _split_by_exchange(dialogue: list[dict], valid_fraction: float, rng: random.Random) -> None:
+    """Set each record's ``_split``: whole exchanges go to one side; an exchange longer than the
+    validation target (one long conversation) is cut into runs of consecutive turns, so the split
+    stays near the target. The same words said twice (rare) stay on one side."""
     target = round(valid_fraction * len(dialogue))
     if valid_fraction > 0 and target == 0 and len(dialogue) >= 2:
         target = 1
@@ -215,70 +256,91 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
         n += len(u) if valid_unit else 0
         for r in u:
             r["_split"] = "valid" if valid_unit else "train"
-    # the same words said twice (rare) stay on one side
     split_of_text: dict[str, str] = {}
     for r in dialogue:
         r["_split"] = split_of_text.setdefault(r["messages"][2]["content"].lower(), r["_split"])
 
-    # persona pairs, each in its source line's split
-    persona_recs: list[dict] = []
-    if persona and dialogue:
-        answers = [r["messages"][2]["content"] for r in dialogue]
-        others = [an.display_name(n) for n, _ in an.speaker_counts() if n not in targets][:6]
-        limit = int(persona_share * len(dialogue))
-        for p in build_persona_pairs(answers, others, limit, seed, self_name=canon):
-            src = dialogue[p.answer_index]
-            rec = _record(system, p.prompt, src["messages"][2]["content"], src["source"]["lines"], "persona",
-                          topic=p.topic)
-            rec["_split"] = src["_split"]
-            persona_recs.append(rec)
 
-    seen: set[tuple[str, str]] = set()
+def _persona_records(ctx: DatasetContext) -> list[dict]:
+    """Persona pairs (a question about a topic, answered by one of the character's lines), each in
+    its source line's split."""
+    if not ctx.persona or not ctx.dialogue:
+        return []
+    answers = [r["messages"][2]["content"] for r in ctx.dialogue]
+    others = [ctx.an.display_name(n) for n, _ in ctx.an.speaker_counts() if n not in ctx.targets][:6]
+    limit = int(ctx.persona_share * len(ctx.dialogue))
+    out = []
+    for p in build_persona_pairs(answers, others, limit, ctx.seed, self_name=ctx.canon):
+        src = ctx.dialogue[p.answer_index]
+        rec = _record(ctx.system, p.prompt, src["messages"][2]["content"], src["source"]["lines"], "persona",
+                      topic=p.topic)
+        rec["_split"] = src["_split"]
+        out.append(rec)
+    return out
+
+
+RECORD_BUILDERS: list[RecordBuilder] = [_persona_records]
+
+
+def _dedupe_and_split(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(train, valid), first of each conversation kept (same non-system turns, any case), private
+    ``_split``/``_exchange`` keys removed."""
+    seen: set[tuple[str, ...]] = set()
     train: list[dict] = []
     valid: list[dict] = []
-    for r in dialogue + persona_recs:
-        k = (r["messages"][1]["content"].lower(), r["messages"][2]["content"].lower())
+    for r in records:
+        k = tuple(m["content"].lower() for m in r["messages"] if m["role"] != "system")
         if k in seen:
             continue
         seen.add(k)
         (valid if r.pop("_split") == "valid" else train).append(r)
         r.pop("_exchange", None)
-    rng.shuffle(train)
+    return train, valid
 
-    char_spans = [s for s in an.spans if s.speaker in targets]
-    if len(char_spans) < FEW_LINES:
-        _warn(f"{display} has only {len(char_spans)} lines in this book: expect a light touch of their "
-              f"style at best, and a model that repeats their lines; {FEW_LINES}+ lines train better")
+
+def _warn_if_thin(ctx: DatasetContext, valid_fraction: float, valid: list[dict], warn: Callable[[str], None]) -> None:
+    n = sum(s.speaker in ctx.targets for s in ctx.an.spans)
+    if n < FEW_LINES:
+        warn(f"{ctx.display} has only {n} lines in this book: expect a light touch of their "
+             f"style at best, and a model that repeats their lines; {FEW_LINES}+ lines train better")
     if valid_fraction > 0 and not valid:
-        _warn("no validation records (too few exchanges); validation loss will not be reported")
+        warn("no validation records (too few exchanges); validation loss will not be reported")
 
+
+def _stats(ctx: DatasetContext, train: list[dict], valid: list[dict], valid_fraction: float,
+           warnings: list[str]) -> dict:
+    an = ctx.an
+    char_spans = [s for s in an.spans if s.speaker in ctx.targets]
     by_attr = Counter(s.attribution for s in an.spans)
-    stats = {
-        "character": canon,
-        "display_name": display,
-        "aliases": sorted(targets - {canon}),
-        "book": title,
+    kinds = Counter(r["source"]["kind"] for r in train + valid)
+    return {
+        "character": ctx.canon,
+        "display_name": ctx.display,
+        "aliases": sorted(ctx.targets - {ctx.canon}),
+        "book": an.book.title,
         "book_path": str(an.book.path.resolve()),
         "book_sha256": an.book.sha256,
         "quote_style": an.style.name,
-        "system_prompt": system,
-        "seed": seed,
+        "system_prompt": ctx.system,
+        "seed": ctx.seed,
         "valid_fraction": valid_fraction,
-        "persona_share": persona_share if persona else 0.0,
+        "persona_share": ctx.persona_share if ctx.persona else 0.0,
         "spans": len(an.spans),
         "spans_by_attribution": {a: by_attr.get(a, 0) for a in ATTRIBUTIONS},
         "group_spans": sum(s.group for s in an.spans),
         "character_utterances": len(char_spans),
         "character_utterances_by_attribution": dict(Counter(s.attribution for s in char_spans)),
         "words": sum(len(s.text.split()) for s in char_spans),
-        "dialogue_records": sum(r["source"]["kind"] == "dialogue" for r in train + valid),
-        "persona_records": sum(r["source"]["kind"] == "persona" for r in train + valid),
+        "dialogue_records": kinds.get("dialogue", 0),
+        "persona_records": kinds.get("persona", 0),
         "train_records": len(train),
         "valid_records": len(valid),
         "top_speakers": an.speaker_counts()[:10],
         "warnings": warnings,
     }
 
+
+def _write_dataset(out_dir: Path, an: Analysis, train: list[dict], valid: list[dict], stats: dict) -> None:
     stage = staging_dir(out_dir)
     try:
         atomic_write_jsonl(stage / "utterances.jsonl", (s.record() for s in an.spans))
@@ -290,7 +352,6 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return stats
 
 
 def _record(system: str, user: str, answer: str, lines: list[int], kind: str, *, context=(), exchange=None,
