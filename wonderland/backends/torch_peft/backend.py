@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from wonderland.backends.base import TrainJob, TrainResult
 from wonderland.backends.common import batch_indices, finish_checkpoint, lr_at
-from wonderland.backends.torch_peft import distributed
+from wonderland.backends.torch_peft import distributed, trainer
 from wonderland.backends.torch_peft.batching import batch_loss, collate, summed_loss
 from wonderland.backends.torch_peft.chat import TorchChatModel
 from wonderland.backends.torch_peft.fast import training as torch_fast
@@ -84,105 +85,159 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 # ----------------------------------------------------------------------------- the backend
+@dataclass
+class _Session:
+    """What setup builds and the loop, validation and checkpoints use (litgpt's ``fabric``/state)."""
+
+    cfg: TrainConfig
+    world: distributed.World
+    device: torch.device
+    tokenizer: object
+    model: object
+    params: list
+    fast: object | None
+    optimizer: object
+    train_set: list
+    valid_set: list
+
+    @property
+    def pad(self) -> int:
+        return self.tokenizer.pad_token_id
+
+
+def setup(job: TrainJob) -> _Session:
+    """Seed, devices, the base model with LoRA layers, the optimizer and the encoded records."""
+    cfg = job.config
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    world, device = distributed.setup(pick_device(cfg.device))  # one process per GPU under torchrun
+    if cfg.batch_size < world.size:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be at least the process count ({world.size})")
+    tokenizer, base = load_base(job.model_path, device, pick_dtype(cfg.dtype, device))
+    model = get_peft_model(base, lora_config(cfg, base.config.num_hidden_layers))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = torch_fast.prepare_model(model, device) if torch_fast.enabled(device) else None  # CUDA levers
+    optimizer = (torch_fast.make_optimizer(params, cfg.lr, cfg.weight_decay, fast) if fast
+                 else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+    train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
+    valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
+    return _Session(cfg, world, device, tokenizer, model, params, fast, optimizer, train_set, valid_set)
+
+
+def step_loss(s: _Session):
+    """``loss(batch) -> (summed loss, target tokens, real tokens)``; DDP all-reduces LoRA gradients
+    when several processes train (the loss function is its module)."""
+    if s.fast:
+        return distributed.wrap_loss(s.model, lambda m, p: torch_fast.prepared_loss(m, p, s.fast), s.world, s.device)
+    return distributed.wrap_loss(s.model, lambda m, b: batch_loss(m, b, s.pad, s.device), s.world, s.device)
+
+
+def batches(s: _Session):
+    """``iterate_batches(step) -> batch``: this rank's share of the step's records, laid out on the
+    host (``prepare_batch`` on the fast path) before its loss is computed on the device."""
+    cfg = s.cfg
+
+    def prepare(b):
+        return torch_fast.prepare_batch(b, s.pad, s.device, s.fast) if s.fast else b
+
+    def batch_at(i: int):
+        idx = distributed.shard(batch_indices(i, len(s.train_set), cfg.batch_size, cfg.seed), s.world)
+        return prepare([s.train_set[j] for j in idx])
+    return batch_at
+
+
+def validate(s: _Session) -> float:
+    """Mean loss per assistant token over the valid set (its first ``val_batches`` batches)."""
+    cfg, model = s.cfg, s.model
+    model.eval()
+    total, count = 0.0, 0
+    batches_ = range(0, len(s.valid_set), cfg.batch_size)
+    if cfg.val_batches:
+        batches_ = list(batches_)[: cfg.val_batches]
+    with torch.no_grad():
+        for i in batches_:
+            loss, n = summed_loss(model, *collate(s.valid_set[i : i + cfg.batch_size], s.pad, s.device))
+            total, count = total + float(loss), count + n
+    model.train()
+    return total / max(count, 1)
+
+
+class _Reporter(trainer.TrainingCallback):
+    """After each step, in this order: the Step event, validation, a sample, a checkpoint."""
+
+    def __init__(self, backend: "TorchBackend", job: TrainJob, s: _Session, start: int) -> None:
+        self.backend, self.job, self.s, self.start = backend, job, s, start
+        self.loss: float | None = None
+        self.val_loss: float | None = None
+        self.t_start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def on_step(self, r: trainer.StepReport) -> None:
+        cfg, step = self.job.config, r.step
+        self.loss, elapsed = r.loss, self.elapsed()
+        self.job.emit(Step(step=step, total_steps=cfg.iters, loss=r.loss, learning_rate=r.learning_rate, tokens=r.tokens,
+                           tokens_per_second=r.tokens / r.seconds, elapsed_s=elapsed,
+                           eta_s=elapsed / (step - self.start) * (cfg.iters - step),
+                           peak_memory_gb=peak_memory_gb(self.s.device)))
+        if self.s.valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
+            self.validate(step)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            self.backend._sample(self.job, self.s.model, self.s.tokenizer, self.s.device, step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
+            self.backend._save_checkpoint(self.job, self.s.model, self.s.optimizer, step)
+
+    def validate(self, step: int) -> float:
+        t0 = time.perf_counter()
+        self.val_loss = validate(self.s)
+        self.job.emit(Eval(step=step, total_steps=self.job.config.iters, val_loss=self.val_loss,
+                           val_time_s=time.perf_counter() - t0))
+        return self.val_loss
+
+
 class TorchBackend:
     name = "torch"
 
     def train(self, job: TrainJob) -> TrainResult:
-        cfg, emit = job.config, job.emit
-        # --- setup
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
-        world, device = distributed.setup(pick_device(cfg.device))  # one process per GPU under torchrun
-        if cfg.batch_size < world.size:
-            raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be at least the process count ({world.size})")
-        tokenizer, base = load_base(job.model_path, device, pick_dtype(cfg.dtype, device))
-        n_layers = base.config.num_hidden_layers
-        model = get_peft_model(base, lora_config(cfg, n_layers))
-        params = [p for p in model.parameters() if p.requires_grad]
-        fast = torch_fast.prepare_model(model, device) if torch_fast.enabled(device) else None  # CUDA levers
-        optimizer = (torch_fast.make_optimizer(params, cfg.lr, cfg.weight_decay, fast) if fast
-                     else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-        train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
-        valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
-        pad = tokenizer.pad_token_id
-        # A batch is laid out on the host (``prepare``) before its loss is computed on the device; DDP
-        # all-reduces LoRA gradients when several processes train (the loss function is its module).
-        prepare = (lambda b: torch_fast.prepare_batch(b, pad, device, fast)) if fast else (lambda b: b)
-        step_loss = distributed.wrap_loss(model, (lambda m, p: torch_fast.prepared_loss(m, p, fast)) if fast
-                                          else (lambda m, b: batch_loss(m, b, pad, device)), world, device)
-
-        def batch_at(i: int):
-            return prepare([train_set[j] for j in distributed.shard(batch_indices(i, len(train_set), cfg.batch_size, cfg.seed), world)])
-        step = 0
-        if job.resume_from:
-            step = self._load_checkpoint(job.resume_from, model, optimizer, device)
-            emit(Resumed(step=step, total_steps=cfg.iters, checkpoint=str(job.resume_from)))
-        emit(Started(step=step, total_steps=cfg.iters, run=job.run.name, backend=self.name, model=str(job.model_path),
-                     device=str(device), train_records=len(train_set), valid_records=len(valid_set),
-                     trainable_params=sum(p.numel() for p in params),
-                     speedups=(fast.applied + ([f"not fused_layers: {fast.fused_reason}"] if fast.fused_reason else [])) if fast else []))
-
-        def evaluate() -> float:
-            t0 = time.perf_counter()
-            model.eval()
-            total, count = 0.0, 0
-            batches = range(0, len(valid_set), cfg.batch_size)
-            if cfg.val_batches:
-                batches = list(batches)[: cfg.val_batches]
-            with torch.no_grad():
-                for i in batches:
-                    loss, n = summed_loss(model, *collate(valid_set[i : i + cfg.batch_size], pad, device))
-                    total, count = total + float(loss), count + n
-            model.train()
-            val = total / max(count, 1)
-            emit(Eval(step=step, total_steps=cfg.iters, val_loss=val, val_time_s=time.perf_counter() - t0))
-            return val
-
-        # --- train
-        model.train()
-        loss_value, val_loss = None, None
-        t_start, steps_done, upcoming = time.perf_counter(), 0, None
-        while step < cfg.iters:
-            if distributed.any_rank(job.should_stop(), world, device):
-                ckpt = self._save_checkpoint(job, model, optimizer, step)
-                emit(Stopped(step=step, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=time.perf_counter() - t_start))
-                return TrainResult("stopped", step, loss_value, val_loss)
-            t0 = time.perf_counter()
-            batch = upcoming if upcoming is not None else batch_at(step)
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, n, tokens = step_loss(batch)
-            n, tokens = distributed.global_counts(n, tokens, world, device)  # all ranks together
-            # mean NLL per assistant token of the global batch (x world size: DDP averages gradients)
-            (loss_sum * (world.size / max(n, 1))).backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # the next batch's host work while the GPU runs this step, then the step's one wait for it
-            upcoming = batch_at(step + 1) if step + 1 < cfg.iters else None
-            total = distributed.global_sum(loss_sum, world)
-            step, steps_done, loss_value = step + 1, steps_done + 1, total / max(n, 1)
-            dt, elapsed = time.perf_counter() - t0, time.perf_counter() - t_start
-            emit(Step(step=step, total_steps=cfg.iters, loss=loss_value, learning_rate=lr, tokens=tokens,
-                      tokens_per_second=tokens / dt, elapsed_s=elapsed,
-                      eta_s=elapsed / steps_done * (cfg.iters - step), peak_memory_gb=peak_memory_gb(device)))
-            if valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
-                val_loss = evaluate()
-            if cfg.sample_every and step % cfg.sample_every == 0:
-                self._sample(job, model, tokenizer, device, step)
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
-                self._save_checkpoint(job, model, optimizer, step)
-        if valid_set:
-            val_loss = evaluate()
-        # --- save (rank 0 only: the adapter is the same on every rank)
-        if world.is_main:
+        """setup, resume, fit, save: :func:`setup`, then :func:`trainer.train` with this backend's
+        loss, batches and callback."""
+        cfg, s = job.config, setup(job)
+        start = self._resume(job, s)
+        self._announce(job, s, start)
+        reporter = _Reporter(self, job, s, start)
+        s.model.train()
+        result = trainer.train(optimizer=s.optimizer, params=s.params, start_step=start, iters=cfg.iters,
+                               loss=step_loss(s), iterate_batches=batches(s), lr_at=lambda i: lr_at(i, cfg),
+                               grad_clip=cfg.grad_clip, world=s.world, device=s.device,
+                               should_stop=job.should_stop, training_callback=reporter)
+        if result.status == "stopped":
+            ckpt = self._save_checkpoint(job, s.model, s.optimizer, result.step)
+            job.emit(Stopped(step=result.step, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=reporter.elapsed()))
+            return TrainResult("stopped", result.step, reporter.loss, reporter.val_loss)
+        if s.valid_set:
+            reporter.validate(result.step)
+        if s.world.is_main:  # rank 0 only: the adapter is the same on every rank
             tmp = staging_dir(job.run.adapter)
-            model.save_pretrained(tmp)
+            s.model.save_pretrained(tmp)
             atomic_replace_dir(tmp, job.run.adapter)
-        return TrainResult("finished", step, loss_value, val_loss, extra={"device": str(device)})
+        return TrainResult("finished", result.step, reporter.loss, reporter.val_loss, extra={"device": str(s.device)})
+
+    def _resume(self, job: TrainJob, s: _Session) -> int:
+        if not job.resume_from:
+            return 0
+        step = self._load_checkpoint(job.resume_from, s.model, s.optimizer, s.device)
+        job.emit(Resumed(step=step, total_steps=job.config.iters, checkpoint=str(job.resume_from)))
+        return step
+
+    def _announce(self, job: TrainJob, s: _Session, start: int) -> None:
+        fast = s.fast
+        speedups = (fast.applied + ([f"not fused_layers: {fast.fused_reason}"] if fast.fused_reason else [])) if fast else []
+        job.emit(Started(step=start, total_steps=job.config.iters, run=job.run.name, backend=self.name,
+                         model=str(job.model_path), device=str(s.device), train_records=len(s.train_set),
+                         valid_records=len(s.valid_set), trainable_params=sum(p.numel() for p in s.params),
+                         speedups=speedups))
 
     # --- checkpoints: adapter + optimizer + RNG; the data position is the step number
     def _save_checkpoint(self, job: TrainJob, model, optimizer, step: int) -> Path:
