@@ -83,16 +83,9 @@ def train(
     should_stop: Callable[[], bool] = lambda: False,
     log: Callable[[str], None] = print,
 ) -> RunDir:
-    # --- check everything before writing anything
-    resume_from = None
+    """Check everything before writing anything, set up the run folder, train, save the summary."""
+    run, info, resume_from = _resumed_run(resume, config) if resume else (None, None, None)
     if resume:
-        run = resolve_run(resume)
-        info = run.read()
-        if info.get("status") == "finished" and config.iters <= info["config"]["iters"]:
-            raise UserError(f"run {run.name} already finished {info['config']['iters']} steps; pass a larger --iters to continue it")
-        resume_from = run.latest_checkpoint()
-        if resume_from is None:
-            raise UserError(f"run {run.name} has no checkpoint to resume from; start a new run instead")
         data_dir = data_dir or info["data"]["path"]
     if data_dir is None:
         raise UserError("--data is required: a folder with train.jsonl/valid.jsonl from `wonderland data`")
@@ -102,62 +95,94 @@ def train(
     backend_name = resolve_backend_name(config.backend, log=log)
     backend = get_backend(backend_name, log=log)
     model_path = resolve_model(config.model, log=log)
-    character = stats.get("character") or "character"
-
-    # --- set up the run folder
     data_dir = Path(data_dir).expanduser().resolve()
     if resume_from is None:
+        character = stats.get("character") or "character"
         run = new_run_dir(name, out, character, overwrite)
-        info = {
-            "schema_version": SCHEMA_VERSION,
-            "name": run.name,
-            "status": "running",
-            "created": now_iso(),
-            "character": character,
-            "book": stats.get("book"),
-            "system_prompt": stats["system_prompt"],
-            "backend": backend_name,
-            "adapter_format": ADAPTER_FORMATS.get(backend_name, backend_name),
-            "model": {"id": config.model, "path": str(model_path), "sha256": weights_sha256(model_path)},
-            "data": {"path": str(data_dir), "sha256": _hash_files([data_dir / "train.jsonl", data_dir / "valid.jsonl"]),
-                     "train_records": len(train_records), "valid_records": len(valid_records)},
-        }
+        info = _new_run_info(run, config, backend_name, model_path, data_dir, stats, train_records, valid_records)
     info.update(status="running", config=config.to_dict(), versions=_versions(), updated=now_iso())
     run.write(info)
-
-    bus = EventBus(start_seq=next_seq(run.metrics))
-    metrics = MetricsWriter(run.metrics)
-    bus.subscribe(metrics)
-    last_step = [0]  # for the Failed event: where training was when it broke
-    bus.subscribe(lambda r: last_step.__setitem__(0, r["step"]))
-    for fn in subscribers:
-        bus.subscribe(fn)
+    session = _Session(run, config, subscribers, log)
     job = TrainJob(config=config, model_path=model_path, train_records=train_records, valid_records=valid_records,
-                   run=run, emit=bus.emit, should_stop=should_stop, resume_from=resume_from,
+                   run=run, emit=session.bus.emit, should_stop=should_stop, resume_from=resume_from,
                    system_prompt=stats["system_prompt"])
-
-    # --- train
-    t0 = time.time()
-    try:
-        result = backend.train(job)
-    except BaseException as e:
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-        if replaced_backup(run.path).exists():
-            log(f"the run this one replaced is kept in {replaced_backup(run.path)}")
-        bus.emit(Failed(step=last_step[0], total_steps=config.iters, error=reason))
-        run.update(status="failed", error=reason, traceback=traceback.format_exc()[-4000:])
-        metrics.close()
-        raise
-    duration = time.time() - t0
-
-    # --- save the summary
-    timings = info.get("timings", {})
-    timings["train_s"] = round(timings.get("train_s", 0.0) + duration, 2)
-    result_info = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, **result.extra}
-    if result.status == "finished":
-        bus.emit(Finished(step=result.step, total_steps=config.iters, loss=result.loss, val_loss=result.val_loss,
-                          elapsed_s=duration, adapter=str(run.adapter)))
-    run.update(status=result.status, timings=timings, result=result_info, finished=now_iso() if result.status == "finished" else None)
-    metrics.close()
-    shutil.rmtree(replaced_backup(run.path), ignore_errors=True)  # from --overwrite: no longer needed
+    session.run_backend(backend, job, info)
     return run
+
+
+def _resumed_run(resume: str, config: TrainConfig) -> tuple[RunDir, dict, Path]:
+    """The run to continue, its run.json, and the checkpoint to continue from."""
+    run = resolve_run(resume)
+    info = run.read()
+    if info.get("status") == "finished" and config.iters <= info["config"]["iters"]:
+        raise UserError(f"run {run.name} already finished {info['config']['iters']} steps; pass a larger --iters to continue it")
+    resume_from = run.latest_checkpoint()
+    if resume_from is None:
+        raise UserError(f"run {run.name} has no checkpoint to resume from; start a new run instead")
+    return run, info, resume_from
+
+
+def _new_run_info(run: RunDir, config: TrainConfig, backend_name: str, model_path: Path, data_dir: Path,
+                  stats: dict, train_records: list, valid_records: list) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": run.name,
+        "status": "running",
+        "created": now_iso(),
+        "character": stats.get("character") or "character",
+        "book": stats.get("book"),
+        "system_prompt": stats["system_prompt"],
+        "backend": backend_name,
+        "adapter_format": ADAPTER_FORMATS.get(backend_name, backend_name),
+        "model": {"id": config.model, "path": str(model_path), "sha256": weights_sha256(model_path)},
+        "data": {"path": str(data_dir), "sha256": _hash_files([data_dir / "train.jsonl", data_dir / "valid.jsonl"]),
+                 "train_records": len(train_records), "valid_records": len(valid_records)},
+    }
+
+
+class _Session:
+    """One training process's event path (bus -> metrics.jsonl, the caller's subscribers) and the
+    status it leaves in run.json."""
+
+    def __init__(self, run: RunDir, config: TrainConfig, subscribers: Iterable[Subscriber], log) -> None:
+        self.run, self.config, self.log = run, config, log
+        self.bus = EventBus(start_seq=next_seq(run.metrics))
+        self.metrics = MetricsWriter(run.metrics)
+        self.bus.subscribe(self.metrics)
+        self.last_step = 0  # for the Failed event: where training was when it broke
+        self.bus.subscribe(self._track)
+        for fn in subscribers:
+            self.bus.subscribe(fn)
+
+    def _track(self, record: dict) -> None:
+        self.last_step = record["step"]
+
+    def run_backend(self, backend, job: TrainJob, info: dict) -> None:
+        t0 = time.time()
+        try:
+            result = backend.train(job)
+        except BaseException as e:
+            self.fail("interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+            raise
+        self.finish(result, info, time.time() - t0)
+
+    def fail(self, reason: str) -> None:
+        run = self.run
+        if replaced_backup(run.path).exists():
+            self.log(f"the run this one replaced is kept in {replaced_backup(run.path)}")
+        self.bus.emit(Failed(step=self.last_step, total_steps=self.config.iters, error=reason))
+        run.update(status="failed", error=reason, traceback=traceback.format_exc()[-4000:])
+        self.metrics.close()
+
+    def finish(self, result, info: dict, duration: float) -> None:
+        run, config = self.run, self.config
+        timings = info.get("timings", {})
+        timings["train_s"] = round(timings.get("train_s", 0.0) + duration, 2)
+        result_info = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, **result.extra}
+        if result.status == "finished":
+            self.bus.emit(Finished(step=result.step, total_steps=config.iters, loss=result.loss, val_loss=result.val_loss,
+                                   elapsed_s=duration, adapter=str(run.adapter)))
+        run.update(status=result.status, timings=timings, result=result_info,
+                   finished=now_iso() if result.status == "finished" else None)
+        self.metrics.close()
+        shutil.rmtree(replaced_backup(run.path), ignore_errors=True)  # from --overwrite: no longer needed
