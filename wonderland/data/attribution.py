@@ -186,83 +186,130 @@ def analyse(book: Book, warn=None) -> Analysis:
     by_block: dict[int, list[Span]] = defaultdict(list)
     for s in spans:
         by_block[s.block].append(s)
-
     # 1. explicit attributions with any capitalised name; collect speaker names
-    found: dict[int, tuple[str, int, bool]] = {}  # span index -> (name, name offset, group)
-    pron_hits: dict[int, tuple[str, int]] = {}  # span index -> (pronoun, offset)
-    surface = Counter()
-    article = Counter()
-    for b, bspans in by_block.items():
-        bstart, bend = blocks[b]
-        for k, s in enumerate(bspans):
-            after_start = s.end + 1
-            after_end = bspans[k + 1].start if k + 1 < len(bspans) else bend
-            before_start = bspans[k - 1].end + 1 if k else bstart
-            hit = _match_after(text, after_start, after_end)
-            if hit is None or _is_pronoun(hit):
-                # a name introducing the quote beats a pronoun after it
-                before = _match_before(text, before_start, s.start)
-                if before is not None and (hit is None or not _is_pronoun(before)):
-                    hit = before
-            if hit is None and k == 0 and b > 0 and not text[bstart:s.start].strip():
-                # a paragraph that opens with the quote, after "…, singing a sort of lullaby:--"
-                pb = by_block.get(b - 1)
-                intro_start = pb[-1].end + 1 if pb else blocks[b - 1][0]
-                if re.search(r":\s*(?:--|\u2014)?\s*$", text[intro_start:blocks[b - 1][1]]):
-                    hit = _match_before(text, intro_start, blocks[b - 1][1], intro=True)
-            if hit is None:
-                continue
-            kind, m, off = hit
-            if kind == "other":
-                s.other = True
-                continue
-            if kind == "group":
-                s.group = True
-                continue
-            if "pron" in m.groupdict() and m.group("pron"):
-                p = m.group("pron").lower()
-                if p in ("they", "we"):
-                    s.group = True
-                else:
-                    pron_hits[s.index] = (p, off + m.start("pron"))
-                continue
-            name = _clean_name(m.group("name"))
-            if not name:
-                continue
-            grp = bool(m.groupdict().get("and"))
-            found[s.index] = (name, off + m.start("name"), grp)
-            if not grp:
-                surface[name] += 1
-                if m.group("art") and m.group("art").lower().startswith("the"):
-                    article[name] += 1
+    hits = _explicit_hits(text, by_block, blocks)
+    _set_names(an, hits)
+    # 2. mention regex over the known names; subjects and genders from narration
+    mention_re = _mention_regex(an.names)
+    subj_re = _subject_regex(mention_re)
+    events, genders = _subjects_and_genders(text, _narration_ranges(spans, book), an.names, mention_re, subj_re)
+    events_named = _apply_explicit(spans, hits.found, an.names)
+    events.extend(events_named)
+    events.sort()
+    an.genders = dict(genders)
+    # 3. pronouns, in book order (a resolved speaker is in focus for the next pronoun)
+    _resolve_pronouns(an, hits.pron_hits, events, events_named, genders)
+    # 4. continuation inside a paragraph: narration between names nobody else
+    _continuations(text, by_block, an.names, mention_re, subj_re)
+    # 5. turn-taking: A, B, ? -> A (pure-speech paragraphs of one exchange)
+    _implicit(an, by_block, text)
+    return an
 
-    names = _canonical_names(surface)
+
+@dataclass
+class _Hits:
+    found: dict[int, tuple[str, int, bool]] = field(default_factory=dict)  # span index -> (name, name offset, group)
+    pron_hits: dict[int, tuple[str, int]] = field(default_factory=dict)  # span index -> (pronoun, offset)
+    surface: Counter = field(default_factory=Counter)
+    article: Counter = field(default_factory=Counter)
+
+
+def _explicit_hits(text: str, by_block: dict[int, list[Span]], blocks: list[tuple[int, int]]) -> _Hits:
+    hits = _Hits()
+    for b, bspans in by_block.items():
+        for k, s in enumerate(bspans):
+            hit = _hit_for(text, by_block, blocks, b, k)
+            if hit is not None:
+                _record_hit(hits, s, hit)
+    return hits
+
+
+def _hit_for(text: str, by_block: dict[int, list[Span]], blocks: list[tuple[int, int]], b: int, k: int):
+    """The speech-verb match that attributes span ``k`` of paragraph ``b``, or None."""
+    bspans = by_block[b]
+    bstart, bend = blocks[b]
+    s = bspans[k]
+    after_start = s.end + 1
+    after_end = bspans[k + 1].start if k + 1 < len(bspans) else bend
+    before_start = bspans[k - 1].end + 1 if k else bstart
+    hit = _match_after(text, after_start, after_end)
+    if hit is None or _is_pronoun(hit):
+        # a name introducing the quote beats a pronoun after it
+        before = _match_before(text, before_start, s.start)
+        if before is not None and (hit is None or not _is_pronoun(before)):
+            hit = before
+    if hit is None and k == 0 and b > 0 and not text[bstart:s.start].strip():
+        # a paragraph that opens with the quote, after "…, singing a sort of lullaby:--"
+        pb = by_block.get(b - 1)
+        intro_start = pb[-1].end + 1 if pb else blocks[b - 1][0]
+        if re.search(r":\s*(?:--|\u2014)?\s*$", text[intro_start:blocks[b - 1][1]]):
+            hit = _match_before(text, intro_start, blocks[b - 1][1], intro=True)
+    return hit
+
+
+def _record_hit(hits: _Hits, s: Span, hit) -> None:
+    kind, m, off = hit
+    if kind == "other":
+        s.other = True
+        return
+    if kind == "group":
+        s.group = True
+        return
+    if "pron" in m.groupdict() and m.group("pron"):
+        p = m.group("pron").lower()
+        if p in ("they", "we"):
+            s.group = True
+        else:
+            hits.pron_hits[s.index] = (p, off + m.start("pron"))
+        return
+    name = _clean_name(m.group("name"))
+    if not name:
+        return
+    grp = bool(m.groupdict().get("and"))
+    hits.found[s.index] = (name, off + m.start("name"), grp)
+    if not grp:
+        hits.surface[name] += 1
+        if m.group("art") and m.group("art").lower().startswith("the"):
+            hits.article[name] += 1
+
+
+def _set_names(an: Analysis, hits: _Hits) -> None:
+    names = _canonical_names(hits.surface)
     an.names = names
     an.uses_article = {}
     for form, canon in names.items():
-        an.uses_article[canon] = an.uses_article.get(canon, False) or article[form] * 2 > surface[form]
+        an.uses_article[canon] = an.uses_article.get(canon, False) or hits.article[form] * 2 > hits.surface[form]
 
-    # 2. mention regex over the known names; subjects and genders from narration
-    mention_re = _mention_regex(names)
-    narr = _narration_ranges(spans, book)
-    events: list[tuple[int, str]] = []  # (offset, canonical): grammatical subjects and named speakers
-    genders: dict[str, Counter] = defaultdict(Counter)
-    subj_re = re.compile(
+
+def _subject_regex(mention_re: re.Pattern) -> re.Pattern:
+    return re.compile(
         r"(?:(?:^\s*|\n[ \t]*\n\s*|[.!?;:]\s+|--\s*|\(\s*)(?:(?:[Aa]nd|[Bb]ut|[Tt]hen|[Ss]o|[Hh]ere|[Hh]owever|[Jj]ust|[Nn]ow|[Ss]uddenly)"
         r",?\s+)*|\b(?:was|is)\s+)(?:[Tt]he\s+(?:[a-z]+\s+){0,2})?(?:" + mention_re.pattern + r")"
     )
+
+
+def _subjects_and_genders(text: str, narr, names: dict[str, str], mention_re: re.Pattern,
+                          subj_re: re.Pattern) -> tuple[list[tuple[int, str]], dict[str, Counter]]:
+    """(offset, canonical) of every grammatical subject in narration, and gender evidence: the
+    first he/she/its… after a named subject, in its clause, before another name."""
+    events: list[tuple[int, str]] = []
+    genders: dict[str, Counter] = defaultdict(Counter)
     for a, z in narr:
         seg = text[a:z]
         for m in subj_re.finditer(seg):
             canon = names[_norm_ws(m.group("m"))]
             events.append((a + m.start("m"), canon))
-            # gender: the first he/she/its… after a named subject, in its clause, before another name
             rest = seg[m.end(): m.end() + 80]
             nxt = mention_re.search(rest)
             cut = min([len(rest)] + [x.start() for x in [nxt, _CLAUSE_END.search(rest)] if x])
             pm = _PRON_ANY.search(rest[:cut])
             if pm:
                 genders[canon][_PRON_CLASS[pm.group(1).lower()]] += 1
+    return events, genders
+
+
+def _apply_explicit(spans: list[Span], found: dict[int, tuple[str, int, bool]],
+                    names: dict[str, str]) -> list[tuple[int, str]]:
     events_named: list[tuple[int, str]] = []
     for idx, (name, off, grp) in found.items():
         s = spans[idx]
@@ -274,23 +321,24 @@ def analyse(book: Book, warn=None) -> Analysis:
             continue
         s.speaker, s.attribution, s.rule = canon, "explicit", "explicit"
         events_named.append((off, canon))
-    events.extend(events_named)
-    events.sort()
-    an.genders = dict(genders)
+    return events_named
 
-    # 3. pronouns, in book order (a resolved speaker is in focus for the next pronoun)
+
+def _resolve_pronouns(an: Analysis, pron_hits: dict[int, tuple[str, int]], events: list[tuple[int, str]],
+                      events_named: list[tuple[int, str]], genders: dict[str, Counter]) -> None:
+    """The latest candidate the book clearly shows with this pronoun; else the protagonist, if so;
+    else the latest candidate the pronoun can fit."""
+    book, text = an.book, an.book.text
     para_starts = _paragraph_starts(text, book.start, book.end)
     named = Counter(c for _, c in events_named)
     protagonist = named.most_common(1)[0][0] if named else None
     for idx in sorted(pron_hits):
         p, off = pron_hits[idx]
-        s = spans[idx]
+        s = an.spans[idx]
         cls = _PRON_CLASS[p]
         pi = bisect_right(para_starts, off) - 1
         floor = para_starts[max(0, pi - 2)]
         window = [c for o, c in reversed(events[: bisect_right(events, (off, "\uffff"))]) if o >= floor]
-        # the latest candidate the book clearly shows with this pronoun; else the protagonist, if so;
-        # else the latest candidate the pronoun can fit
         cand = next((c for c in window if _compatible(c, cls, genders, evidence=True)), None)
         if cand is None and protagonist and _compatible(protagonist, cls, genders, evidence=True):
             cand = protagonist
@@ -300,7 +348,9 @@ def analyse(book: Book, warn=None) -> Analysis:
             s.speaker, s.attribution, s.rule = cand, "pronoun", "pronoun"
             insort(events, (off, cand))
 
-    # 4. continuation inside a paragraph: narration between names nobody else
+
+def _continuations(text: str, by_block: dict[int, list[Span]], names: dict[str, str], mention_re: re.Pattern,
+                   subj_re: re.Pattern) -> None:
     for b, bspans in by_block.items():
         for k, s in enumerate(bspans):
             if s.speaker or s.group or s.other or k == 0:
@@ -320,10 +370,6 @@ def analyse(book: Book, warn=None) -> Analysis:
             if len(parts) > 1 and tail and not re.search(VERB, tail):
                 continue  # a new sentence of narration that introduces nobody: "There was no `…'"
             s.speaker, s.attribution, s.rule = prev.speaker, prev.attribution, "continuation"
-
-    # 5. turn-taking: A, B, ? -> A (pure-speech paragraphs of one exchange)
-    _implicit(an, by_block, text)
-    return an
 
 
 def _is_pronoun(hit) -> bool:
