@@ -45,3 +45,27 @@ def chat_records(n: int, seed: int, lo: int = 6, hi: int = 40, vocab: int = 500)
         prompt = length // 2
         out.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:]))
     return out
+
+
+# Sampling settings whose replies are many varied tokens even on a random model (greedy decoding
+# of a random model often repeats one token or stops at once): the streams below really interleave.
+SAMPLED = dict(temperature=1.0, top_p=1.0, repetition_penalty=1.0, max_tokens=8, seed=3)
+
+
+def assert_adapter_switches_per_call(model, plain, records: list, messages: list) -> None:
+    """The adapter is on or off per call on one loaded ``model``, judged on losses, never on the
+    greedy text of a random model: adapter off scores exactly like ``plain`` (the same base loaded
+    without an adapter), adapter on scores differently, and a stream of one arm suspended between
+    two of its decode steps leaves the other arm's score unchanged (no leak either way)."""
+    from wonderland.config import GenerationConfig
+
+    on = model.loss(records, adapter=True)
+    off = model.loss(records, adapter=False)
+    assert off == plain.loss(records) and off[1] > 0
+    assert on[0] != off[0] and on[1] == off[1]
+    for stream_adapter, other in ((True, off), (False, on)):
+        steps = 0
+        for _ in model.stream(messages, GenerationConfig(**SAMPLED), adapter=stream_adapter):
+            steps += 1
+            assert model.loss(records, adapter=not stream_adapter) == other, (stream_adapter, steps)
+        assert steps >= 2, "the stream ended before a second decode step: nothing was interleaved"

@@ -54,10 +54,17 @@ def test_impossible_hyperparameters(field, value, message):
         TrainConfig(**{field: value})
 
 
-def test_generation_config_validates():
-    with pytest.raises(UserError, match="top_p"):
-        GenerationConfig(top_p=0)
-    assert GenerationConfig(temperature=0).temperature == 0
+@pytest.mark.parametrize("field, value", [("top_p", 0), ("top_p", 1.01), ("temperature", -0.1), ("max_tokens", 0),
+                                          ("repetition_penalty", 0)])
+def test_generation_config_refuses_out_of_range(field, value):
+    with pytest.raises(UserError, match=field):
+        GenerationConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("temperature", 0), ("top_p", 1), ("max_tokens", 1)])
+def test_generation_config_keeps_boundary_values(field, value):
+    assert getattr(GenerationConfig(**{field: value}), field) == value
+    assert GenerationConfig(**{field: value}) != GenerationConfig()
 
 
 def test_alpha_is_peft_lora_alpha_and_scale_is_alpha_over_rank():

@@ -64,18 +64,24 @@ def test_models_lists_the_base_and_the_finished_runs(api, wl_home):
     assert models["hatter"].model_extra["character"] == "Hatter"
 
 
-def test_trained_and_base_arms_non_streaming(api):
+def test_trained_and_base_arms_non_streaming(api, monkeypatch):
     client, _, loaded = api
+    calls = []  # the adapter flag of every generation the server runs on the loaded model
+    stream = loaded.model.stream
+    monkeypatch.setattr(loaded.model, "stream", lambda *a, **kw: calls.append(kw.get("adapter")) or stream(*a, **kw))
     reply = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=10, seed=1)
+    assert calls == [True]
     want = _expected(loaded, PROMPT, SYSTEM, True, temperature=0, max_tokens=10, seed=1)
     assert reply.choices[0].message.content == want and reply.choices[0].message.role == "assistant"
     assert reply.object == "chat.completion" and reply.model == "hatter"
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 5
 
     base_id = loaded.info["model"]["id"]
+    calls.clear()
     base = client.chat.completions.create(model=base_id, messages=PROMPT, temperature=0, max_tokens=10)
+    assert calls == [False]  # the adapter is really off for the base name
+    calls.clear()
     assert base.choices[0].message.content == _expected(loaded, PROMPT, NEUTRAL_SYSTEM_PROMPT, False, temperature=0, max_tokens=10)
-    assert base.choices[0].message.content != want  # the adapter is really off for the base name
 
 
 def test_streaming_matches_non_streaming(api):
@@ -115,17 +121,25 @@ def test_request_system_prompt_replaces_the_runs(api):
                                           max_tokens=10).choices[0].message.content == want
 
 
+def _first_stop(text: str) -> str:
+    """A 3-character stop sequence that first occurs after the start of ``text`` and is not blank."""
+    for i in range(1, len(text) - 3):
+        if text[i:i + 3].strip() and text.index(text[i:i + 3]) == i:
+            return text[i:i + 3]
+    raise AssertionError(f"no usable stop sequence in {text!r}")
+
+
 def test_stop_sequences_and_length(api):
     client, _, loaded = api
-    full = _expected(loaded, PROMPT, SYSTEM, True, temperature=0, max_tokens=12)
-    stop = full[len(full) // 2:len(full) // 2 + 3]
-    assert stop.strip() and full.index(stop) > 0  # a real cut: some text before, some after
-    cut = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=12, stop=[stop])
+    kw = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 12, "seed": 3}  # sampled: varied tokens on a random model
+    full = _expected(loaded, PROMPT, SYSTEM, True, **kw)
+    stop = _first_stop(full)
+    cut = client.chat.completions.create(model="hatter", messages=PROMPT, stop=[stop], **kw)
     assert cut.choices[0].message.content == full[:full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    streamed = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=12, stop=stop, stream=True)
+    streamed = client.chat.completions.create(model="hatter", messages=PROMPT, stop=stop, stream=True, **kw)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == full[:full.index(stop)]
-    short = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=2)
+    short = client.chat.completions.create(model="hatter", messages=PROMPT, **{**kw, "max_tokens": 2})
     assert short.choices[0].finish_reason == "length"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SYSTEM, write_dataset
+from tests.helpers import SAMPLED, SYSTEM, assert_adapter_switches_per_call, write_dataset
 from wonderland.cli import main
 from wonderland.config import TrainConfig
 from wonderland.events import StopFlag, read_metrics
@@ -131,31 +131,32 @@ def test_chat_compare_prints_three_labelled_arms(dataset, tiny_model, tmp_path, 
 
 
 def test_base_arm_never_uses_the_adapter(dataset, tiny_model, tmp_path):
-    """Base/Prompted run the same weights as a model loaded without any adapter."""
+    """Base/Prompted run the same weights as a model loaded without any adapter (judged on losses)."""
     from wonderland.backends import get_backend
     from wonderland.config import GenerationConfig
     from wonderland.generate import load_run
 
     out = tmp_path / "run"
-    # a strong adapter (high lr, rank 16 on every projection), so trained text differs from base
+    # a strong adapter (high lr, rank 16 on every projection), so the trained scores move clearly
     assert main(train_args(dataset, tiny_model, out, "--lr", "0.1", "--iters", "12", "--rank", "16",
                            "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")) == 0
     loaded = load_run(str(out))
     plain = get_backend("torch").load(tiny_model)
-    gen = GenerationConfig(temperature=0, max_tokens=12)
-    msgs = [{"role": "user", "content": "What time is it?"}]
-    assert "".join(loaded.stream("prompted", msgs, gen)) == "".join(plain.stream(loaded.messages_for("prompted", msgs), gen))
-    # interleaving a trained stream with a base stream must not leak the adapter into the base one
-    base_stream, trained_stream = loaded.stream("base", msgs, gen), loaded.stream("trained", msgs, gen)
+    records = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()]
+    user = [{"role": "user", "content": "What time is it?"}]
+    assert_adapter_switches_per_call(loaded.model, plain, records[:2], loaded.messages_for("trained", user))
+    # the arms: Prompted and Base are the plain model's replies, also while a Trained stream interleaves
+    gen = GenerationConfig(**SAMPLED)
+    assert "".join(loaded.stream("prompted", user, gen)) == "".join(plain.stream(loaded.messages_for("prompted", user), gen))
+    base_stream, trained_stream = loaded.stream("base", user, gen), loaded.stream("trained", user, gen)
     base_parts, trained_parts = [], []
     for b, t in zip(base_stream, trained_stream):
         base_parts.append(b)
         trained_parts.append(t)
     base_parts += list(base_stream)
     trained_parts += list(trained_stream)
-    assert "".join(base_parts) == "".join(plain.stream(loaded.messages_for("base", msgs), gen))
-    assert "".join(trained_parts) == "".join(loaded.stream("trained", msgs, gen))
-    assert "".join(trained_parts) != "".join(base_parts)
+    assert "".join(base_parts) == "".join(plain.stream(loaded.messages_for("base", user), gen))
+    assert "".join(trained_parts) == "".join(loaded.stream("trained", user, gen))
 
 
 def test_runs_lists_finished_runs(dataset, tiny_model, capsys):

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from wonderland.config import GenerationConfig
 from wonderland.events import read_metrics
+from wonderland.generate import load_run
 from wonderland.web import create_app
 
 SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland. Stay in character."
@@ -200,7 +202,7 @@ def test_build_dataset_bad_inputs(client, app, alice_path, monkeypatch):
         ({}, 400, "character is required"),
         ({"character": "Hatter", "name": "../etc"}, 400, "dataset name"),
         ({"character": "Hatter", "valid_fraction": "0.9"}, 400, "valid_fraction"),
-        ({"character": "Nobody-in-this-book"}, 400, ""),
+        ({"character": "Nobody-in-this-book"}, 400, "never speaks"),
         ({"character": "Hatter", "book": (io.BytesIO(b"\x00\x01binary" * 500), "x.txt")}, 400, "binary"),
         ({"character": "Hatter", "book": (io.BytesIO("\xff\xfe".encode("latin-1") * 2000), "x.txt")}, 400, "UTF-8"),
         ({"character": "Hatter", "book": (io.BytesIO(b"too short"), "x.txt")}, 400, "at least"),
@@ -342,9 +344,11 @@ def test_train_stream_stop_replay_resume_compare_delete(client, wl_home, tiny_mo
     assert {f[2]["column"] for f in frames if f[1] == "status" and f[2]["state"] == "loading"} == {"base", "prompted", "trained"}
     done = {f[2]["column"]: f[2]["text"] for f in frames if f[1] == "done"}
     assert set(done) == {"base", "prompted", "trained"}
+    loaded = load_run("t1")
     for column, text in done.items():
         assert "".join(f[2]["text"] for f in frames if f[1] == "token" and f[2]["column"] == column) == text
-        assert text
+        conversation = body["history"].get(column, []) + [{"role": "user", "content": body["prompt"]}]
+        assert text == "".join(loaded.stream(column, conversation, GenerationConfig(max_tokens=6, temperature=0)))
     (err,) = [f[2] for f in frames if f[1] == "error"]
     assert err["column"] == "ollama" and err["unavailable"] and "no Ollama server" in err["message"]
     assert client.get("/api/model?run=t1").json["state"] == "ready"

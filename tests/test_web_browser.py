@@ -10,6 +10,7 @@ Runs and Evaluation pages, delete. Screenshots of each page go to test-artifacts
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ try:  # tests/ as a package or as a plain folder on sys.path (pytest's rootdir/p
 except ImportError:
     from test_web_api import png_bytes
     from test_web_ollama import FakeOllama
+from wonderland.events import read_metrics
 from wonderland.web import create_app
 from wonderland.web.server import BackgroundServer
 
@@ -64,9 +66,37 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
+HOLD_AT_STEP = 6  # the first run waits here until Stop is pressed: it cannot finish before the click
+
+
+def hold_training_until_stopped(monkeypatch) -> None:
+    """The web worker's first (not resumed) run pauses after step HOLD_AT_STEP is delivered and
+    goes on once the Stop button's request has set its stop flag: no race between Stop and the end."""
+    import wonderland.train
+    from wonderland.web.jobs import TrainingManager
+
+    stopped = threading.Event()
+    real_train, real_stop = wonderland.train.train, TrainingManager.stop
+
+    def stop(self):
+        job = real_stop(self)
+        stopped.set()
+        return job
+
+    def train(config, data_dir=None, *, resume=None, subscribers=(), **kw):
+        def hold(record):
+            if resume is None and record["event"] == "step" and record["step"] == HOLD_AT_STEP:
+                assert stopped.wait(timeout=120), "Stop was never pressed"
+        return real_train(config, data_dir, resume=resume, subscribers=[*subscribers, hold], **kw)
+
+    monkeypatch.setattr(TrainingManager, "stop", stop)
+    monkeypatch.setattr(wonderland.train, "train", train)
+
+
 def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_path, wl_home, monkeypatch):
     page, problems = browser_page
     monkeypatch.setenv("WONDERLAND_BOOK", str(alice_path))
+    hold_training_until_stopped(monkeypatch)
     with FakeOllama(pieces=OLLAMA_REPLY) as fake, BackgroundServer(create_app(ollama_host=fake.host)) as url:
         page.goto(url + "/")
         page.wait_for_selector("body[data-ready='1']")
@@ -106,6 +136,8 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         page.wait_for_selector("#run-state.stopped")
         page.wait_for_selector("#resume-btn:not([hidden])")
         stopped_points = int(page.get_attribute("#loss-chart", "data-points"))
+        stops = [r for r in read_metrics(wl_home / "runs" / "browser-run" / "metrics.jsonl") if r["event"] == "stopped"]
+        assert len(stops) == 1 and 4 <= stops[0]["step"] <= HOLD_AT_STEP
         page.click("#resume-btn")
         # A second tab (same browser, same connection pool) picks the live run up where it is.
         tab2 = page.context.new_page()
