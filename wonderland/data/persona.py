@@ -128,6 +128,20 @@ def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: i
     def idf(w: str) -> float:
         return math.log(1 + n / (1 + df[w]))
 
+    rng = random.Random(seed)
+    per_topic: list[list[PersonaPair]] = []
+    for name, prompts, kws, need_all in _topics(others, self_name):
+        order = prompts[:]
+        rng.shuffle(order)
+        pairs = _topic_pairs(name, order, kws, need_all, lines, toks, idf)
+        if pairs:
+            per_topic.append(pairs)
+    rng.shuffle(per_topic)
+    return _round_robin(per_topic, limit, uses_per_line)
+
+
+def _topics(others: list[str], self_name: str) -> list[tuple[str, list[str], set[str], bool]]:
+    """(name, prompts, keyword stems, all keywords needed): the fixed topics, then one per other character."""
     topics = []
     for name, prompts, kws in TOPICS:
         kw = {_stem(k) for k in kws}
@@ -138,39 +152,40 @@ def build_persona_pairs(lines: list[str], others: list[str], limit: int, seed: i
         key = content_tokens(other)
         if key:
             topics.append((f"character:{other}", [p.format(name=other) for p in CHARACTER_PROMPTS], key, True))
+    return topics
 
-    rng = random.Random(seed)
-    per_topic: list[list[PersonaPair]] = []
-    for name, prompts, kws, need_all in topics:
-        used: set[int] = set()
-        pairs = []
-        order = prompts[:]
-        rng.shuffle(order)
-        for prompt in order:
-            own = content_tokens(prompt) - {"time"} if name != "time" else content_tokens(prompt)
-            best = None
-            for i, t in enumerate(toks):
-                words = len(lines[i].split())
-                if i in used or not 2 <= words <= MAX_WORDS:
-                    continue
-                if need_all and not kws <= t:
-                    continue  # all the name's words: "March Hare", not just "Hare"
-                hit = t & (kws | own)
-                shaped = name in SHAPES and bool(SHAPES[name].match(lines[i]))
-                if not (t & kws) and not shaped:
-                    continue  # the prompt's own words only rank lines that are on the topic
-                score = sum(idf(w) * (2 if w in own else 1) for w in hit) / math.sqrt(1 + words / 15)
-                score += SHAPE_BONUS if shaped else 0.0
-                if score >= MIN_SCORE and (best is None or score > best[0]):
-                    best = (score, i)
-            if best:
-                used.add(best[1])
-                pairs.append(PersonaPair(prompt, best[1], name, round(best[0], 3)))
-        if pairs:
-            per_topic.append(pairs)
-    # round-robin over topics so a small limit still covers many of them; a line answers at most
-    # uses_per_line prompts, so one apt line does not become the answer to everything
-    rng.shuffle(per_topic)
+
+def _topic_pairs(name: str, order: list[str], kws: set[str], need_all: bool, lines: list[str],
+                 toks: list[set[str]], idf) -> list[PersonaPair]:
+    """Each prompt of one topic with its best-scoring line (a line answers one prompt per topic)."""
+    used: set[int] = set()
+    pairs = []
+    for prompt in order:
+        own = content_tokens(prompt) - {"time"} if name != "time" else content_tokens(prompt)
+        best = None
+        for i, t in enumerate(toks):
+            words = len(lines[i].split())
+            if i in used or not 2 <= words <= MAX_WORDS:
+                continue
+            if need_all and not kws <= t:
+                continue  # all the name's words: "March Hare", not just "Hare"
+            hit = t & (kws | own)
+            shaped = name in SHAPES and bool(SHAPES[name].match(lines[i]))
+            if not (t & kws) and not shaped:
+                continue  # the prompt's own words only rank lines that are on the topic
+            score = sum(idf(w) * (2 if w in own else 1) for w in hit) / math.sqrt(1 + words / 15)
+            score += SHAPE_BONUS if shaped else 0.0
+            if score >= MIN_SCORE and (best is None or score > best[0]):
+                best = (score, i)
+        if best:
+            used.add(best[1])
+            pairs.append(PersonaPair(prompt, best[1], name, round(best[0], 3)))
+    return pairs
+
+
+def _round_robin(per_topic: list[list[PersonaPair]], limit: int, uses_per_line: int) -> list[PersonaPair]:
+    """Round-robin over topics so a small limit still covers many of them; a line answers at most
+    ``uses_per_line`` prompts, so one apt line does not become the answer to everything."""
     out: list[PersonaPair] = []
     answered: Counter[int] = Counter()
     depth = 0
