@@ -58,16 +58,20 @@ def test_records_are_chat_format_and_clean(hatter):
     assert len(train) == stats["train_records"] and len(valid) == stats["valid_records"] >= 1
     for r in train + valid:
         assert list(r)[0] == "messages"
-        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        roles = [m["role"] for m in r["messages"]]
+        if r["source"]["kind"] == "scene":  # user / assistant turns in turn, ending on the character
+            assert roles == ["system"] + ["user", "assistant"] * ((len(roles) - 1) // 2) and len(roles) >= 5
+        else:
+            assert roles == ["system", "user", "assistant"]
         assert r["messages"][0]["content"] == stats["system_prompt"]
-        assert r["source"]["kind"] in ("dialogue", "persona") and r["source"]["lines"]
-        a = r["messages"][2]["content"]
-        assert not re.search(r"\b(said|cried|replied) the\b", a), a  # no narration leaking in
-        assert "`" not in a and not a.endswith(",")
+        assert r["source"]["kind"] in ("dialogue", "persona", "scene") and r["source"]["lines"]
+        for a in (m["content"] for m in r["messages"] if m["role"] == "assistant"):
+            assert not re.search(r"\b(said|cried|replied) the\b", a), a  # no narration leaking in
+            assert "`" not in a and not a.endswith(",")
     # no line in both files, no duplicate records
     lines = lambda rs: {ln for r in rs for ln in r["source"]["lines"]}  # noqa: E731
     assert not lines(train) & lines(valid)
-    pairs = [(r["messages"][1]["content"], r["messages"][2]["content"]) for r in train + valid]
+    pairs = [tuple(m["content"] for m in r["messages"][1:]) for r in train + valid]
     assert len(pairs) == len(set(pairs))
 
 

@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--persona-share", type=float, default=PERSONA_SHARE, metavar="F",
                         help="persona pairs per dialogue record, at most (default: "
                              f"{PERSONA_SHARE}; fewer when the character has few lines on everyday topics)")
+    parser.add_argument("--scenes", action=argparse.BooleanOptionalAction, default=True,
+                        help="also write multi-turn scene records: the character's conversations in the book, other "
+                             "speakers' lines as user turns ('Alice: ...'), cut to --max-seq-len tokens (default: on)")
+    parser.add_argument("--max-seq-len", type=int, default=256, metavar="L",
+                        help="token budget of a scene window; use the training --max-seq-len (default: 256)")
     parser.add_argument("--list-characters", action="store_true",
                         help="print the speakers found in the book with their line counts, and exit")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
@@ -64,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     stats = build_dataset(args.book, args.character, out, aliases=args.alias, valid_fraction=args.valid_fraction,
                           seed=args.seed, persona=not args.no_persona,
-                          persona_share=args.persona_share, warn=warn)
+                          persona_share=args.persona_share, scenes=args.scenes, max_seq_len=args.max_seq_len,
+                          warn=warn)
     by = stats["spans_by_attribution"]
     mine = stats["character_utterances_by_attribution"]
     print(f"wrote {out}")
@@ -73,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {stats['display_name']:<10} {stats['character_utterances']} lines, {stats['words']} words ("
           + ", ".join(f"{v} {k}" for k, v in sorted(mine.items())) + ")")
     print(f"  records    {stats['train_records']} train, {stats['valid_records']} valid "
-          f"({stats['dialogue_records']} dialogue, {stats['persona_records']} persona)")
+          f"({stats['dialogue_records']} dialogue, {stats['persona_records']} persona, {stats['scene_records']} scene)")
     print(f"  system     {stats['system_prompt']}")
     return 0

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from wonderland.data.attribution import Analysis, Span, analyse
+from wonderland.data.attribution import Analysis, analyse
 from wonderland.data.book import default_book_path, read_book
 from wonderland.data.persona import best_prompt_for, build_persona_pairs
+from wonderland.data.scenes import scene_records
+from wonderland.data.turns import clean_chat_text, turns_of
 from wonderland.errors import UserError
 from wonderland.fileio import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, staging_dir
 
@@ -67,84 +68,6 @@ def resolve_character(an: Analysis, character: str, aliases: Sequence[str] = ())
 
 
 @dataclass
-class _Turn:
-    exchange: int
-    speaker: str | None
-    spans: list[Span]
-
-    @property
-    def text(self) -> str:
-        return join_spans([s.text for s in self.spans])
-
-    @property
-    def lines(self) -> list[int]:
-        return sorted({s.line for s in self.spans})
-
-
-def join_spans(texts: list[str]) -> str:
-    """One speaker's spans interrupted by narration, as one utterance: `` `A,' said X, `b' `` is
-    "A, b"; `` `A,' said X. `B' `` is "A. B"; `` `A--' (…) `--b' `` is "A--b"; "I" starts no new sentence."""
-    out = ""
-    for t in texts:
-        if not out:
-            out = t
-        elif t.startswith("-"):
-            out = out.rstrip(",;:- ") + "--" + t.lstrip("-")
-        elif out[-1] in ",;:" and t[:1].isupper() and not re.match(r"I\b", t):
-            out = out[:-1] + ". " + t
-        else:
-            out = out + " " + t
-    return out
-
-
-def _turns(an: Analysis) -> list[_Turn]:
-    """Spans grouped into turns: consecutive spans of one speaker within a paragraph; exchanges are
-    runs of consecutive paragraphs that hold speech."""
-    turns: list[_Turn] = []
-    exchange = -1
-    last_block = None
-    for s in an.spans:
-        if last_block is None or s.block != last_block + 1 and s.block != last_block:
-            exchange += 1
-        who = s.speaker if not s.group else "<group>"
-        if turns and turns[-1].exchange == exchange and turns[-1].spans[-1].block == s.block \
-                and turns[-1].speaker == who:
-            turns[-1].spans.append(s)
-        else:
-            turns.append(_Turn(exchange, who, [s]))
-        last_block = s.block
-    return turns
-
-
-_CAPS = re.compile(r"\b[A-Z][A-Z']+\b")
-
-
-def clean_chat_text(text: str) -> str:
-    """Book text → chat text: ASCII quotes, em dashes, no SHOUTING emphasis or _underscores_."""
-    t = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
-    t = re.sub(r"_(\w+)_", r"\1", t)
-    t = t.replace("--", "\u2014")
-
-    def fix(m: re.Match) -> str:
-        w = m.group(0)
-        if w in ("I", "O", "A") or (len(w.replace("'", "")) < 2):
-            return w
-        low = w.lower()
-        if low == "i" or low.startswith("i'"):
-            return "I" + low[1:]
-        before = t[: m.start()].rstrip(' "\u2014')
-        if not before or before[-1] in ".!?":
-            return low[:1].upper() + low[1:]
-        return low
-
-    t = _CAPS.sub(fix, t)
-    t = re.sub(r"\s+", " ", t).strip()
-    if t[-1:] in ",;:":  # `…,' said the Hatter: the comma belonged to the narration
-        t = t[:-1].rstrip() + "."
-    return t
-
-
-@dataclass
 class DatasetContext:
     """What every record builder sees: the analysed book, who the character is, the shared RNG."""
     an: Analysis
@@ -157,6 +80,8 @@ class DatasetContext:
     persona: bool
     persona_share: float
     dialogue: list[dict]  # the dialogue records, each already in its split (``_split``)
+    scenes: bool = True  # multi-turn scene records (data/scenes.py)
+    max_tokens: int = 256  # a scene window's token budget (the training --max-seq-len)
 
 
 # Record builders: ``builder(ctx) -> records``, each record a chat record (``_record``) that carries
@@ -181,7 +106,8 @@ def _check_build_args(out_dir: Path, valid_fraction: float, persona_share: float
 
 def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, *, aliases: Sequence[str] = (),
                   valid_fraction: float = 0.1, seed: int = 0, persona: bool = True,
-                  persona_share: float = PERSONA_SHARE, warn: Callable[[str], None] | None = None) -> dict:
+                  persona_share: float = PERSONA_SHARE, scenes: bool = True, max_seq_len: int = 256,
+                  warn: Callable[[str], None] | None = None) -> dict:
     """Write ``character``'s dataset from ``book`` (default book when None) into ``out_dir``.
 
     Returns the stats (also written to ``stats.json``). Everything is computed before anything is
@@ -202,8 +128,12 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
     rng = random.Random(seed)
     dialogue = _dialogue_records(an, targets, system, rng)
     _split_by_exchange(dialogue, valid_fraction, rng)
-    ctx = DatasetContext(an, canon, targets, display, system, rng, seed, persona, persona_share, dialogue)
+    ctx = DatasetContext(an, canon, targets, display, system, rng, seed, persona, persona_share, dialogue,
+                         scenes, max_seq_len)
     extra = [r for builder in RECORD_BUILDERS for r in builder(ctx)]
+    if scenes and not any(r["source"]["kind"] == "scene" for r in extra):
+        _warn(f"{display} has no scene with other speakers in this book (two lines or more in one "
+              "conversation): single-turn records only")
     train, valid = _dedupe_and_split(dialogue + extra)
     rng.shuffle(train)
     _warn_if_thin(ctx, valid_fraction, valid, _warn)
@@ -215,7 +145,7 @@ def build_dataset(book: str | Path | None, character: str, out_dir: str | Path, 
 def _dialogue_records(an: Analysis, targets: set[str], system: str, rng: random.Random) -> list[dict]:
     """One record per turn of the character: the turn just before (someone else's, same exchange)
     is the user's line; without one, a persona prompt that fits the answer or an opener."""
-    turns = _turns(an)
+    turns = turns_of(an)
     dialogue: list[dict] = []
     for k, t in enumerate(turns):
         if t.speaker not in targets:
@@ -279,7 +209,15 @@ def _persona_records(ctx: DatasetContext) -> list[dict]:
     return out
 
 
-RECORD_BUILDERS: list[RecordBuilder] = [_persona_records]
+def _scene_records(ctx: DatasetContext) -> list[dict]:
+    """Multi-turn scene windows, each in the split of its character lines (data/scenes.py)."""
+    if not ctx.scenes:
+        return []
+    split_of = {r["source"]["lines"][0]: r["_split"] for r in ctx.dialogue}
+    return scene_records(ctx.an, ctx.targets, ctx.system, split_of, ctx.max_tokens)
+
+
+RECORD_BUILDERS: list[RecordBuilder] = [_persona_records, _scene_records]
 
 
 def _dedupe_and_split(records: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -333,6 +271,9 @@ def _stats(ctx: DatasetContext, train: list[dict], valid: list[dict], valid_frac
         "words": sum(len(s.text.split()) for s in char_spans),
         "dialogue_records": kinds.get("dialogue", 0),
         "persona_records": kinds.get("persona", 0),
+        "scene_records": kinds.get("scene", 0),
+        "scene_turns": sum(r["source"].get("turns", 0) for r in train + valid if r["source"]["kind"] == "scene"),
+        "scenes": ctx.scenes,
         "train_records": len(train),
         "valid_records": len(valid),
         "top_speakers": an.speaker_counts()[:10],
