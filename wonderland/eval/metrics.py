@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,19 +81,27 @@ class RetentionItem:
     expected: tuple[str, ...]  # any of these, case-insensitive
 
     def passed(self, reply: str) -> bool:
+        """An expected answer stands in the reply as a word start ("4" is not found in "24", "ice"
+        not in "nice"; "butterfl" finds "butterflies"), and a number is not part of a longer one."""
         low = reply.lower()
-        return any(e.lower() in low for e in self.expected)
+        return any(re.search(r"(?<![a-z0-9])" + re.escape(e.lower()) + (r"(?![0-9])" if e[-1:].isdigit() else ""), low)
+                   for e in self.expected)
 
 
-def load_retention(path: Path = RETENTION_FILE) -> list[RetentionItem]:
+def load_retention(path: str | Path = RETENTION_FILE) -> list[RetentionItem]:
     """``prompt | expected | expected ...`` per line; ``#`` starts a comment line."""
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    path, items = Path(path).expanduser(), []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, UnicodeDecodeError) as e:
+        raise UserError(f"retention file {path}: cannot be read ({type(e).__name__}); give a UTF-8 text file "
+                        "of 'prompt | answer | answer' lines") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         prompt, *expected = [p.strip() for p in line.split(" | ")]
-        if not prompt or not expected:
-            raise UserError(f"{path}:{n}: expected 'prompt | answer | ...'")
+        if not prompt or not expected or not all(expected):
+            raise UserError(f"{path}:{n}: expected 'prompt | answer | answer ...' (answers separated by ' | '), got {line.strip()!r}")
         items.append(RetentionItem(prompt, tuple(expected)))
     return items
 
