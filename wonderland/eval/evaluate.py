@@ -114,13 +114,7 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     gen = gen or default_generation()
     if samples < 1:
         raise UserError(f"samples per prompt must be at least 1, got {samples}")
-    if prompts is None or isinstance(prompts, (str, Path)):
-        prompts_file = str(prompts or DEFAULT_PROMPTS)
-        prompt_list = load_prompts(prompts_file)
-    else:
-        prompts_file, prompt_list = None, [p.strip() for p in prompts if p.strip()]
-        if not prompt_list:
-            raise UserError("no prompts to evaluate")
+    prompts_file, prompt_list = _prompt_list(prompts)
     loaded = load_run(run_ref, device=device)
     run = loaded.run
     out_dir = Path(out).expanduser().resolve() if out else run.path / "eval"
@@ -131,14 +125,68 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     retention_items = load_retention() if retention else []
     log(f"evaluating {run.name}: {len(prompt_list)} prompts x {samples} replies, {len(valid)} held-out records, "
         f"{len(retention_items)} retention prompts, arms {', '.join(a.name for a in ARMS)}")
-    progress = progress or (lambda p: None)
+    progress = _Progress(progress or (lambda p: None), (samples * len(prompt_list) + len(retention_items)) * len(ARMS))
     timings: dict[str, float] = {"load_s": round(time.time() - t0, 2)}
-
     # (sample, prompt) pairs; sample 0 of prompt i has seed + i, as with one sample
     asks = [(k, i, p) for k in range(samples) for i, p in enumerate(prompt_list)]
-    total = (len(asks) + len(retention_items)) * len(ARMS)  # replies to generate
-    # 1. held-out loss with each arm's prompt and adapter
     t = time.time()
+    results, n_tokens = _held_out_losses(loaded, valid, progress)  # 1. held-out loss
+    timings["loss_s"] = round(time.time() - t, 2)
+    replies, gen_s = _replies(loaded, asks, len(prompt_list), gen, progress)  # 2. replies
+    retention_gen = GenerationConfig(**{**gen.to_dict(), "max_tokens": min(gen.max_tokens, RETENTION_MAX_TOKENS)})
+    retained = _retention_replies(loaded, retention_items, retention_gen, progress)
+    timings["generate_s"] = round(sum(gen_s.values()), 2)
+    log(f"generated {progress.total} replies in {time.time() - t0:.0f} s")
+    t = time.time()
+    scorer = PersonaScorer.from_lines(char_lines, other_lines)  # 3. scores
+    copies = CopyDetector(u["text"] for u in utterances)
+    scores = _score_arms(loaded, results, replies, retained, gen_s, scorer, copies)
+    timings["score_s"] = round(time.time() - t, 2)
+    rows = [{"prompt": p, "sample": k, **{a.name: replies[a.name][j] for a in ARMS},
+             "scores": {a.name: scores[a.name][j].to_dict() for a in ARMS}} for j, (k, _, p) in enumerate(asks)]
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        **results,
+        "seed": gen.seed,
+        "model": loaded.info.get("model", {}),
+        "config": _result_config(loaded, gen, retention_gen, prompts_file, prompt_list, samples, scorer, copies),
+        "target": target_checks(results),
+        "meta": _meta(loaded, stats.get("display_name") or character, data_dir, len(valid), n_tokens, device),
+        "timings": timings,
+    }
+    _write(out_dir, result, rows, run, [a.name for a in ARMS], t0)
+    result["out"] = str(out_dir)
+    log(f"wrote {out_dir / 'report.html'}")
+    return result
+
+
+def _prompt_list(prompts: str | Path | Sequence[str] | None) -> tuple[str | None, list[str]]:
+    """(prompts file or None, the prompts)."""
+    if prompts is None or isinstance(prompts, (str, Path)):
+        prompts_file = str(prompts or DEFAULT_PROMPTS)
+        return prompts_file, load_prompts(prompts_file)
+    prompt_list = [p.strip() for p in prompts if p.strip()]
+    if not prompt_list:
+        raise UserError("no prompts to evaluate")
+    return None, prompt_list
+
+
+class _Progress:
+    """Counts generated replies and reports each to the caller's ``progress``."""
+
+    def __init__(self, fn: Progress, total: int) -> None:
+        self.fn, self.total, self.done = fn, total, 0
+
+    def __call__(self, **fields) -> None:
+        self.fn({**fields, "done": self.done, "total": self.total})
+
+    def reply(self, phase: str, arm: str, prompt: str, reply: str) -> None:
+        self.done += 1
+        self(phase=phase, arm=arm, prompt=prompt, reply=reply)
+
+
+def _held_out_losses(loaded: LoadedRun, valid: list[dict], progress: _Progress) -> tuple[dict[str, dict], int]:
+    """Per arm: loss and perplexity on the valid set with the arm's prompt and adapter; token count."""
     results: dict[str, dict] = {}
     n_tokens = 0
     for arm in ARMS:
@@ -147,40 +195,43 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
         loss = nll / n_tokens if n_tokens else None
         results[arm.name] = {"loss": round(loss, 4) if loss is not None else None,
                              "perplexity": round(math.exp(loss), 3) if loss is not None else None}
-        progress({"phase": "loss", "arm": arm.name, "perplexity": results[arm.name]["perplexity"], "done": 0,
-                  "total": total})
-    timings["loss_s"] = round(time.time() - t, 2)
+        progress(phase="loss", arm=arm.name, perplexity=results[arm.name]["perplexity"])
+    return results, n_tokens
 
-    # 2. replies: prompt by prompt, every arm with the same settings and seed
-    done = 0
+
+def _replies(loaded: LoadedRun, asks: list[tuple[int, int, str]], n_prompts: int, gen: GenerationConfig,
+             progress: _Progress) -> tuple[dict[str, list[str]], dict[str, float]]:
+    """Prompt by prompt, every arm with the same settings and seed; (replies, seconds) per arm."""
     replies: dict[str, list[str]] = {a.name: [] for a in ARMS}
     gen_s = {a.name: 0.0 for a in ARMS}
     for k, i, prompt in asks:
-        prompt_gen = seeded_for(gen, k * len(prompt_list) + i)
+        prompt_gen = seeded_for(gen, k * n_prompts + i)
         for arm in ARMS:
             t = time.time()
             reply = "".join(loaded.stream(arm, [{"role": "user", "content": prompt}], prompt_gen)).strip()
             gen_s[arm.name] += time.time() - t
             replies[arm.name].append(reply)
-            done += 1
-            progress({"phase": "generate", "arm": arm.name, "prompt": prompt, "reply": reply, "done": done, "total": total})
-    retention_gen = GenerationConfig(**{**gen.to_dict(), "max_tokens": min(gen.max_tokens, RETENTION_MAX_TOKENS)})
+            progress.reply("generate", arm.name, prompt, reply)
+    return replies, gen_s
+
+
+def _retention_replies(loaded: LoadedRun, items: list, gen: GenerationConfig,
+                       progress: _Progress) -> dict[str, list[dict]]:
     retained: dict[str, list[dict]] = {a.name: [] for a in ARMS}
-    for i, item in enumerate(retention_items):
-        item_gen = seeded_for(retention_gen, i)
+    for i, item in enumerate(items):
+        item_gen = seeded_for(gen, i)
         for arm in ARMS:
             reply = "".join(loaded.stream(arm, [{"role": "user", "content": item.prompt}], item_gen)).strip()
             retained[arm.name].append({"prompt": item.prompt, "reply": reply, "expected": list(item.expected),
                                        "passed": item.passed(reply)})
-            done += 1
-            progress({"phase": "retention", "arm": arm.name, "prompt": item.prompt, "reply": reply, "done": done, "total": total})
-    timings["generate_s"] = round(sum(gen_s.values()), 2)
-    log(f"generated {total} replies in {time.time() - t0:.0f} s")
+            progress.reply("retention", arm.name, item.prompt, reply)
+    return retained
 
-    # 3. scores
-    t = time.time()
-    scorer = PersonaScorer.from_lines(char_lines, other_lines)
-    copies = CopyDetector(u["text"] for u in utterances)
+
+def _score_arms(loaded: LoadedRun, results: dict[str, dict], replies: dict[str, list[str]],
+                retained: dict[str, list[dict]], gen_s: dict[str, float], scorer: PersonaScorer,
+                copies: CopyDetector) -> dict[str, list]:
+    """Fill each arm's rates into ``results``; the per-reply scores per arm."""
     scores = {}
     for arm in ARMS:
         arm_scores = scorer.score(replies[arm.name])
@@ -201,37 +252,30 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
         r["generation_s"] = round(gen_s[arm.name], 2)
         r["adapter"] = arm.adapter
         r["system_prompt"] = loaded.messages_for(arm, [])[0]["content"]
-    timings["score_s"] = round(time.time() - t, 2)
+    return scores
 
-    rows = [{"prompt": p, "sample": k, **{a.name: replies[a.name][j] for a in ARMS},
-             "scores": {a.name: scores[a.name][j].to_dict() for a in ARMS}} for j, (k, _, p) in enumerate(asks)]
-    result = {
-        "schema_version": SCHEMA_VERSION,
-        **results,
-        "seed": gen.seed,
-        "model": loaded.info.get("model", {}),
-        "config": {
-            "generation": gen.to_dict(),
-            "seed_per_reply": "generation.seed + sample * prompts + prompt index (the same for every arm)",
-            "retention_max_tokens": retention_gen.max_tokens,
-            "prompts_file": prompts_file,
-            "prompts": len(prompt_list),
-            "samples_per_prompt": samples,
-            "persona": {**scorer.config(), "copy_n": copies.n},
-            "train": loaded.info.get("config", {}),
-        },
-        "target": target_checks(results),
-        "meta": {"run": run.name, "run_path": str(run.path), "character": loaded.info.get("display_name")
-                 or stats.get("display_name") or character, "created": now_iso(), "data": str(data_dir),
-                 "model": loaded.info.get("model", {}), "valid_records": len(valid), "valid_tokens": n_tokens,
-                 "machine": f"{platform.system()} {platform.machine()}, {_cpu_count()} CPUs",
-                 "backend": loaded.info.get("backend"), "device": device},
-        "timings": timings,
+
+def _meta(loaded: LoadedRun, character: str, data_dir: Path, valid_records: int, valid_tokens: int, device: str) -> dict:
+    return {"run": loaded.run.name, "run_path": str(loaded.run.path), "character": loaded.info.get("display_name")
+            or character, "created": now_iso(), "data": str(data_dir),
+            "model": loaded.info.get("model", {}), "valid_records": valid_records, "valid_tokens": valid_tokens,
+            "machine": f"{platform.system()} {platform.machine()}, {_cpu_count()} CPUs",
+            "backend": loaded.info.get("backend"), "device": device}
+
+
+def _result_config(loaded: LoadedRun, gen: GenerationConfig, retention_gen: GenerationConfig,
+                   prompts_file: str | None, prompt_list: list[str], samples: int, scorer: PersonaScorer,
+                   copies: CopyDetector) -> dict:
+    return {
+        "generation": gen.to_dict(),
+        "seed_per_reply": "generation.seed + sample * prompts + prompt index (the same for every arm)",
+        "retention_max_tokens": retention_gen.max_tokens,
+        "prompts_file": prompts_file,
+        "prompts": len(prompt_list),
+        "samples_per_prompt": samples,
+        "persona": {**scorer.config(), "copy_n": copies.n},
+        "train": loaded.info.get("config", {}),
     }
-    _write(out_dir, result, rows, run, [a.name for a in ARMS], t0)
-    result["out"] = str(out_dir)
-    log(f"wrote {out_dir / 'report.html'}")
-    return result
 
 
 def target_checks(results: dict[str, dict]) -> dict:
