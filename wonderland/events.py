@@ -11,7 +11,9 @@ Units are in the key names (``tokens_per_second``, ``elapsed_s``, ``peak_memory_
 from __future__ import annotations
 
 import json
+import logging
 import threading
+from collections import deque
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from wonderland.fileio import iter_jsonl
 
 Record = dict[str, Any]
 Subscriber = Callable[[Record], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Eval(Event):
     kind: ClassVar[str] = "eval"
     val_loss: float = 0.0
     val_time_s: float = 0.0
+    persona_margin: float | None = None  # the checkpoint probe (wonderland/probe.py), when the run has one
+    retention_drift: float | None = None
 
 
 @dataclass
@@ -106,34 +111,75 @@ class Failed(Event):
     error: str = ""
 
 
+class SubscriberError(Exception):
+    """A critical subscriber (the metrics writer) failed: the run cannot go on without its record."""
+
+
+class MetricsWriteError(OSError):
+    """metrics.jsonl cannot be written (disk full, file gone, a value JSON cannot hold)."""
+
+
 class EventBus:
-    """Stamps events with ``seq`` and ``time`` and fans them out to subscribers (thread-safe)."""
+    """Stamps events with ``seq`` and ``time`` and fans them out to subscribers (thread-safe).
+
+    Subscribers are called outside the bus lock, each receiving every record in ``seq`` order: a
+    record is queued under the lock, and one thread at a time (the one that finds no delivery under
+    way) delivers the queue in order. A subscriber that raises is logged once and dropped; the
+    others and training go on. A ``critical`` subscriber (the metrics writer) that raises is dropped
+    too, and ``emit`` then raises :class:`SubscriberError` so the run stops as failed.
+    """
 
     def __init__(self, start_seq: int = 0) -> None:
         self._seq = start_seq
-        self._subscribers: list[Subscriber] = []
+        self._subscribers: list[tuple[Subscriber, bool]] = []
         self._lock = threading.Lock()
+        self._pending: deque[Record] = deque()
+        self._delivering = False
 
-    def subscribe(self, fn: Subscriber) -> Callable[[], None]:
+    def subscribe(self, fn: Subscriber, critical: bool = False) -> Callable[[], None]:
         with self._lock:
-            self._subscribers.append(fn)
+            self._subscribers.append((fn, critical))
         return lambda: self.unsubscribe(fn)
 
     def unsubscribe(self, fn: Subscriber) -> None:
         with self._lock:
-            if fn in self._subscribers:
-                self._subscribers.remove(fn)
+            self._subscribers = [(f, c) for f, c in self._subscribers if f != fn]
 
     def emit(self, event: Event) -> Record:
         with self._lock:
             record = {"event": event.kind, "seq": self._seq, "time": round(time.time(), 3)}
             record.update({k: v for k, v in event.to_dict().items() if k != "event"})
             self._seq += 1
-            subscribers = list(self._subscribers)
-            # Deliver inside the lock so every subscriber sees events in seq order.
-            for fn in subscribers:
-                fn(record)
+            self._pending.append(record)
+            if self._delivering:  # the delivering thread sends it, after the records before it
+                return record
+            self._delivering = True
+        failure = self._drain()
+        if failure is not None:
+            raise SubscriberError(str(failure)) from failure
         return record
+
+    def _drain(self) -> Exception | None:
+        """Deliver queued records in order until none is left; the first critical failure, if any."""
+        failure = None
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._delivering = False
+                    return failure
+                record = self._pending.popleft()
+                subscribers = list(self._subscribers)
+            for fn, critical in subscribers:
+                try:
+                    fn(record)
+                except Exception as e:  # noqa: BLE001 - any subscriber bug: log it, drop it, go on
+                    self._drop(fn, critical, record, e)
+                    failure = failure or (e if critical else None)
+
+    def _drop(self, fn: Subscriber, critical: bool, record: Record, error: Exception) -> None:
+        log.error("event subscriber %r failed on %s record seq %s and was dropped%s", fn, record["event"],
+                  record["seq"], " (critical: the run stops)" if critical else "", exc_info=error)
+        self.unsubscribe(fn)
 
 
 class MetricsWriter:
@@ -145,8 +191,12 @@ class MetricsWriter:
         self._file = open(self.path, "a", encoding="utf-8")
 
     def __call__(self, record: Record) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            line = json.dumps(record, allow_nan=False) + "\n"  # NaN/Infinity are not JSON: readers would choke
+            self._file.write(line)
+            self._file.flush()
+        except (OSError, ValueError) as e:
+            raise MetricsWriteError(f"cannot write {self.path}: {e}") from e
 
     def close(self) -> None:
         self._file.close()

@@ -17,11 +17,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from wonderland import __version__
+from wonderland import __version__, replay
 from wonderland.backends import TrainJob, get_backend, resolve_backend_name
 from wonderland.config import TrainConfig
 from wonderland.errors import UserError
-from wonderland.events import EventBus, Failed, Finished, MetricsWriter, Subscriber, next_seq
+from wonderland.events import EventBus, Failed, Finished, MetricsWriter, Subscriber, SubscriberError, next_seq
 from wonderland.models import resolve_model, weights_sha256
 from wonderland.runs import SCHEMA_VERSION, RunDir, new_run_dir, now_iso, replaced_backup, resolve_run
 
@@ -102,10 +102,12 @@ def train(
         info = _new_run_info(run, config, backend_name, model_path, data_dir, stats, train_records, valid_records)
     info.update(status="running", config=config.to_dict(), versions=_versions(), updated=now_iso())
     run.write(info)
+    mixed, replay_records, probe = replay.guard(config, model_path, info["model"]["sha256"], train_records, valid_records,
+                                                stats["system_prompt"], lambda: backend.load(model_path), log)
     session = _Session(run, config, subscribers, log)
-    job = TrainJob(config=config, model_path=model_path, train_records=train_records, valid_records=valid_records,
+    job = TrainJob(config=config, model_path=model_path, train_records=mixed, valid_records=valid_records,
                    run=run, emit=session.bus.emit, should_stop=should_stop, resume_from=resume_from,
-                   system_prompt=stats["system_prompt"])
+                   system_prompt=stats["system_prompt"], replay_records=replay_records, probe=probe)
     session.run_backend(backend, job, info)
     return run
 
@@ -148,7 +150,7 @@ class _Session:
         self.run, self.config, self.log = run, config, log
         self.bus = EventBus(start_seq=next_seq(run.metrics))
         self.metrics = MetricsWriter(run.metrics)
-        self.bus.subscribe(self.metrics)
+        self.bus.subscribe(self.metrics, critical=True)  # no metrics.jsonl, no run: it fails
         self.last_step = 0  # for the Failed event: where training was when it broke
         self.bus.subscribe(self._track)
         for fn in subscribers:
@@ -162,7 +164,7 @@ class _Session:
         try:
             result = backend.train(job)
         except BaseException as e:
-            self.fail("interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}")
+            self.fail(_reason(e))
             raise
         self.finish(result, info, time.time() - t0)
 
@@ -170,7 +172,10 @@ class _Session:
         run = self.run
         if replaced_backup(run.path).exists():
             self.log(f"the run this one replaced is kept in {replaced_backup(run.path)}")
-        self.bus.emit(Failed(step=self.last_step, total_steps=self.config.iters, error=reason))
+        try:
+            self.bus.emit(Failed(step=self.last_step, total_steps=self.config.iters, error=reason))
+        except SubscriberError as e:  # the metrics writer broke on this very record: run.json still says why
+            reason = f"{reason}; {e}"
         run.update(status="failed", error=reason, traceback=traceback.format_exc()[-4000:])
         self.metrics.close()
 
@@ -186,3 +191,12 @@ class _Session:
                    finished=now_iso() if result.status == "finished" else None)
         self.metrics.close()
         shutil.rmtree(replaced_backup(run.path), ignore_errors=True)  # from --overwrite: no longer needed
+
+
+def _reason(e: BaseException) -> str:
+    """The one line run.json and the Failed event give for why training ended."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, SubscriberError):
+        return f"metrics could not be recorded: {e}"
+    return f"{type(e).__name__}: {e}"
