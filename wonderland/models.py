@@ -46,13 +46,15 @@ def resolve_model(model: str, log=print) -> Path:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
 
+    try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
-    except Exception as e:  # network, auth, missing repo: all user-fixable
+    except (OSError, HFValidationError) as e:
+        # missing or gated repo, no network, offline mode (huggingface_hub's errors are OSErrors), a bad id
         raise UserError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
             f"check the name and your connection (gated models need `huggingface-cli login`), or use {DEFAULT_MODEL!r}"
         ) from None
 

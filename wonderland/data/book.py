@@ -57,9 +57,7 @@ def default_book_path() -> Path:
         return cached
     try:
         data = _download_alice()
-    except UserError:
-        raise
-    except Exception as e:  # network, pip, tar: all mean the same thing to the user
+    except (OSError, subprocess.SubprocessError, tarfile.TarError) as e:  # network, pip, disk, a bad archive
         raise UserError(_no_book_message(f"{type(e).__name__}: {e}")) from e
     # The book is plain ASCII (checked by its sha256), so the text writer stores the same bytes.
     atomic_write_text(cached, data.decode("ascii"))

@@ -9,7 +9,7 @@ llama.cpp's ``convert_hf_to_gguf.py`` / ``convert_lora_to_gguf.py``:
 * 1-D tensors (norms) always float32; ``q8_0`` falls back to f16 for rows not divisible by 32;
 * a byte-level BPE tokenizer (``tokenizer.ggml.model = gpt2``) with tokens, token types, merges,
   special token ids and the chat template: the pieces mlx-lm's own GGUF export leaves out
-  (see NOTES.md);
+  (``mlx_lm fuse --export-gguf`` writes no merges and no chat template for this model);
 * LoRA: ``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``, tensors
   ``<base tensor>.lora_a`` (torch shape (r, in)) and ``.lora_b`` (torch shape (out, r)); llama.cpp
   adds ``alpha / r * B @ A`` to the base weight.

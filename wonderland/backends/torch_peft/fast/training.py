@@ -30,8 +30,8 @@ What it changes, and why each pays (measured numbers: bench/README.md, "GPU trai
 Gradient checkpointing stays off: LoRA on 1B/3B models at 8 x 1024 tokens needs 9 / 20 GiB here.
 Set ``WONDERLAND_TORCH_FAST=0`` to force the plain path (for comparisons or debugging), ``=1``
 to use it on any device, ``auto`` (default) uses it on CUDA and on the CPU (there the fused layers
-run in plain PyTorch: 1.36x the plain path's tokens/s on the embedded model, bench/README.md "CPU
-path"), not on MPS.
+run in plain PyTorch: 1.45x the plain path's tokens/s on the embedded model, as README.md says;
+bench/README.md "CPU path", second pass), not on MPS.
 """
 
 from __future__ import annotations
