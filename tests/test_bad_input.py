@@ -33,9 +33,12 @@ def assert_user_error(code, err, *needles):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--rank", "0"], ["--rank must be > 0"]),
-    (["--lr", "0"], ["--lr must be > 0"]),
-    (["--iters", "-3"], ["--iters must be > 0"]),
+    (["--rank", "0"], ["--rank must be between 1 and"]),
+    (["--lr", "0"], ["--lr must be > 0 and <= 1 (got 0.0)"]),
+    (["--lr", "nan"], ["--lr must be a finite number (got nan)"]),
+    (["--lr", "inf"], ["--lr must be a finite number (got inf)"]),
+    (["--lr", "1e308"], ["--lr must be > 0 and <= 1 (got 1e+308)"]),
+    (["--iters", "-3"], ["--iters must be between 1 and"]),
     (["--batch-size", "99"], ["--batch-size 99 is larger than the dataset (6 training records)"]),
     (["--model", "/no/such/model"], ["model not found", "/no/such/model"]),
 ])
@@ -100,12 +103,15 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_trained(dataset, tiny_mod
     train(config, dataset, out=str(out), log=lambda m: None)
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
 
-    def crash(record):
-        if record["event"] == "step":
+    polls = iter([False])  # the loop polls should_stop before each step: the second poll (after step 1) fails
+
+    def crash() -> bool:
+        if next(polls, None) is None:
             raise RuntimeError("power cut")
+        return False
 
     with pytest.raises(RuntimeError, match="power cut"):
-        train(config, dataset, out=str(out), overwrite=True, subscribers=[crash], log=lambda m: None)
+        train(config, dataset, out=str(out), overwrite=True, should_stop=crash, log=lambda m: None)
     failed = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "failed"]
     assert len(failed) == 1 and failed[0]["step"] == 1 and "power cut" in failed[0]["error"]
     kept = replaced_backup(out)

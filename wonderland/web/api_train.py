@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from wonderland.config import PRESETS, GenerationConfig, TrainConfig, merge_config
+from wonderland.config import PRESETS, GenerationConfig, TrainConfig, form_name, merge_config
 from wonderland.errors import UserError
 from wonderland.runs import default_run_name
 from wonderland.web import sse
@@ -40,6 +40,9 @@ def describe(cls: type) -> list[dict[str, Any]]:
                 "help": f.metadata.get("help", ""), "group": group_of.get(f.name, "advanced")}
         if "choices" in f.metadata:
             item["choices"] = list(f.metadata["choices"])
+        if "bounds" in f.metadata:  # (low, high[, "open-low" | "open-high" | "open-both"]): the server checks
+            item["bounds"] = list(f.metadata["bounds"])
+        item["label"] = f.metadata.get("label", f.name)
         out.append(item)
     return out
 
@@ -61,7 +64,7 @@ def _overrides(raw: Any) -> dict[str, Any]:
 
 def _config(*layers: dict[str, Any]) -> TrainConfig:
     try:
-        return merge_config(TrainConfig, *layers, source="config")
+        return merge_config(TrainConfig, *layers, source="", naming=form_name)
     except UserError as e:
         raise ApiError(400, str(e)) from None
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from wonderland import __version__
-from wonderland.web import api_runs, api_train, compare, datasets
-from wonderland.web.common import ApiError
+from wonderland.web import api_runs, api_train, compare, datasets, openai_api
+from wonderland.web.common import ApiError, StrictJSONProvider
 from wonderland.web.compare import ModelCache
 from wonderland.web.jobs import TrainingManager
 from wonderland.web.ollama import ollama_host as default_ollama_host
@@ -36,6 +35,7 @@ def create_app(*, host: str = DEFAULT_HOST, token: str | None = None, ollama_hos
     accepted); ``token``, required off loopback, guards every request; ``ollama_host`` defaults
     to ``$OLLAMA_HOST``."""
     app = Flask(__name__)
+    app.json = StrictJSONProvider(app)
     # Largest request body: a book upload (plus form overhead); Flask answers 413 beyond it.
     app.config["MAX_CONTENT_LENGTH"] = datasets.MAX_BOOK_BYTES + 64 * 1024
     app.json.sort_keys = False
@@ -43,15 +43,8 @@ def create_app(*, host: str = DEFAULT_HOST, token: str | None = None, ollama_hos
     app.extensions["wonderland"] = state
     state.guard.install(app)
 
-    for bp in (datasets.bp, api_train.bp, api_runs.bp, compare.bp):
+    for bp in (datasets.bp, api_train.bp, api_runs.bp, compare.bp, openai_api.bp):
         app.register_blueprint(bp)
-    try:  # the OpenAI-compatible API, when that module is present
-        openai_api = importlib.import_module("wonderland.web.openai_api")
-    except ModuleNotFoundError as e:
-        if e.name != "wonderland.web.openai_api":  # a missing dependency inside it is a real error
-            raise
-    else:
-        app.register_blueprint(openai_api.bp)
 
     @app.get("/")
     def index():

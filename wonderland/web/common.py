@@ -5,10 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from flask import request
+from flask.json.provider import DefaultJSONProvider
 
 from wonderland.config import check_run_name
 from wonderland.errors import UserError
+from wonderland.fileio import json_safe
 from wonderland.runs import RunDir, runs_root
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Flask's JSON with non-finite numbers as null: every answer is valid JSON (a NaN loss stored by
+    an old run would otherwise reach the browser as a bare ``NaN`` and fail the whole page's parse)."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return super().dumps(json_safe(obj), allow_nan=False, **kwargs)
 
 
 class ApiError(Exception):

@@ -20,7 +20,7 @@ from typing import Any
 from flask import Blueprint, current_app, jsonify, request
 
 from wonderland.chat_format import with_system
-from wonderland.config import GenerationConfig, merge_config
+from wonderland.config import GenerationConfig, form_name, merge_config
 from wonderland.errors import UserError
 from wonderland.generate import ARMS, LoadedRun, load_run
 from wonderland.web import sse
@@ -159,7 +159,7 @@ def _parse(body: dict) -> tuple[str, list[str], dict[str, list[dict]], Generatio
     if not isinstance(gen_raw, dict):
         raise ApiError(400, "gen must be an object of generation settings")
     try:
-        gen = merge_config(GenerationConfig, gen_raw, source="gen")
+        gen = merge_config(GenerationConfig, gen_raw, source="gen", naming=form_name)
     except UserError as e:
         raise ApiError(400, str(e)) from None
     return prompt.strip(), columns, {c: _messages(history, prompt.strip(), c) for c in columns}, gen

@@ -19,7 +19,6 @@ Usage: ``OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused")``.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -31,8 +30,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT, prompt_ids, with_system
-from wonderland.config import DEFAULT_MODEL, GenerationConfig
+from wonderland.config import DEFAULT_MODEL, GenerationConfig, field_value
 from wonderland.errors import UserError
+from wonderland.fileio import strict_dumps
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 
@@ -147,15 +147,19 @@ class ChatRequest:
     stop: list[str]
 
 
-def _number(body: dict, key: str, kind: type, lo: float | None = None, hi: float | None = None):
+def _number(body: dict, key: str, field_name: str | None = None):
+    """``body[key]`` checked against GenerationConfig's bounds for ``field_name`` (default: ``key``);
+    None when absent or null (OpenAI's parameters are nullable: null means the default)."""
     value = body.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
-        raise APIError(400, f"{key} must be {'an integer' if kind is int else 'a number'} (got {value!r})", param=key)
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise APIError(400, f"{key} must be between {lo} and {hi} (got {value})", param=key)
-    return kind(value)
+    f = GenerationConfig.__dataclass_fields__[field_name or key]
+    number, problem = field_value(f, value)
+    if isinstance(value, str):
+        problem = f"must be {'an integer' if f.type == 'int' else 'a number'} (got {value!r})"
+    if problem:
+        raise APIError(400, f"{key} {problem}", param=key)
+    return number
 
 
 def _content(message: dict, i: int) -> str:
@@ -191,11 +195,9 @@ def parse_request(body: Any) -> ChatRequest:
         raise APIError(400, "the last message must come from the user", param="messages")
     if body.get("n", 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    max_tokens = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
-    fields = {"temperature": _number(body, "temperature", float, 0, 2), "top_p": _number(body, "top_p", float, 0, 1),
-              "max_tokens": max_tokens, "seed": _number(body, "seed", int)}
-    if fields["top_p"] == 0:
-        raise APIError(400, "top_p must be greater than 0", param="top_p")
+    max_tokens = _number(body, "max_completion_tokens", "max_tokens") or _number(body, "max_tokens")
+    fields = {"temperature": _number(body, "temperature"), "top_p": _number(body, "top_p"),
+              "max_tokens": max_tokens, "seed": _number(body, "seed")}
     gen = GenerationConfig(**{k: v for k, v in fields.items() if v is not None})
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
@@ -280,7 +282,7 @@ def chat_completions():
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+        return f"data: {strict_dumps(obj, ensure_ascii=False)}\n\n"
 
     def events() -> Iterator[str]:
         yield chunk({"role": "assistant", "content": ""})
@@ -288,12 +290,12 @@ def chat_completions():
             for piece in reply.pieces():
                 yield chunk({"content": piece})
         except Exception as e:  # noqa: BLE001 - headers are sent: any failure is reported in-band, as OpenAI does
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
+            yield f"data: {strict_dumps({'error': {'message': str(e), 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
             return
         yield chunk({}, reply.finish_reason)
         if req.include_usage:
             usage = reply.usage()
-            yield f"data: {json.dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': req.model, 'choices': [], 'usage': usage})}\n\n"
+            yield f"data: {strict_dumps({'id': cid, 'object': 'chat.completion.chunk', 'created': created, 'model': req.model, 'choices': [], 'usage': usage})}\n\n"
         yield "data: [DONE]\n\n"
 
     return Response(events(), mimetype="text/event-stream",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Iterable
 
 from flask import Response, stream_with_context
 
+from wonderland.fileio import strict_dumps
 from wonderland.web.common import ApiError
 
 KEEPALIVE = ": keepalive\n\n"  # an SSE comment: ignored by clients, but it detects gone clients
@@ -20,7 +20,7 @@ def frame(data: Any, event: str | None = None, id: int | str | None = None) -> s
         lines.append(f"id: {id}")
     if event:
         lines.append(f"event: {event}")
-    lines.append("data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+    lines.append("data: " + strict_dumps(data, separators=(",", ":"), ensure_ascii=False))
     return "\n".join(lines) + "\n\n"
 
 

@@ -54,16 +54,18 @@ export function sparkline(curve, width = 120, height = 28) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("width", width); svg.setAttribute("height", height); svg.setAttribute("class", "spark");
-  const ys = [...curve.loss, ...curve.val_loss];
-  const xs = [...curve.step, ...curve.val_step];
+  const finite = (steps, values) => steps.map((s, i) => [s, values[i]]).filter(([, v]) => Number.isFinite(v));
+  const train = finite(curve.step, curve.loss), val = finite(curve.val_step, curve.val_loss);  // a NaN loss is stored as null
+  const ys = [...train, ...val].map(([, v]) => v);
+  const xs = [...train, ...val].map(([s]) => s);
   if (ys.length < 2) return svg;
   const [x0, x1] = [Math.min(...xs), Math.max(...xs)], [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   const px = (x) => 2 + ((x - x0) / ((x1 - x0) || 1)) * (width - 4);
   const py = (y) => 2 + (1 - (y - y0) / ((y1 - y0) || 1)) * (height - 4);
-  for (const [steps, values, color] of [[curve.step, curve.loss, "#6a4bc4"], [curve.val_step, curve.val_loss, "#d08a2e"]]) {
-    if (values.length < 2) continue;
+  for (const [points, color] of [[train, "#6a4bc4"], [val, "#d08a2e"]]) {
+    if (points.length < 2) continue;
     const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("points", steps.map((s, i) => `${px(s).toFixed(1)},${py(values[i]).toFixed(1)}`).join(" "));
+    line.setAttribute("points", points.map(([s, v]) => `${px(s).toFixed(1)},${py(v).toFixed(1)}`).join(" "));
     line.setAttribute("fill", "none"); line.setAttribute("stroke", color); line.setAttribute("stroke-width", "1.5");
     svg.append(line);
   }

@@ -81,7 +81,9 @@ function formConfig() {
   const config = {};
   for (const f of schema.train) {
     const input = $(`[name="cfg.${f.name}"]`);
-    if (input && input.value !== "") config[f.name] = f.type === "int" || f.type === "float" ? Number(input.value) : input.value;
+    if (!input || input.value === "") continue;
+    const number = Number(input.value);  // 1e999 is Infinity, which JSON would send as null: send the text
+    config[f.name] = (f.type === "int" || f.type === "float") && Number.isFinite(number) ? number : input.value;
   }
   return config;
 }
