@@ -132,3 +132,10 @@ def test_no_traceback_from_a_real_process(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["nlrun\n", "bell\x07", "a" * 101, "dot.ted"])
+def test_bad_run_names_exit_2(capsys, dataset, wl_home, name):
+    code, err = run_cli(capsys, "train", "--data", str(dataset), "--name", name, "--iters", "1")
+    assert_user_error(code, err, "invalid run name")
+    assert not (wl_home / "runs").exists() or not any((wl_home / "runs").iterdir())

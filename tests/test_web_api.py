@@ -436,3 +436,24 @@ def test_compare_bad_inputs(client, wl_home):
     opts = client.get("/api/compare/options").json
     assert [c["name"] for c in opts["columns"]] == ["base", "prompted", "trained"] and "What time is it?" in opts["suggested_prompts"]
     assert client.get("/api/ollama").json["available"] is False
+
+
+BAD_NAMES = ["nlrun\n", "tab\there", "bell\x07", "a" * 101, "-leading-dash", "dot.ted", "sp ace", "ünicode"]
+
+
+def test_bad_run_and_dataset_names_are_400_everywhere(client, wl_home):
+    """One rule for run and dataset names (\\A...\\Z, length, no control characters): "nlrun\\n" used
+    to pass a ``$``-anchored check and create the folder runs/nlrun\\n."""
+    write_dataset(wl_home)
+    for name in BAD_NAMES:
+        r = client.post("/api/train", json={"dataset": "tiny", "name": name})
+        assert r.status_code == 400 and "invalid run name" in r.json["error"], (name, r.json)
+        r = client.post("/api/datasets", data={"character": "Hatter", "name": name}, content_type="multipart/form-data")
+        assert r.status_code == 400 and "invalid dataset name" in r.json["error"], (name, r.json)
+        quoted = "".join(c if c.isalnum() else f"%{ord(c):02X}" for c in name) if name.isascii() else "%C3%BCnicode"
+        assert client.get(f"/api/runs/{quoted}").status_code == 400, name
+        assert client.get(f"/api/datasets/{quoted}").status_code == 400, name
+    assert sorted(p.name for p in (wl_home / "data").iterdir()) == ["tiny"]
+    assert not (wl_home / "runs").exists() or not any((wl_home / "runs").iterdir())
+    r = client.post("/api/train", json={"dataset": "tiny", "name": "a" * 100, "config": {"iters": "x"}})
+    assert r.status_code == 400 and "steps (iters)" in r.json["error"]  # 100 characters is a valid name

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -253,10 +252,8 @@ def merge_config(cls: type, *layers: dict[str, Any], source: str = "config", nam
     return cls(**merged)
 
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")
-
-
 def check_run_name(name: str) -> str:
-    if not _NAME_RE.match(name or ""):
-        raise UserError(f"invalid run name {name!r}: use letters, digits, '-' and '_' (max 100 characters)")
-    return name
+    """Transitional: runs.py's import until it calls :func:`wonderland.names.check_name` itself."""
+    from wonderland.names import check_name
+
+    return check_name(name, "run")

@@ -7,9 +7,9 @@ from typing import Any
 from flask import request
 from flask.json.provider import DefaultJSONProvider
 
-from wonderland.config import check_run_name
 from wonderland.errors import UserError
 from wonderland.fileio import json_safe
+from wonderland.names import check_name
 from wonderland.runs import RunDir, runs_root
 
 
@@ -39,10 +39,11 @@ def json_body() -> dict[str, Any]:
 
 
 def valid_name(name: str, what: str = "run") -> str:
+    """``name`` checked by the one rule for run and dataset names; a 400 naming the rule otherwise."""
     try:
-        return check_run_name(name)
+        return check_name(name, what)
     except UserError as e:
-        raise ApiError(400, str(e).replace("run name", f"{what} name")) from None
+        raise ApiError(400, str(e)) from None
 
 
 def run_dir(name: str, must_exist: bool = True) -> RunDir:

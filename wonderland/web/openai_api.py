@@ -33,6 +33,7 @@ from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT, prompt_ids, with_syste
 from wonderland.config import DEFAULT_MODEL, GenerationConfig, field_value
 from wonderland.errors import UserError
 from wonderland.fileio import strict_dumps
+from wonderland.names import check_name
 
 bp = Blueprint("openai_api", __name__, url_prefix="/v1")
 
@@ -65,6 +66,7 @@ def _finished_runs() -> list:
     for run in list_runs():
         try:
             info = run.read()
+            check_name(run.name)  # a folder named before names were checked (runs/nlrun\n): not a model id
         except UserError:  # a corrupt run.json must not take the listing down
             continue
         if info.get("status") == "finished" and (run.adapter / "adapter_config.json").exists():
