@@ -16,7 +16,13 @@ ifeq ($(shell uname -s),Linux)
   EXTRAS := eval,test,mlx
 endif
 
-.PHONY: run demo test test-fast setup system-deps clean
+# A real llama.cpp for `wonderland export --verify` and its tests: node-llama-cpp's prebuilt
+# binaries (npm, ~20 s; not needed by `make run`). Newer releases may fail to install here.
+NPM    ?= npm
+NODE_LLAMA_CPP := 3.21.1
+LLAMA_CPP      := node_modules/node-llama-cpp/package.json
+
+.PHONY: run demo test test-fast setup system-deps llama-cpp clean
 
 run: setup                       ## set up, then start the web app (http://127.0.0.1:7860)
 	$(VENV)/bin/wonderland serve
@@ -24,10 +30,10 @@ run: setup                       ## set up, then start the web app (http://127.0
 demo: setup                      ## set up, then the headless demo: dataset, training, Base vs Trained
 	$(VENV)/bin/wonderland demo
 
-test: setup system-deps          ## set up, then run the whole test suite
+test: setup system-deps llama-cpp  ## set up, then run the whole test suite
 	$(PY) -m pytest -q
 
-test-fast: setup                 ## the suite without the slow end-to-end tests
+test-fast: setup llama-cpp       ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
 setup: $(VENV)/.installed
@@ -40,12 +46,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-# Debian packages the tests need: chromium (browser tests), OpenBLAS (fast MLX on Linux CPU).
+llama-cpp: $(LLAMA_CPP)          ## llama.cpp (prebuilt, via npm) for `wonderland export --verify`
+
+$(LLAMA_CPP):
+	$(NPM) i -E --no-save --no-package-lock --ignore-scripts --no-audit --no-fund node-llama-cpp@$(NODE_LLAMA_CPP)
+
+# Debian packages the tests need: chromium (browser tests), OpenBLAS (fast MLX on Linux CPU),
+# Node.js + npm (llama.cpp through node-llama-cpp).
 system-deps:
-	@if [ "$(shell uname -s)" = Linux ] && { ! command -v chromium >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 -a ! -e /usr/lib/aarch64-linux-gnu/libopenblas.so.0 ]; }; then \
+	@if [ "$(shell uname -s)" = Linux ] && { ! command -v chromium >/dev/null || ! command -v npm >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 -a ! -e /usr/lib/aarch64-linux-gnu/libopenblas.so.0 ]; }; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium libopenblas0-pthread; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium libopenblas0-pthread nodejs npm; \
 	fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info node_modules

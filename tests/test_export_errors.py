@@ -110,7 +110,7 @@ def test_outputs_that_would_destroy_the_run_or_base_are_refused(run, tmp_path):
 
 def test_cli(run, tmp_path, capsys):
     out = tmp_path / "ollama"
-    assert main(["export", "--run", str(run.path), "--format", "ollama", "--out", str(out)]) == 0
+    assert main(["export", "--run", str(run.path), "--format", "ollama", "--ollama-from", "adapter", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert f"cd {out} && ollama create hatter -f Modelfile" in printed
     assert "lora_alpha 16 for r 8 reproduces the trained scale 2" in printed

@@ -167,7 +167,7 @@ def _check_gguf_metadata(reader: GGUFReader, tok) -> None:
     assert _field(reader, "general.type") == "model"
     assert _field(reader, "llama.block_count") == 2
     assert _field(reader, "tokenizer.ggml.model") == "gpt2"
-    assert _field(reader, "tokenizer.ggml.pre") == "gpt2"  # a plain ByteLevel split, as the model was trained
+    assert _field(reader, "tokenizer.ggml.pre") == "gpt-2"  # a plain ByteLevel split, as the model was trained
     tokens = _field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == len(tok) and tokens[1] == "<|im_start|>" and tokens[100] == tok.convert_ids_to_tokens(100)
     types = _field(reader, "tokenizer.ggml.token_type")
@@ -227,7 +227,7 @@ def _perm(w: np.ndarray, kind: str, config: dict) -> np.ndarray:
 def test_ollama_adapter_export(trained, tmp_path):
     from peft import PeftModel
 
-    result = export(trained["run"], "ollama", tmp_path / "o", log=lambda m: None)
+    result = export(trained["run"], "ollama", tmp_path / "o", ollama_from="adapter", log=lambda m: None)
     out = tmp_path / "o"
     text = (out / "Modelfile").read_text()
     parsed = {x.command: x.args for x in parse_modelfile(text)}
@@ -247,11 +247,20 @@ def test_ollama_adapter_export(trained, tmp_path):
 def test_ollama_gguf_route(trained, gguf_exports, tmp_path):
     export(trained["run"], "ollama", tmp_path / "o", ollama_from="gguf", gguf_type="q8_0", log=lambda m: None)
     parsed = parse_modelfile((tmp_path / "o" / "Modelfile").read_text())
-    assert [x.args for x in parsed if x.command == "FROM"] == ["./model.gguf"]
+    assert [x.args for x in parsed if x.command == "FROM"] == ["./hatter.q8_0.gguf"]
     assert not [x for x in parsed if x.command == "ADAPTER"]
     assert [x.args for x in parsed if x.command == "SYSTEM"] == [SYSTEM]
     # the very file the gguf export wrote (and the q8_0 test loaded): the writer is deterministic
-    assert (tmp_path / "o" / "model.gguf").read_bytes() == (gguf_exports["q8_0"] / "hatter.q8_0.gguf").read_bytes()
+    assert (tmp_path / "o" / "hatter.q8_0.gguf").read_bytes() == (gguf_exports["q8_0"] / "hatter.q8_0.gguf").read_bytes()
+
+
+def test_ollama_default_is_from_the_merged_gguf(trained, tmp_path):
+    """Current Ollama fails to create models from safetensors ADAPTERs (ollama #13314, #7781):
+    the default Modelfile loads the merged GGUF instead."""
+    result = export(trained["run"], "ollama", tmp_path / "o", log=lambda m: None)
+    parsed = parse_modelfile((tmp_path / "o" / "Modelfile").read_text())
+    assert [x.args for x in parsed if x.command == "FROM"] == ["./hatter.f16.gguf"]
+    assert not [x for x in parsed if x.command == "ADAPTER"] and "hatter.f16.gguf" in result.files
 
 
 def test_ollama_alpha_reproduces_a_fractional_or_mlx_scale(trained, tmp_path):
@@ -298,7 +307,7 @@ def test_mlx_run_exports_through_peft(trained, mlx_run, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     diff, _, texts = _compare(model, trained["tok"], trained)
     assert diff < 1e-4 and texts == trained["text"]
-    export(mlx_run, "ollama", tmp_path / "ollama", log=lambda m: None)
+    export(mlx_run, "ollama", tmp_path / "ollama", ollama_from="adapter", log=lambda m: None)
     # mlx-lm stores scale 2.0; Ollama ignores it and needs the integer alpha that gives it back
     written = json.loads((tmp_path / "ollama" / "adapter" / "adapter_config.json").read_text())
     assert written["lora_alpha"] == 16 and written["r"] == 8 and "lora_parameters" not in written

@@ -47,7 +47,7 @@ def test_packaged_model_gguf_round_trip(embedded_model, tmp_path):
         assert ours.fields[key].contents() == packaged.fields[key].contents(), key
 
     # the embedded base's own GGUF holds the trained-on weights: Ollama and llama.cpp --lora start from it
-    result = export(run, "ollama", tmp_path / "ollama", log=lambda m: None)
+    result = export(run, "ollama", tmp_path / "ollama", ollama_from="adapter", log=lambda m: None)
     modelfile = (result.path / "Modelfile").read_text()
     assert f"FROM {packaged_file}\nADAPTER ./adapter\n" in modelfile
     assert any(c.startswith(f"llama-cli -m {packaged_file} --lora ") for c in exported.commands)

@@ -38,7 +38,7 @@ def mlx_args(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
 def test_mlx_train_writes_mlx_lm_adapter_and_metrics(dataset, tiny_model, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(mlx_args(dataset, tiny_model, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "adapter", "checkpoints", "metrics.jsonl", "run.json"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["adapter_config.json", "adapters.safetensors"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
     ckpt = out / "checkpoints" / "step-000002"

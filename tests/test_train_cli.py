@@ -26,7 +26,7 @@ def train_args(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
 def test_train_writes_run_folder_and_metrics(dataset, tiny_model, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(dataset, tiny_model, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints", "metrics.jsonl", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "adapter", "checkpoints", "metrics.jsonl", "run.json"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
     assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == [

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
-from wonderland.fileio import iter_jsonl
+from wonderland.fileio import atomic_write_jsonl, iter_jsonl
 
 Record = dict[str, Any]
 Subscriber = Callable[[Record], None]
@@ -109,6 +109,14 @@ class Finished(Event):
 class Failed(Event):
     kind: ClassVar[str] = "failed"
     error: str = ""
+
+
+@dataclass
+class Rewound(Event):
+    """metrics.jsonl was cut back to ``step`` (the checkpoint a resume continues from): ``dropped``
+    records of later steps, written before a crash, are gone; this record keeps the seq count."""
+    kind: ClassVar[str] = "rewound"
+    dropped: int = 0
 
 
 class SubscriberError(Exception):
@@ -208,8 +216,32 @@ def read_metrics(path: str | Path, after_seq: int = -1) -> list[Record]:
 
 
 def next_seq(path: str | Path) -> int:
-    records = read_metrics(path)
-    return records[-1]["seq"] + 1 if records else 0
+    """One past the highest seq in a metrics.jsonl (0 for none)."""
+    return max((rec.get("seq", -1) for rec in iter_jsonl(path)), default=-1) + 1
+
+
+def rewind_metrics(path: str | Path, step: int, total_steps: int) -> int:
+    """Cut ``metrics.jsonl`` back to a resume from the checkpoint of ``step``: records of later
+    steps (the tail a crashed process wrote after its last checkpoint; the resume replays those
+    steps) and a torn last line are dropped, so the file holds one ``step`` record per step.
+    Returns the seq to continue from: past every seq ever written, dropped ones included, so a
+    client's Last-Event-ID never meets a reused number. When something was dropped, a
+    :class:`Rewound` record with that seq is written in the same atomic replace (so the count
+    survives another crash) and the next seq is one more."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = list(iter_jsonl(path))
+    seq = next_seq(path)
+    kept = [r for r in records if r.get("step", 0) <= step]
+    if len(kept) == len(records) == len([ln for ln in lines if ln.strip()]):
+        return seq  # nothing replayed, nothing torn
+    mark = Rewound(step=step, total_steps=total_steps, dropped=len(records) - len(kept))
+    kept.append({"event": mark.kind, "seq": seq, "time": round(time.time(), 3),
+                 **{k: v for k, v in mark.to_dict().items() if k != "event"}})
+    atomic_write_jsonl(path, kept)
+    return seq + 1
 
 
 def iter_events(records: list[Record], kind: str) -> Iterator[Record]:

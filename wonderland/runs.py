@@ -6,6 +6,10 @@ Layout of ``$WONDERLAND_HOME/runs/<name>/`` (or ``--out DIR``)::
     metrics.jsonl   one JSON object per training event (see wonderland.events)
     adapter/        the final adapter in the backend's native format (PEFT or mlx-lm)
     checkpoints/step-NNNNNN/   what an exact resume needs
+    .lock           flock held by the process that trains the run (see :meth:`RunDir.lock`)
+
+A ``running`` run whose lock is free has lost its training process (killed, crashed, power cut): it
+reads as ``interrupted`` (and is written so at that read), and resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from wonderland.config import check_run_name
 from wonderland.errors import UserError
 from wonderland.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
-STATUSES = ("running", "stopped", "finished", "failed")
+STATUSES = ("running", "stopped", "finished", "failed", "interrupted")
+LOCK_WAIT_S = 2.0  # a reader holds a free run's lock for the moment it takes to mark it interrupted
+INTERRUPTED = "the training process ended without saying why (killed or crashed); resume from the last checkpoint"
 
 
 def home() -> Path:
@@ -62,7 +70,56 @@ class RunDir:
     def exists(self) -> bool:
         return self.run_json.exists()
 
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".lock"
+
+    def lock(self) -> "RunLock":
+        """Take the run for a training process: an exclusive ``flock`` on ``RUN/.lock`` until
+        :meth:`RunLock.release` (the OS drops it when the process dies, however it dies)."""
+        lock = FileLock(self.lock_path)
+        try:
+            lock.acquire(timeout=LOCK_WAIT_S)
+        except Timeout:
+            raise UserError(f"run {self.name} is being trained by another process; stop that one first") from None
+        return RunLock(self, lock)
+
+    def is_trained_now(self) -> bool:
+        """Whether a training process holds the run's lock."""
+        lock = FileLock(self.lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
     def read(self) -> dict[str, Any]:
+        """run.json; a ``running`` run whose training process is gone comes back (and is written)
+        as ``interrupted``."""
+        info = self._read_json()
+        if info.get("status") == "running":
+            info = self._mark_if_interrupted(info)
+        return info
+
+    def _mark_if_interrupted(self, info: dict[str, Any]) -> dict[str, Any]:
+        lock = FileLock(self.lock_path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return info  # a training process holds it: really running
+        except OSError:
+            return info  # a read-only run folder: cannot tell, and nothing could be written anyway
+        try:
+            info = self._read_json()  # again, under the lock: it may have finished meanwhile
+            if info.get("status") == "running":
+                info.update(status="interrupted", error=INTERRUPTED, updated=now_iso())
+                self.write(info)
+        finally:
+            lock.release()
+        return info
+
+    def _read_json(self) -> dict[str, Any]:
         try:
             return json.loads(self.run_json.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -85,6 +142,17 @@ class RunDir:
             return None
         done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").exists())
         return done[-1] if done else None
+
+
+class RunLock:
+    """A training process's hold on its run (from :meth:`RunDir.lock`)."""
+
+    def __init__(self, run: RunDir, lock: FileLock) -> None:
+        self.run, self._lock = run, lock
+
+    def release(self) -> None:
+        """Let go of the run. The lock file stays (a process waiting on it shares its inode)."""
+        self._lock.release()
 
 
 def now_iso() -> str:
@@ -122,6 +190,8 @@ def new_run_dir(name: str | None, out: str | None, character: str, overwrite: bo
             raise UserError(f"{path} already holds a run; pick another --name, resume it with --resume, or pass --overwrite")
         if not run.exists():
             raise UserError(f"{path} is not empty and is not a run; refusing to overwrite it, choose another --out")
+        if run.is_trained_now():
+            raise UserError(f"run {run.name} is being trained by another process; stop it before overwriting it")
         # Keep the old run aside until the new one has trained: a failed retrain loses nothing.
         backup = replaced_backup(path)
         shutil.rmtree(backup, ignore_errors=True)

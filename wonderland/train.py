@@ -21,7 +21,8 @@ from wonderland import __version__, replay
 from wonderland.backends import TrainJob, get_backend, resolve_backend_name
 from wonderland.config import TrainConfig
 from wonderland.errors import UserError
-from wonderland.events import EventBus, Failed, Finished, MetricsWriter, Subscriber, SubscriberError, next_seq
+from wonderland.events import (EventBus, Failed, Finished, MetricsWriter, Subscriber, SubscriberError, next_seq,
+                               rewind_metrics)
 from wonderland.models import resolve_model, weights_sha256
 from wonderland.runs import SCHEMA_VERSION, RunDir, new_run_dir, now_iso, replaced_backup, resolve_run
 
@@ -100,28 +101,53 @@ def train(
         character = stats.get("character") or "character"
         run = new_run_dir(name, out, character, overwrite)
         info = _new_run_info(run, config, backend_name, model_path, data_dir, stats, train_records, valid_records)
-    info.update(status="running", config=config.to_dict(), versions=_versions(), updated=now_iso())
-    run.write(info)
-    mixed, replay_records, probe = replay.guard(config, model_path, info["model"]["sha256"], train_records, valid_records,
-                                                stats["system_prompt"], lambda: backend.load(model_path), log)
-    session = _Session(run, config, subscribers, log)
-    job = TrainJob(config=config, model_path=model_path, train_records=mixed, valid_records=valid_records,
-                   run=run, emit=session.bus.emit, should_stop=should_stop, resume_from=resume_from,
-                   system_prompt=stats["system_prompt"], replay_records=replay_records, probe=probe)
-    session.run_backend(backend, job, info)
+    lock = run.lock()  # held while this process trains: a crash frees it, and readers see "interrupted"
+    try:
+        _mark_running(run, info, config)
+        mixed, replay_records, probe = replay.guard(config, model_path, info["model"]["sha256"], train_records,
+                                                    valid_records, stats["system_prompt"],
+                                                    lambda: backend.load(model_path), log)
+        session = _Session(run, config, subscribers, log, _start_seq(run, resume_from, config))
+        job = TrainJob(config=config, model_path=model_path, train_records=mixed, valid_records=valid_records,
+                       run=run, emit=session.bus.emit, should_stop=should_stop, resume_from=resume_from,
+                       system_prompt=stats["system_prompt"], replay_records=replay_records, probe=probe)
+        session.run_backend(backend, job, info)
+    finally:
+        lock.release()
     return run
+
+
+def _mark_running(run: RunDir, info: dict, config: TrainConfig) -> None:
+    info.update(status="running", config=config.to_dict(), versions=_versions(), updated=now_iso())
+    info.pop("error", None)  # an interrupted or failed run's reason is history now (metrics.jsonl keeps it)
+    info.pop("traceback", None)
+    run.write(info)
+
+
+def _start_seq(run: RunDir, resume_from: Path | None, config: TrainConfig) -> int:
+    """Where this process's seq numbers start; a resume first cuts metrics.jsonl back to its checkpoint."""
+    if resume_from is None:
+        return next_seq(run.metrics)
+    return rewind_metrics(run.metrics, checkpoint_step(resume_from), config.iters)
 
 
 def _resumed_run(resume: str, config: TrainConfig) -> tuple[RunDir, dict, Path]:
     """The run to continue, its run.json, and the checkpoint to continue from."""
     run = resolve_run(resume)
     info = run.read()
+    if info.get("status") == "running":  # read() turns a run whose process is gone into "interrupted"
+        raise UserError(f"run {run.name} is being trained right now; stop it before resuming it")
     if info.get("status") == "finished" and config.iters <= info["config"]["iters"]:
         raise UserError(f"run {run.name} already finished {info['config']['iters']} steps; pass a larger --iters to continue it")
     resume_from = run.latest_checkpoint()
     if resume_from is None:
         raise UserError(f"run {run.name} has no checkpoint to resume from; start a new run instead")
     return run, info, resume_from
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a finished checkpoint folder was written at (its trainer_state.json)."""
+    return int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
 
 
 def _new_run_info(run: RunDir, config: TrainConfig, backend_name: str, model_path: Path, data_dir: Path,
@@ -146,9 +172,9 @@ class _Session:
     """One training process's event path (bus -> metrics.jsonl, the caller's subscribers) and the
     status it leaves in run.json."""
 
-    def __init__(self, run: RunDir, config: TrainConfig, subscribers: Iterable[Subscriber], log) -> None:
+    def __init__(self, run: RunDir, config: TrainConfig, subscribers: Iterable[Subscriber], log, start_seq: int) -> None:
         self.run, self.config, self.log = run, config, log
-        self.bus = EventBus(start_seq=next_seq(run.metrics))
+        self.bus = EventBus(start_seq=start_seq)
         self.metrics = MetricsWriter(run.metrics)
         self.bus.subscribe(self.metrics, critical=True)  # no metrics.jsonl, no run: it fails
         self.last_step = 0  # for the Failed event: where training was when it broke

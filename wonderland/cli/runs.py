@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from wonderland.errors import UserError
 from wonderland.runs import list_runs, runs_root
 
 HELP = "list training runs (status, steps, losses); --json for scripts"
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     for r in runs:
         try:
             info = r.read()
-        except Exception as e:  # a corrupt run.json must not hide the other runs
+        except UserError as e:  # a corrupt run.json must not hide the other runs
             info = {"status": f"unreadable ({e})"}
         result = info.get("result") or {}
         rows.append({"name": r.name, "status": info.get("status"), "character": info.get("character"),
@@ -38,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    print(f"{'NAME':<32} {'STATUS':<9} {'STEPS':>9} {'LOSS':>7} {'VAL':>7}  CREATED")
+    print(f"{'NAME':<32} {'STATUS':<11} {'STEPS':>9} {'LOSS':>7} {'VAL':>7}  CREATED")
     for row in rows:
         steps = f"{row['step'] or 0}/{row['iters'] or '?'}"
-        print(f"{row['name']:<32} {str(row['status']):<9} {steps:>9} {_fmt(row['loss']):>7} {_fmt(row['val_loss']):>7}  {row['created'] or ''}")
+        print(f"{row['name']:<32} {str(row['status']):<11} {steps:>9} {_fmt(row['loss']):>7} {_fmt(row['val_loss']):>7}  {row['created'] or ''}")
     return 0

@@ -3,7 +3,9 @@
 ``export(run, format, out=None, ...)`` writes one folder (default ``<run>/exports/<format>``)
 through a staging folder renamed into place at the end, so a failure (bad input, disk full,
 Ctrl-C) leaves nothing partial behind. Before writing it checks the architecture and that the
-disk has room for the estimated output.
+disk has room for the estimated output. ``export_many(run, "all", verify=True)`` writes every
+format and checks each artefact against the live adapter (:mod:`wonderland.export.verify`,
+``verify.json``).
 
 =========  ==================================================================================
 peft       adapter_config.json + adapter_model.safetensors (PEFT / transformers / vLLM)
@@ -11,8 +13,9 @@ mlx        adapters.safetensors + adapter_config.json (``mlx_lm.generate --adapt
 merged     base + adapter merged: HF safetensors folder with tokenizer and chat template
 gguf       the merged model as ``<run>.<type>.gguf`` (f16, q8_0 or f32) + the adapter alone as
            ``<run>.lora.gguf`` (llama.cpp ``--lora``); llama architecture only
-ollama     Modelfile (system prompt, ChatML template, parameters) + ``adapter/`` (FROM base +
-           ADAPTER) or ``model.gguf`` (FROM the merged GGUF)
+ollama     Modelfile (system prompt, ChatML template, parameters) + ``<run>.<type>.gguf`` (FROM the
+           merged GGUF, the default) or ``adapter/`` (FROM base + ADAPTER, ``--ollama-from adapter``)
+all        every format above (GGUF as f16 and q8_0), each in its own folder
 =========  ==================================================================================
 """
 
@@ -34,6 +37,7 @@ from wonderland.export.gguf_writer import (
 from wonderland.export.merge import (
     RunSource,
     merged_model,
+    packaged_base_gguf,
     peft_adapter,
     run_source,
     save_merged,
@@ -66,39 +70,116 @@ def default_out(run: RunDir, fmt: str, gguf_type: str) -> Path:
     return run.path / "exports" / (f"gguf-{gguf_type}" if fmt == "gguf" else fmt)
 
 
-def export(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None, *, gguf_type: str = "f16",
-           ollama_from: str = "auto", overwrite: bool = False, log: Callable[[str], None] = print) -> ExportResult:
-    """Export a finished run in ``fmt`` to ``out``; returns what was written and what to run next."""
+@dataclass
+class Plan:
+    """One export to write, checked before anything is written."""
+
+    src: RunSource
+    fmt: str
+    final: Path
+    gguf_type: str
+    route: str  # ollama: "adapter" or "gguf"; "" otherwise
+
+
+def plan(src: RunSource, fmt: str, out: str | Path | None = None, *, gguf_type: str = "f16",
+         ollama_from: str = "auto", overwrite: bool = False) -> Plan:
+    """Check one export of ``src`` (format, output folder, architecture, disk) without writing."""
     if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}, all")
     if gguf_type not in GGUF_TYPES:
         raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})")
     if ollama_from not in OLLAMA_ROUTES:
         raise UserError(f"--ollama-from must be one of {', '.join(OLLAMA_ROUTES)} (got {ollama_from!r})")
-    run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
-    src = run_source(run)
-    final = Path(out).expanduser().resolve() if out else default_out(run, fmt, gguf_type)
+    final = Path(out).expanduser().resolve() if out else default_out(src.run, fmt, gguf_type)
     _check_out(final, src, overwrite)
     route = _ollama_route(src, ollama_from) if fmt == "ollama" else ""
     if fmt == "gguf" or route == "gguf":
         check_llama_config(src.base_config)
     _check_disk(final, _estimate_bytes(src, fmt, gguf_type, route))
+    return Plan(src, fmt, final, gguf_type, route)
 
-    tmp = staging_dir(final)
+
+def write(p: Plan, log: Callable[[str], None] = print) -> ExportResult:
+    """Write a planned export through a staging folder renamed into place at the end."""
+    src, tmp = p.src, staging_dir(p.final)
     try:
-        result = _WRITERS[fmt](src, tmp, gguf_type=gguf_type, route=route, final=final, log=log)
+        result = _WRITERS[p.fmt](src, tmp, gguf_type=p.gguf_type, route=p.route, final=p.final, log=log)
+        uses_gguf = p.fmt == "gguf" or p.route == "gguf"
         atomic_write_json(tmp / "wonderland-export.json", {
-            "run": run.name, "format": fmt, "gguf_type": gguf_type if fmt == "gguf" or route == "gguf" else None,
-            "ollama_from": route or None, "character": src.info.get("character"), "system_prompt": src.system_prompt,
+            "run": src.run.name, "format": p.fmt, "gguf_type": p.gguf_type if uses_gguf else None,
+            "ollama_from": p.route or None, "character": src.info.get("character"), "system_prompt": src.system_prompt,
             "base_model": src.info["model"], "adapter_format": src.adapter_format,
         })
-        atomic_replace_dir(tmp, final)
+        atomic_replace_dir(tmp, p.final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    result.path = final
-    result.files = sorted(str(p.relative_to(final)) for p in final.rglob("*") if p.is_file())
+    result.path = p.final
+    result.files = sorted(str(f.relative_to(p.final)) for f in p.final.rglob("*") if f.is_file())
     return result
+
+
+def export(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None, *, gguf_type: str = "f16",
+           ollama_from: str = "auto", overwrite: bool = False, log: Callable[[str], None] = print) -> ExportResult:
+    """Export a finished run in ``fmt`` to ``out``; returns what was written and what to run next."""
+    run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
+    src = run_source(run)
+    return write(plan(src, fmt, out, gguf_type=gguf_type, ollama_from=ollama_from, overwrite=overwrite), log)
+
+
+def export_many(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None, *, gguf_type: str = "f16",
+                ollama_from: str = "auto", overwrite: bool = False, verify: bool = False,
+                log: Callable[[str], None] = print) -> tuple[list[ExportResult], dict | None, Path | None]:
+    """``fmt`` or ``all`` (every format, GGUF as f16 and q8_0, each in its own folder under ``out``
+    or ``<run>/exports``), then with ``verify`` every artefact checked against the live adapter:
+    (results, report, verify.json path). All outputs are checked before the first is written; a
+    report below the Target raises a UserError naming the artefacts after verify.json is written."""
+    run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
+    src = run_source(run)
+    jobs = ALL if fmt == "all" else [(fmt, gguf_type)]
+    plans = [plan(src, f, _out_for(run, fmt == "all", f, t, out), gguf_type=t, ollama_from=ollama_from,
+                  overwrite=overwrite) for f, t in jobs]
+    if verify:
+        _check_verifiable(plans)
+    results = [write(p, log) for p in plans]
+    if not verify:
+        return results, None, None
+    return (results, *_verify(src, results, plans, fmt, out, log))
+
+
+def _out_for(run: RunDir, many: bool, fmt: str, gguf_type: str, out) -> str | Path | None:
+    if not many:
+        return out
+    return Path(out) / default_out(run, fmt, gguf_type).name if out else None
+
+
+ALL = [("peft", "f16"), ("mlx", "f16"), ("merged", "f16"), ("gguf", "f16"), ("gguf", "q8_0"), ("ollama", "f16")]
+
+
+def _check_verifiable(plans: list[Plan]) -> None:
+    """--verify's tools must be there before anything is written."""
+    if any(p.fmt == "gguf" or p.route == "gguf" for p in plans):
+        from wonderland.export.llamacpp import find_llama_cpp
+
+        find_llama_cpp()
+    if any(p.fmt == "mlx" for p in plans):
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            raise UserError("--verify of the mlx export needs mlx-lm: pip install 'wonderland[mlx]' "
+                            "(or export another --format)") from None
+
+
+def _verify(src: RunSource, results: list[ExportResult], plans: list[Plan], fmt: str, out, log) -> tuple[dict, Path]:
+    from wonderland.export.artefacts import artefact_scorers
+    from wonderland.export.verify import check, table, verify_exports
+
+    report = verify_exports(src, lambda scratch: artefact_scorers(src, results, scratch), log)
+    where = (Path(out).expanduser().resolve() if out else src.run.path / "exports") if fmt == "all" else plans[0].final
+    atomic_write_json(where / "verify.json", report)
+    log(table(report))
+    check(report, where / "verify.json")
+    return report, where / "verify.json"
 
 
 # ----------------------------------------------------------------------------- checks
@@ -118,8 +199,10 @@ def _check_out(final: Path, src: RunSource, overwrite: bool) -> None:
 
 def _ollama_route(src: RunSource, requested: str) -> str:
     model_type = src.base_config.get("model_type")
-    if requested in ("auto", "adapter") and model_type in ADAPTER_MODEL_TYPES:
+    if requested == "adapter" and model_type in ADAPTER_MODEL_TYPES:
         return "adapter"
+    if requested == "auto" and model_type not in LLAMA_MODEL_TYPES and model_type in ADAPTER_MODEL_TYPES:
+        return "adapter"  # gemma2: our GGUF writer cannot, Ollama's adapter import can
     if requested == "adapter":
         raise UserError(f"Ollama imports safetensors adapters for llama-family and Gemma-2 bases only, not "
                         f"{model_type!r}; use --ollama-from gguf")
@@ -207,27 +290,13 @@ def _write_gguf(src: RunSource, tmp: Path, gguf_type: str, final: Path, log, **_
                      gguf_type, src.run.name)
     model_file, lora_file = final / _gguf_name(src, gguf_type), final / f"{src.run.name}.lora.gguf"
     q, system = shlex.quote, shlex.quote(src.system_prompt)
-    base_gguf = _base_gguf(src)
+    base_gguf = packaged_base_gguf(src)
     return ExportResult("gguf", tmp, [], [
         f"llama-cli -m {q(str(model_file))} -cnv -sys {system}",
         f"llama-server -m {q(str(model_file))} --port 8080",
         f"llama-cli -m {q(str(base_gguf)) if base_gguf else '<the base model as GGUF>'} --lora {q(str(lora_file))} -cnv -sys {system}",
     ], [f"{lora_file.name}: the adapter alone (llama.cpp LoRA GGUF) for the base model {src.info['model']['id']}"
         + (" (the packaged GGUF holds exactly the weights it was trained on)" if base_gguf else " converted to GGUF")])
-
-
-def _base_gguf(src: RunSource) -> Path | None:
-    """The embedded model's own GGUF: our base folder was dequantised from it, so its weights are
-    exactly the ones the adapter was trained on."""
-    from wonderland.errors import UserError
-    from wonderland.models import EMBEDDED, embedded_gguf_path
-
-    if src.info["model"].get("id") not in EMBEDDED:
-        return None
-    try:
-        return embedded_gguf_path(src.info["model"]["id"])
-    except UserError:  # package missing: fall back to converting the base folder
-        return None
 
 
 def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: Path, log, **_) -> ExportResult:
@@ -240,7 +309,7 @@ def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: 
             info = write_ollama_adapter(adapter, tmp / "adapter")
         # the embedded model's own GGUF holds exactly the trained-on weights and spares Ollama
         # converting the ~520 MB float32 folder; other bases: their HF folder
-        from_, adapter_ref = str(_base_gguf(src) or src.base_path), "./adapter"
+        from_, adapter_ref = str(packaged_base_gguf(src) or src.base_path), "./adapter"
         notes.append(f"adapter/adapter_config.json: lora_alpha {info['lora_alpha']} for r {info['r']} reproduces the "
                      f"trained scale {info['scale']:g} (Ollama reads lora_alpha and ignores mlx-lm's scale)")
     else:
@@ -249,8 +318,9 @@ def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: 
         log(f"Merging the adapter and writing {gguf_type} GGUF for Ollama ...")
         with peft_adapter(src, tmp / ".convert") as adapter:
             model, _ = merged_model(src, adapter)
-        write_model_gguf(model.state_dict(), src.base_config, src.base_path, tmp / "model.gguf", gguf_type, src.run.name)
-        from_, adapter_ref = "./model.gguf", None
+        name = _gguf_name(src, gguf_type)
+        write_model_gguf(model.state_dict(), src.base_config, src.base_path, tmp / name, gguf_type, src.run.name)
+        from_, adapter_ref = f"./{name}", None
     text = render_modelfile(from_, src.system_prompt, chat_template, adapter_ref,
                             character=src.info.get("character") or src.run.name)
     parse_modelfile(text)  # our own output must pass the documented grammar
@@ -276,4 +346,4 @@ def describe(result: ExportResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["FORMATS", "GGUF_TYPES", "ExportResult", "default_out", "describe", "export"]
+__all__ = ["FORMATS", "GGUF_TYPES", "ExportResult", "Plan", "default_out", "describe", "export", "export_many", "plan", "write"]

@@ -86,12 +86,14 @@ def _qk_heads(gguf_name: str, config: Mapping[str, Any]) -> int | None:
 def tokenizer_pre(tokenizer_json: Mapping[str, Any]) -> str:
     """llama.cpp's pre-tokenizer name for the tokenizer we trained with.
 
-    llama.cpp identifies pre-tokenizers by name; we recognise the two byte-level layouts the
-    supported models use. ``gpt2``: a plain ByteLevel split (what the embedded model's converted
-    tokenizer does); ``smollm``: digits split one by one, then ByteLevel (original SmolLM/StarCoder)."""
+    llama.cpp identifies pre-tokenizers by name (``llama-vocab.cpp``); we recognise the two byte-level
+    layouts the supported models use. ``gpt-2``: a plain ByteLevel split with GPT-2's regex (what
+    the embedded model's converted tokenizer does); ``smollm``: digits split one by one, then
+    ByteLevel (original SmolLM/StarCoder). (``gpt2`` without the dash is the tokenizer *model* name;
+    llama.cpp refuses it as a pre-tokenizer: "unknown pre-tokenizer type".)"""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if pre.get("type") == "Sequence":
         kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in pre.get("pretokenizers", [])]
         if kinds == [("Digits", True, True), ("ByteLevel", None, True)]:

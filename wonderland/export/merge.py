@@ -91,3 +91,16 @@ def save_merged(model, tokenizer, out: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     _fix_config_for_mlx(out / "config.json")  # so mlx-lm reads the right rope_theta too
+
+
+def packaged_base_gguf(src: RunSource) -> Path | None:
+    """The embedded model's own GGUF: our base folder was dequantised from it, so its weights are
+    exactly the ones the adapter was trained on (None for other bases or without the package)."""
+    from wonderland.models import EMBEDDED, embedded_gguf_path
+
+    if src.info["model"].get("id") not in EMBEDDED:
+        return None
+    try:
+        return embedded_gguf_path(src.info["model"]["id"])
+    except UserError:  # package missing: the caller converts the base folder instead
+        return None

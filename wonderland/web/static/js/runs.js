@@ -1,5 +1,5 @@
 // Runs page: every run with its config, final losses, duration and loss curve; pick one for
-// Compare, resume a stopped one, delete (with confirmation).
+// Compare, resume a stopped or interrupted one, delete (with confirmation).
 import { $, api, bus, el, fmt, duration, when, toast } from "./util.js";
 import { LossChart, sparkline } from "./chart.js";
 
@@ -37,7 +37,7 @@ function row(r) {
     el("td", {}, sparkline(r.curve)),
     el("td", {}, el("div", { class: "row-actions" },
       r.has_adapter ? el("button", { class: "small", text: "Compare", onclick: stop(() => bus.emit("compare-run", r.name)) }) : null,
-      r.status === "stopped" && r.resumable ? el("button", { class: "small", text: "Resume", onclick: stop(() => bus.emit("resume", r.name)) }) : null,
+      (r.status === "stopped" || r.status === "interrupted") && r.resumable ? el("button", { class: "small", text: "Resume", onclick: stop(() => bus.emit("resume", r.name)) }) : null,
       r.has_eval ? el("button", { class: "small", text: "Report", onclick: stop(() => { location.hash = `#eval?run=${encodeURIComponent(r.name)}`; }) }) : null,
       el("button", { class: "small danger", text: "Delete", onclick: stop(() => remove(r.name)) }))));
 }

@@ -1,0 +1,183 @@
+"""`wonderland export --verify`: every artefact checked in the tool that loads it, llama.cpp included.
+
+llama.cpp is real: the prebuilt binaries of node-llama-cpp (``make llama-cpp``, part of
+``make test``'s set-up), loading our GGUF files with llama.cpp's own loader and applying the LoRA
+GGUF as ``llama-cli --lora`` does. The tiny run's adapter moves logits far (tests/export_helpers.py),
+so an artefact that dropped, mis-scaled or mis-permuted it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from tests.export_helpers import shared_tiny_run, train_tiny_run
+from wonderland.cli import main
+from wonderland.errors import UserError
+from wonderland.export import export_many
+from wonderland.export.merge import run_source
+from wonderland.export.verify import (
+    THRESHOLDS,
+    compare,
+    llamacpp_scorer,
+    make_probe,
+    reference,
+    live_scorer,
+    verify_exports,
+)
+
+ARTEFACTS = {"peft", "mlx", "merged", "gguf-f16", "gguf-q8_0", "lora-gguf", "ollama-gguf"}
+# mean |log-softmax difference| over the live top-16 tokens (measured on the tiny run, 2026-12-02)
+LOGIT_BOUNDS = {"peft": 1e-5, "mlx": 1e-4, "merged": 1e-5, "gguf-f16": 1e-3, "lora-gguf": 1e-3,
+                "ollama-gguf": 1e-3, "gguf-q8_0": 1e-2}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model):
+    return shared_tiny_run(tmp_path_factory, tiny_model)
+
+
+@pytest.fixture(scope="module")
+def verified(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verified") / "exports"
+    results, report, where = export_many(run, "all", out, verify=True, log=lambda m: None)
+    return {"results": results, "report": report, "where": where, "out": out}
+
+
+def test_every_artefact_answers_like_the_live_adapter(verified):
+    report = verified["report"]
+    assert set(report["artefacts"]) == ARTEFACTS
+    assert len(report["prompts"]) >= 20 and report["n_tokens"] == 32
+    assert json.loads(verified["where"].read_text()) == report
+    assert verified["where"] == verified["out"] / "verify.json"
+    for name, m in report["artefacts"].items():
+        first, exact = THRESHOLDS["q8_0" if "q8_0" in name else "default"]
+        assert m["first_token_agreement"] >= first and m["exact_match"] >= exact, (name, m)
+        assert m["mean_abs_logit_diff"] < LOGIT_BOUNDS[name], (name, m)
+    assert report["below_target"] == []
+
+
+def test_llama_cpp_applies_the_lora_gguf(run, verified):
+    """Without --lora the same base GGUF in llama.cpp is far from the live adapter: the LoRA GGUF's
+    agreement comes from llama.cpp applying it, at the trained scale."""
+    src = run_source(run)
+    probe = make_probe(src)
+    ref, want = reference(live_scorer(src), probe)
+    base = next(verified["out"].glob("**/hatter.f16.gguf")).parent  # any folder: only its path is used
+    from wonderland.export.verify import base_gguf_for
+
+    base_gguf = base_gguf_for(src, base)
+    without = compare(ref, [c for c, _ in llamacpp_scorer(base_gguf)(probe, want)])
+    with_lora = verified["report"]["artefacts"]["lora-gguf"]
+    assert without["mean_abs_logit_diff"] > 100 * with_lora["mean_abs_logit_diff"]
+    assert without["exact_match"] < with_lora["exact_match"]
+
+
+def test_llama_cpp_tokenizes_the_probe_prompts_like_transformers(run, verified):
+    from transformers import AutoTokenizer
+
+    from wonderland.chat_format import with_system
+    from wonderland.export.llamacpp import find_llama_cpp
+    from wonderland.export.verify import probe_texts
+
+    src = run_source(run)
+    tok = AutoTokenizer.from_pretrained(src.base_path)
+    texts = [tok.apply_chat_template(with_system([{"role": "user", "content": t}], src.system_prompt),
+                                     tokenize=False, add_generation_prompt=True) for t in probe_texts()]
+    texts += ["Twinkle, twinkle, little bat! 1234 + 5678 = 6912 ... ¿Qué? 茶", "  leading spaces\n\ttabs"]
+    gguf = verified["out"] / "gguf-f16" / "hatter.f16.gguf"
+    got = find_llama_cpp().run({"model": str(gguf), "texts": texts})["tokens"]
+    assert got == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert make_probe(src).prompts == got[:len(probe_texts())]  # the very ids verify feeds to both
+
+
+def test_template_stop_tokens_and_scale_travel_with_every_gguf(run, verified):
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(run_source(run).base_path).chat_template
+    models = [p for p in verified["out"].glob("**/*.gguf") if not p.name.endswith(".lora.gguf")]
+    assert len(models) == 3  # f16, q8_0, the Ollama folder's f16
+    for path in models:
+        fields = GGUFReader(path).fields
+        assert fields["tokenizer.chat_template"].contents() == template, path
+        assert fields["tokenizer.ggml.eos_token_id"].contents() == 2, path
+    lora = GGUFReader(verified["out"] / "gguf-f16" / "hatter.lora.gguf").fields
+    assert lora["general.type"].contents() == "adapter" and lora["adapter.type"].contents() == "lora"
+    assert lora["adapter.lora.alpha"].contents() == pytest.approx(16.0)  # r 8, alpha 16: scale 2 exactly
+    modelfile = (verified["out"] / "ollama" / "Modelfile").read_text()
+    assert "FROM ./hatter.f16.gguf\n" in modelfile and "PARAMETER stop <|im_end|>" in modelfile
+
+
+def test_a_diverging_artefact_is_named(run, verified, tmp_path):
+    """A LoRA GGUF whose B matrices were negated (a sign or permutation bug) must fail verify."""
+    import gguf
+
+    src = run_source(run)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    reader = GGUFReader(verified["out"] / "gguf-f16" / "hatter.lora.gguf")
+    writer = gguf.GGUFWriter(str(folder / "hatter.lora.gguf"), arch="llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", 16.0)
+    for t in reader.tensors:
+        data = np.array(t.data, dtype=np.float32)
+        writer.add_tensor(t.name, -data if t.name.endswith(".lora_b") else data, raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from wonderland.export import ExportResult
+    from wonderland.export.artefacts import artefact_scorers
+    from wonderland.export.verify import check
+
+    bad = [ExportResult("gguf", folder, [])]
+    report = verify_exports(src, lambda scratch: artefact_scorers(src, bad, scratch), log=lambda m: None)
+    assert set(report["artefacts"]) == {"lora-gguf"} and report["below_target"][0].startswith("lora-gguf ")
+    with pytest.raises(UserError, match=r"^verify: lora-gguf \(first-token .* diverge from the live adapter"):
+        check(report, folder / "verify.json")
+
+
+def test_verify_on_an_unfinished_run_writes_nothing(run, tmp_path, capsys):
+    copy = tmp_path / "stopped-run"
+    shutil.copytree(run.path, copy)
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    assert main(["export", "--run", str(copy), "--format", "all", "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no finished adapter (status: running)" in err
+    assert not (copy / "exports").exists()
+
+
+def test_verify_without_llama_cpp_writes_nothing(run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WONDERLAND_NODE_LLAMA_CPP", str(tmp_path / "no-such-node-llama-cpp"))
+    out = tmp_path / "out"
+    assert main(["export", "--run", str(run.path), "--format", "gguf", "--out", str(out), "--verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--verify needs llama.cpp: node-llama-cpp not found" in err
+    assert "make llama-cpp" in err and not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_cli_verify_prints_the_table(run, tmp_path, capsys):
+    out = tmp_path / "peft"
+    assert main(["export", "--run", str(run.path), "--format", "peft", "--out", str(out), "--verify"]) == 0
+    captured = capsys.readouterr()
+    assert "peft" in captured.err and "first token" in captured.err
+    assert json.loads((out / "verify.json").read_text())["artefacts"]["peft"]["exact_match"] == 1.0
+    assert f"every artefact meets the target ({out / 'verify.json'})" in captured.out
+
+
+@pytest.mark.slow
+def test_packaged_model_exports_meet_the_target(embedded_model, tmp_path):
+    """The Target of issue 16 on SmolLM2-135M-Instruct (a short real run): every artefact, llama.cpp
+    with the packaged Q4_1 GGUF as the base of the LoRA GGUF."""
+    from wonderland.config import DEFAULT_MODEL
+
+    run = train_tiny_run(tmp_path, embedded_model, model=DEFAULT_MODEL, iters=4, lr=2e-3, batch_size=2, max_seq_len=96)
+    _, report, where = export_many(run, "all", tmp_path / "exports", verify=True, log=lambda m: None)
+    assert set(report["artefacts"]) == ARTEFACTS and report["below_target"] == []
+    assert json.loads(where.read_text()) == report
