@@ -159,3 +159,57 @@ def test_errors_are_openai_style(api):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400 and "error" in json.loads(e.value.read())
+
+
+def test_models_retrieve(api):
+    client, url, loaded = api
+    model = client.models.retrieve("hatter")
+    assert model.id == "hatter" and model.object == "model" and model.model_extra["character"] == "Hatter"
+    assert client.models.retrieve(DEFAULT_MODEL).model_extra["arm"] == "base"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("march-hare")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["type"] == "invalid_request_error"
+
+
+def test_numbers_are_checked_against_the_generation_bounds(api):
+    client, url, _ = api
+    bad = [({"temperature": 2.5}, "temperature must be between 0 and 2"), ({"top_p": 0}, "top_p must be > 0"),
+           ({"max_tokens": 100_000}, "max_tokens must be between 1 and 8192"), ({"seed": -1}, "seed must be between 0"),
+           ({"max_tokens": 2.5}, "max_tokens must be an integer"), ({"temperature": "hot"}, "temperature must be a number")]
+    for override, message in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": "hatter", "messages": PROMPT, **override})
+        assert message in e.value.body["message"] and e.value.body["param"] == next(iter(override)), e.value.body
+    for raw in (b'{"model": "hatter", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                b'{"model": "hatter", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}'):
+        req = urllib.request.Request(f"{url}/chat/completions", data=raw, headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 400 and "must be a finite number" in json.loads(e.value.read())["error"]["message"]
+
+
+def test_max_tokens_is_capped_at_the_models_context(api):
+    client, _, loaded = api
+    context = json.loads((loaded.model.model_path / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="hatter", messages=PROMPT, max_tokens=context)
+    body = e.value.body
+    assert body["param"] == "max_tokens" and body["code"] == "context_length_exceeded"
+    room = int(body["message"].split("between 1 and ")[1].split()[0])
+    assert 0 < room < context
+    long = [{"role": "user", "content": "tea " * context}]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="hatter", messages=long, max_tokens=1)
+    assert e.value.body["param"] == "messages" and e.value.body["code"] == "context_length_exceeded"
+
+
+def test_every_v1_error_is_an_openai_error_object(wl_home):
+    from wonderland.web import create_app
+
+    client = create_app().test_client()
+    for method, path, status in [("get", "/v1/nope", 404), ("delete", "/v1/models", 405), ("get", "/v1/chat/completions", 405)]:
+        r = getattr(client, method)(path)
+        assert r.status_code == status and r.is_json, (path, r.data[:80])
+        assert set(r.json["error"]) == {"message", "type", "param", "code"} and r.json["error"]["type"] == "invalid_request_error"
+    r = client.get("/v1/models/nobody")
+    assert r.status_code == 404 and r.json["error"]["code"] == "model_not_found"

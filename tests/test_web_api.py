@@ -196,7 +196,7 @@ def test_build_dataset_from_default_book_and_upload(client, alice_path, monkeypa
     assert {d["name"] for d in client.get("/api/datasets").json["datasets"]} == {"hatter", "queen-upload"}
 
 
-def test_build_dataset_bad_inputs(client, app, alice_path, monkeypatch):
+def test_build_dataset_bad_inputs(client, app, alice_path, monkeypatch, wl_home):
     monkeypatch.setenv("WONDERLAND_BOOK", str(alice_path))
     cases = [
         ({}, 400, "character is required"),
@@ -211,6 +211,12 @@ def test_build_dataset_bad_inputs(client, app, alice_path, monkeypatch):
         r = client.post("/api/datasets", data=data, content_type="multipart/form-data")
         assert r.status_code == status, (data, r.json)
         assert message in r.json["error"]
+    # a valid book whose build is refused (nobody by that name speaks in it) is not kept in books/
+    r = client.post("/api/datasets", data={"character": "Nobody-in-this-book", "book": (io.BytesIO(alice_path.read_bytes()), "alice.txt")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 400 and "never speaks" in r.json["error"]
+    books = wl_home / "books"
+    assert not books.exists() or list(books.iterdir()) == []
     app.config["MAX_CONTENT_LENGTH"] = 4096  # the same 413 path as a 16 MiB+ upload, without sending one
     r = client.post("/api/datasets", data={"character": "Hatter", "book": (io.BytesIO(b"a" * 8192), "big.txt")},
                     content_type="multipart/form-data")
@@ -457,3 +463,12 @@ def test_bad_run_and_dataset_names_are_400_everywhere(client, wl_home):
     assert not (wl_home / "runs").exists() or not any((wl_home / "runs").iterdir())
     r = client.post("/api/train", json={"dataset": "tiny", "name": "a" * 100, "config": {"iters": "x"}})
     assert r.status_code == 400 and "steps (iters)" in r.json["error"]  # 100 characters is a valid name
+
+
+def test_an_unreadable_run_is_listed_with_its_error(client, wl_home):
+    (wl_home / "runs" / "corrupt").mkdir(parents=True)
+    (wl_home / "runs" / "corrupt" / "run.json").write_text('{"status": "fini')
+    runs = {r["name"]: r for r in client.get("/api/runs").json["runs"]}
+    assert runs["corrupt"]["status"] == "unreadable" and "corrupt run.json" in runs["corrupt"]["error"]
+    r = client.get("/api/runs/corrupt")
+    assert r.status_code == 400 and "corrupt run.json" in r.json["error"]

@@ -10,6 +10,7 @@ in what the product claims matters:
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,17 @@ def _peft_copy_of_mlx_adapter(run: RunDir, model_path: Path) -> Path:
         mlx_to_peft(run.adapter, tmp, model_path)
         atomic_replace_dir(tmp, target)
     return target
+
+
+def context_length(model: ChatModel) -> int | None:
+    """How many tokens (prompt + reply) ``model`` can attend to: its config.json's
+    max_position_embeddings; None when the folder does not say."""
+    try:
+        config = json.loads((Path(model.model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    n = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def stream_generate(model: ChatModel, messages: Sequence[dict], gen: GenerationConfig | None = None,

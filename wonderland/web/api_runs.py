@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Blueprint, abort, current_app, jsonify, request, send_from_directory
 
+from wonderland.errors import UserError
 from wonderland.events import read_metrics
 from wonderland.runs import RunDir, list_runs
 from wonderland.web.common import ApiError, run_dir
@@ -42,15 +43,22 @@ def summary(run: RunDir, info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def read_or_unreadable(run: RunDir) -> dict[str, Any]:
+    """run.json, or for one that cannot be read (corrupt, unreadable file) a stand-in
+    with status ``unreadable`` and the reason: the run is listed with its error, as the CLI lists
+    it, instead of vanishing from the page."""
+    try:
+        info = run.read()
+    except (UserError, OSError, UnicodeDecodeError) as e:
+        return {"status": "unreadable", "error": str(e)}
+    return info
+
+
 @bp.get("/api/runs")
 def runs():
     out = []
     for run in list_runs():
-        try:
-            info = run.read()
-        except Exception:  # a half-written or foreign folder must not hide the other runs
-            continue
-        item = summary(run, info)
+        item = summary(run, read_or_unreadable(run))
         item["curve"] = curve(run)
         out.append(item)
     return jsonify(runs=out)

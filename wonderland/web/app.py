@@ -8,6 +8,7 @@ from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
 from wonderland import __version__
+from wonderland.errors import UserError
 from wonderland.web import api_runs, api_train, compare, datasets, openai_api
 from wonderland.web.common import ApiError, StrictJSONProvider
 from wonderland.web.compare import ModelCache
@@ -59,13 +60,21 @@ def create_app(*, host: str = DEFAULT_HOST, token: str | None = None, ollama_hos
     def _api_error(e: ApiError):
         return jsonify(error=e.message), e.status
 
+    @app.errorhandler(UserError)
+    def _user_error(e: UserError):  # e.g. a corrupt run.json read by a route: the user can fix it
+        return jsonify(error=str(e)), 400
+
     @app.errorhandler(413)
     def _too_large(e):
+        if request.path.startswith("/v1/"):
+            return openai_api.http_error(e)
         limit = datasets.MAX_BOOK_BYTES // 2**20
         return jsonify(error=f"upload too large: the limit is {limit} MiB (a whole novel is ~0.2-5 MiB of text)"), 413
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
+        if request.path.startswith("/v1/"):  # OpenAI clients read {"error": {"message", "type", ...}}
+            return openai_api.http_error(e)
         if request.path.startswith("/api/"):
             return jsonify(error=f"{e.name}: {e.description}"), e.code
         return e

@@ -79,8 +79,8 @@ class ModelCache:
     def _load_quietly(self, name: str) -> None:
         try:
             self.get(name)
-        except Exception:
-            pass  # recorded in self.state for the page to show
+        except (UserError, OSError):
+            return  # get() recorded it in self.state for the page to show; anything else is a bug: it surfaces
 
     def forget(self, name: str) -> None:
         with self._lock:
@@ -165,75 +165,85 @@ def _parse(body: dict) -> tuple[str, list[str], dict[str, list[dict]], Generatio
     return prompt.strip(), columns, {c: _messages(history, prompt.strip(), c) for c in columns}, gen
 
 
-@bp.post("/api/compare")
-def compare():
-    """Body: ``{"run", "prompt", "columns"?, "history"?: {column: [messages]}, "gen"?: {...}}``."""
-    body = json_body()
-    prompt, columns, conversations, gen = _parse(body)
-    run = _usable_run(str(body.get("run") or ""))
-    system_prompt = run.read().get("system_prompt") or ""
-    ext = _ext()
-    events: queue.Queue = queue.Queue()
-    cancel = threading.Event()
+class _Compare:
+    """One compare request: a worker thread per column, their pieces multiplexed into one queue
+    that :meth:`frames` turns into the response's SSE frames."""
 
-    def pump(column: str, pieces) -> None:
+    def __init__(self, ext, run, columns: list[str], conversations: dict[str, list[dict]], gen: GenerationConfig) -> None:
+        self.ext, self.run, self.columns, self.conversations, self.gen = ext, run, columns, conversations, gen
+        self.system_prompt = run.read().get("system_prompt") or ""
+        self.events: queue.Queue = queue.Queue()
+        self.cancel = threading.Event()
+
+    def pump(self, column: str, pieces) -> None:
         parts: list[str] = []
         try:
             for piece in pieces:
-                if cancel.is_set():
+                if self.cancel.is_set():
                     break
                 parts.append(piece)
-                events.put(("token", {"column": column, "text": piece}))
-            events.put(("done", {"column": column, "text": "".join(parts)}))
+                self.events.put(("token", {"column": column, "text": piece}))
+            self.events.put(("done", {"column": column, "text": "".join(parts)}))
         except (UserError, OllamaError) as e:
-            events.put(("error", {"column": column, "message": str(e)}))
-        except Exception as e:  # one failing column must not take the others down
-            events.put(("error", {"column": column, "message": f"{type(e).__name__}: {e}"}))
+            self.events.put(("error", {"column": column, "message": str(e)}))
+        except Exception as e:  # noqa: BLE001 - a failing column is reported in it; the others go on
+            self.events.put(("error", {"column": column, "message": f"{type(e).__name__}: {e}"}))
+            raise  # and the thread's traceback shows the bug
         finally:
             close = getattr(pieces, "close", None)
             if close:
                 close()
 
-    def local(column: str) -> None:
+    def local(self, column: str) -> None:
         try:
-            loaded = ext.models.get(run.name)
-        except Exception as e:
-            events.put(("error", {"column": column, "message": f"could not load the model: {e}"}))
+            loaded = self.ext.models.get(self.run.name)
+        except Exception as e:  # noqa: BLE001 - the column must end (the stream waits for it), bugs re-raised
+            self.events.put(("error", {"column": column, "message": f"could not load the model: {e}"}))
+            if not isinstance(e, (UserError, OSError)):
+                raise
             return
-        events.put(("status", {"column": column, "state": "ready"}))
-        pump(column, loaded.stream(column, conversations[column], gen))
+        self.events.put(("status", {"column": column, "state": "ready"}))
+        self.pump(column, loaded.stream(column, self.conversations[column], self.gen))
 
-    def ollama(column: str) -> None:
-        client = OllamaClient(ext.ollama_host)
+    def ollama(self, column: str) -> None:
+        client = OllamaClient(self.ext.ollama_host)
         status = client.status()
         if not status["available"]:
-            events.put(("error", {"column": column, "message": status["message"], "unavailable": True}))
+            self.events.put(("error", {"column": column, "message": status["message"], "unavailable": True}))
             return
-        events.put(("status", {"column": column, "state": "ready", "model": status["model"]}))
-        pump(column, client.stream_chat(status["model"], with_system(conversations[column], system_prompt), gen))
+        self.events.put(("status", {"column": column, "state": "ready", "model": status["model"]}))
+        messages = with_system(self.conversations[column], self.system_prompt)
+        self.pump(column, client.stream_chat(status["model"], messages, self.gen))
 
-    def stream():
-        loading = ext.models.status(run.name) != "ready"
-        yield sse.frame({"run": run.name, "columns": columns, "gen": gen.to_dict()}, event="start")
-        for column in columns:
+    def frames(self):
+        loading = self.ext.models.status(self.run.name) != "ready"
+        yield sse.frame({"run": self.run.name, "columns": self.columns, "gen": self.gen.to_dict()}, event="start")
+        for column in self.columns:
             state = "loading" if column in LOCAL_COLUMNS and loading else "waiting"
             yield sse.frame({"column": column, "state": state}, event="status")
-        for column in columns:
-            target = ollama if column == "ollama" else local
+        for column in self.columns:
+            target = self.ollama if column == "ollama" else self.local
             threading.Thread(target=target, args=(column,), daemon=True, name=f"compare-{column}").start()
-        remaining = len(columns)
+        remaining = len(self.columns)
         try:
             while remaining:
                 try:
-                    kind, payload = events.get(timeout=sse.KEEPALIVE_S)
+                    kind, payload = self.events.get(timeout=sse.KEEPALIVE_S)
                 except queue.Empty:
                     yield sse.KEEPALIVE
                     continue
                 if kind in ("done", "error"):
                     remaining -= 1
                 yield sse.frame(payload, event=kind)
-            yield sse.frame({"run": run.name}, event="end")
+            yield sse.frame({"run": self.run.name}, event="end")
         finally:
-            cancel.set()  # the browser went away (or we are done): workers stop at their next piece
+            self.cancel.set()  # the browser went away (or we are done): workers stop at their next piece
 
-    return sse.response(stream())
+
+@bp.post("/api/compare")
+def compare():
+    """Body: ``{"run", "prompt", "columns"?, "history"?: {column: [messages]}, "gen"?: {...}}``."""
+    body = json_body()
+    _prompt, columns, conversations, gen = _parse(body)
+    run = _usable_run(str(body.get("run") or ""))
+    return sse.response(_Compare(_ext(), run, columns, conversations, gen).frames())

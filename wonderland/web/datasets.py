@@ -75,13 +75,41 @@ def validate_book(raw: bytes, filename: str) -> str:
     return text
 
 
-def _save_book(text: str, filename: str) -> Path:
+def _save_book(text: str, filename: str) -> tuple[Path, bool]:
+    """The uploaded book in books/ (content-addressed) and whether this call wrote it."""
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(filename).stem)[:60].strip("-") or "book"
     path = home() / "books" / f"{stem}-{digest}.txt"
-    if not path.exists():
-        atomic_write_text(path, text)
-    return path
+    if path.exists():
+        return path, False
+    atomic_write_text(path, text)
+    return path, True
+
+
+def _build_from(upload, character: str, out: Path, **options: Any) -> tuple[dict, list[str]]:
+    """build_dataset on the uploaded book (or the default one); a book this request saved is removed
+    again when the build is refused, so a refused upload leaves nothing in books/."""
+    from wonderland.data import build_dataset
+
+    book, saved = None, False  # None: the default book (Alice's Adventures in Wonderland)
+    if upload is not None and upload.filename:
+        book, saved = _save_book(validate_book(upload.read(MAX_BOOK_BYTES + 1), upload.filename), upload.filename)
+    warnings: list[str] = []
+    built = False
+    try:
+        if not _build_lock.acquire(blocking=False):
+            raise ApiError(409, "another dataset is being built right now; try again when it is done")
+        try:
+            stats = build_dataset(book, character, out, warn=warnings.append, **options)
+        except UserError as e:
+            raise ApiError(400, str(e)) from None
+        finally:
+            _build_lock.release()
+        built = True
+    finally:
+        if saved and not built:
+            book.unlink(missing_ok=True)
+    return stats, warnings
 
 
 @bp.post("/api/datasets")
@@ -105,24 +133,8 @@ def build():
         raise ApiError(400, "valid_fraction must be a number and seed an integer") from None
     if not 0 < valid_fraction < 0.5:
         raise ApiError(400, f"valid_fraction must be between 0 and 0.5 (got {valid_fraction})")
-
-    book: Path | None = None  # None: the default book (Alice's Adventures in Wonderland)
-    upload = request.files.get("book")
-    if upload is not None and upload.filename:
-        book = _save_book(validate_book(upload.read(MAX_BOOK_BYTES + 1), upload.filename), upload.filename)
-
-    from wonderland.data import build_dataset
-
-    warnings: list[str] = []
-    if not _build_lock.acquire(blocking=False):
-        raise ApiError(409, "another dataset is being built right now; try again when it is done")
-    try:
-        stats = build_dataset(book, character, data_root() / name, aliases=aliases, valid_fraction=valid_fraction,
-                              seed=seed, warn=warnings.append)
-    except UserError as e:
-        raise ApiError(400, str(e)) from None
-    finally:
-        _build_lock.release()
+    stats, warnings = _build_from(request.files.get("book"), character, data_root() / name, aliases=aliases,
+                                  valid_fraction=valid_fraction, seed=seed)
     return jsonify(name=name, stats=stats, warnings=warnings), 201
 
 

@@ -23,11 +23,12 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
 
 from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT, prompt_ids, with_system
 from wonderland.config import DEFAULT_MODEL, GenerationConfig, field_value
@@ -58,6 +59,15 @@ def _user_error(e: UserError):
     return _api_error(APIError(400, str(e)))
 
 
+@bp.errorhandler(HTTPException)
+def http_error(e: HTTPException):
+    """Any HTTP error under /v1 (unknown route, wrong method, body too large, a crash) as an OpenAI
+    error object; the web app's handlers send /v1 paths here too."""
+    kind = "server_error" if (e.code or 500) >= 500 else "invalid_request_error"
+    code = (e.name or "error").lower().replace(" ", "_")
+    return _api_error(APIError(e.code or 500, f"{e.name}: {e.description}", kind, code=code))
+
+
 # ----------------------------------------------------------------------------- models
 def _finished_runs() -> list:
     from wonderland.runs import list_runs
@@ -83,8 +93,7 @@ def _base_ids(runs: list) -> list[str]:
     return ids
 
 
-@bp.get("/models")
-def list_models():
+def _model_objects() -> list[dict]:
     runs = _finished_runs()
     data = [{"id": mid, "object": "model", "created": 0, "owned_by": "wonderland", "arm": "base"}
             for mid in _base_ids(runs)]
@@ -92,7 +101,23 @@ def list_models():
         data.append({"id": run.name, "object": "model", "created": int(run.run_json.stat().st_mtime),
                      "owned_by": "wonderland", "arm": "trained", "character": info.get("character"),
                      "base_model": (info.get("model") or {}).get("id")})
-    return jsonify({"object": "list", "data": data})
+    return data
+
+
+@bp.get("/models")
+def list_models():
+    return jsonify({"object": "list", "data": _model_objects()})
+
+
+@bp.get("/models/<path:model_id>")
+def retrieve_model(model_id: str):
+    """One model object (the OpenAI client's ``models.retrieve``); an OpenAI 404 for an unknown id."""
+    data = _model_objects()
+    for item in data:
+        if item["id"] == model_id:
+            return jsonify(item)
+    known = ", ".join(m["id"] for m in data)
+    raise APIError(404, f"The model {model_id!r} does not exist; available: {known}", param="model", code="model_not_found")
 
 
 @dataclass
@@ -144,6 +169,7 @@ class ChatRequest:
     messages: list[dict]
     system: str | None  # the request's own system prompt, if any
     gen: GenerationConfig
+    max_tokens: int | None  # as asked (None: the default, which is fitted to the context)
     stream: bool
     include_usage: bool
     stop: list[str]
@@ -208,7 +234,7 @@ def parse_request(body: Any) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise APIError(400, "stream_options must be an object", param="stream_options")
-    return ChatRequest(model, messages, "\n\n".join(systems) if systems else None, gen,
+    return ChatRequest(model, messages, "\n\n".join(systems) if systems else None, gen, max_tokens,
                        bool(body.get("stream", False)), bool(options.get("include_usage")), stop)
 
 
@@ -248,6 +274,26 @@ class Reply:
             if close:
                 close()
 
+    def fit_context(self) -> None:
+        """``max_tokens`` within the model's context (its config's max_position_embeddings) after
+        the prompt: a 400 when asked for more (or when the prompt alone fills it), else the default
+        shortened to the room left."""
+        from wonderland.generate import context_length
+
+        tok, ctx = self._tokenizer(), context_length(self.target.model)
+        if tok is None or ctx is None:
+            return
+        prompt = len(prompt_ids(tok, self.messages))
+        room = ctx - prompt
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens and the messages take {prompt}; "
+                                "shorten them", param="messages", code="context_length_exceeded")
+        if self.req.max_tokens is not None and self.req.max_tokens > room:
+            raise APIError(400, f"max_tokens must be between 1 and {room} for these messages (the model's context is "
+                                f"{ctx} tokens, the messages take {prompt})", param="max_tokens", code="context_length_exceeded")
+        if self.req.gen.max_tokens > room:
+            self.req.gen = replace(self.req.gen, max_tokens=room)
+
     def _tokenizer(self):
         return getattr(self.target.model, "tokenizer", None)
 
@@ -270,6 +316,7 @@ def chat_completions():
     req = parse_request(request.get_json(silent=True))
     target = _resolve(req.model)
     reply = Reply(target, req)
+    reply.fit_context()
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not req.stream:
         text = "".join(reply.pieces())
