@@ -26,7 +26,6 @@ from typing import Callable, Sequence
 
 from wonderland.chat_format import NEUTRAL_SYSTEM_PROMPT
 from wonderland.config import DEFAULT_MODEL, GenerationConfig
-from wonderland.errors import UserError
 from wonderland.fileio import atomic_write_jsonl
 
 REPLAY_DIR = Path(__file__).parent / "data" / "replay"
@@ -40,10 +39,11 @@ def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
     return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-def split(answers: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """(training answers, probe answers): the probe prompts are never trained on."""
-    probe = [a for i, a in enumerate(answers) if i % PROBE_EVERY == PROBE_EVERY - 1]
-    return [a for i, a in enumerate(answers) if i % PROBE_EVERY != PROBE_EVERY - 1], probe
+def split(items: Sequence) -> tuple[list, list]:
+    """(training part, probe part) of the replay prompts (or their answers): the probe prompts are
+    never trained on."""
+    probe = [a for i, a in enumerate(items) if i % PROBE_EVERY == PROBE_EVERY - 1]
+    return [a for i, a in enumerate(items) if i % PROBE_EVERY != PROBE_EVERY - 1], probe
 
 
 def trim(text: str, finished: bool) -> str:
@@ -69,37 +69,37 @@ def generate_answers(chat, prompts: Sequence[str], progress: Callable[[int], Non
     return out
 
 
-def read_answers(path: Path, sha256: str | None = None) -> list[dict] | None:
-    """Cached answers, or None when the file is missing or made for other weights or other prompts."""
+def read_answers(path: Path, sha256: str | None = None) -> dict[str, str]:
+    """Cached answers by prompt; empty when the file is missing or made for other weights."""
     try:
         rows = [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     except (FileNotFoundError, json.JSONDecodeError):
-        return None
+        return {}
     head, rows = (rows[0], rows[1:]) if rows and "model_sha256" in rows[0] else ({}, rows)
-    if sha256 and head.get("model_sha256") != sha256 or [r["prompt"] for r in rows] != load_prompts():
-        return None
-    return rows
+    if sha256 and head.get("model_sha256") != sha256:
+        return {}
+    return {r["prompt"]: r["answer"] for r in rows}
 
 
 def answers_for(model_name: str, model_path: Path, sha256: str, load_chat: Callable[[], object],
-                log: Callable[[str], None] = print) -> list[dict]:
-    """The base model's replay answers: packaged, cached, or generated now (once) and cached."""
+                log: Callable[[str], None] = print, prompts: Sequence[str] | None = None) -> list[dict]:
+    """The base model's answers to ``prompts`` (default: all replay prompts): packaged, cached, or
+    generated now (once, the missing ones only) and cached."""
     from wonderland.models import models_root
 
+    prompts = list(prompts if prompts is not None else load_prompts())
     packaged = PACKAGED.get(model_name)
-    found = read_answers(packaged, sha256) if packaged else None
     cache = models_root() / "replay" / f"{sha256}.jsonl"
-    found = found or read_answers(cache, sha256)
-    if found is not None:
-        return found
-    prompts = load_prompts()
-    log(f"Answering {len(prompts)} replay prompts with the base model (once; cached in {cache}) ...")
-    from tqdm import tqdm
+    known = {**read_answers(cache, sha256), **(read_answers(packaged, sha256) if packaged else {})}
+    missing = [q for q in prompts if q not in known]
+    if missing:
+        log(f"Answering {len(missing)} replay prompts with the base model (once; cached in {cache}) ...")
+        from tqdm import tqdm
 
-    with tqdm(total=len(prompts), unit="answer", file=sys.stderr, leave=False) as bar:
-        answers = generate_answers(load_chat(), prompts, bar.update)
-    write_answers(cache, answers, sha256, model_name)
-    return answers
+        with tqdm(total=len(missing), unit="answer", file=sys.stderr, leave=False) as bar:
+            known.update((a["prompt"], a["answer"]) for a in generate_answers(load_chat(), missing, bar.update))
+        write_answers(cache, [{"prompt": q, "answer": a} for q, a in known.items()], sha256, model_name)
+    return [{"prompt": q, "answer": known[q]} for q in prompts]
 
 
 def write_answers(path: Path, answers: Sequence[dict], sha256: str, model_name: str) -> None:
@@ -116,23 +116,37 @@ def records(answers: Sequence[dict], system_prompt: str) -> list[dict]:
             for a in answers if a["answer"]]
 
 
-def mix(train_records: Sequence[dict], replay: Sequence[dict], ratio: float, seed: int) -> list[dict]:
-    """``train_records`` plus round(ratio x their count) replay records (a seeded sample; repeated
-    when the ratio asks for more than there are), shuffled in: R replay records per character record."""
-    if ratio <= 0 or not replay:
-        return list(train_records)
+def draw(prompts: Sequence[str], count: int, seed: int) -> list[str]:
+    """``count`` replay prompts, a seeded sample (each prompt once before any repeats)."""
+    if count <= 0 or not prompts:
+        return []
     rng = random.Random(seed)
-    want = round(ratio * len(train_records))
-    pool = [r for _ in range(want // len(replay) + 1) for r in rng.sample(list(replay), len(replay))][:want]
-    mixed = list(train_records) + pool
-    rng.shuffle(mixed)
+    return [q for _ in range(count // len(prompts) + 1) for q in rng.sample(list(prompts), len(prompts))][:count]
+
+
+def mix(train_records: Sequence[dict], replay: Sequence[dict], seed: int) -> list[dict]:
+    """The character's records and the replay records, shuffled together (seeded)."""
+    mixed = list(train_records) + list(replay)
+    random.Random(seed).shuffle(mixed)
     return mixed
 
 
-def check_ratio(ratio: float, where: str = "--replay") -> float:
-    if not 0 <= ratio <= 10:
-        raise UserError(f"{where} must be between 0 and 10 replay records per character record (got {ratio})")
-    return ratio
+def guard(config, model_path: Path, sha256: str, train_records: list[dict], valid_records: list[dict],
+          system_prompt: str, load_chat: Callable[[], object], log: Callable[[str], None] = print):
+    """The retention guard of a run: (training records with replay mixed in, the replay records
+    for ``--kl``, the checkpoint probe). Only the answers these need are looked up (or made)."""
+    from wonderland.probe import Probe
+
+    train_prompts, probe_prompts = split(load_prompts())
+    ratio = config.replay or (1.0 if config.kl else 0.0)  # --kl alone: one replay record per character record
+    drawn = draw(train_prompts, round(ratio * len(train_records)), config.seed)
+    wanted = list(dict.fromkeys(drawn)) + (probe_prompts if valid_records else [])
+    known = {a["prompt"]: a for a in answers_for(config.model, model_path, sha256, load_chat, log, wanted)}
+    replay = records([known[q] for q in drawn], system_prompt)
+    probe = Probe(valid=list(valid_records), retention=records([known[q] for q in probe_prompts], system_prompt)) \
+        if valid_records else None
+    mixed = mix(train_records, replay, config.seed) if config.replay else list(train_records)
+    return mixed, (replay if config.kl else []), probe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,8 @@ class TrainJob:
     should_stop: Callable[[], bool] = lambda: False  # polled once per step
     resume_from: Path | None = None  # a checkpoint folder to continue from exactly
     system_prompt: str = ""
+    replay_records: list[dict] = field(default_factory=list)  # the retention guard's records (for --kl)
+    probe: object | None = None  # a wonderland.probe.Probe, scored at every validation point
 
 
 @dataclass

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from wonderland.backends.base import TrainJob, TrainResult
-from wonderland.backends.common import batch_indices, finish_checkpoint, lr_at
-from wonderland.backends.torch_peft import distributed, trainer
+from wonderland.backends.common import batch_indices, finish_checkpoint, lr_at, serve_best
+from wonderland.backends.torch_peft import distributed, guard, trainer
 from wonderland.backends.torch_peft.batching import batch_loss, collate, summed_loss
 from wonderland.backends.torch_peft.chat import TorchChatModel
 from wonderland.backends.torch_peft.fast import training as torch_fast
@@ -27,7 +27,8 @@ from wonderland.chat_format import encode_chat
 from wonderland.config import GenerationConfig, TrainConfig
 from wonderland.errors import UserError
 from wonderland.events import Eval, Resumed, Sample, Started, Step, Stopped
-from wonderland.fileio import atomic_replace_dir, staging_dir
+from wonderland.fileio import staging_dir
+from wonderland.probe import Ledger
 
 
 hf_logging.disable_progress_bar()  # our own events report progress; keep the terminal clean
@@ -99,6 +100,7 @@ class _Session:
     optimizer: object
     train_set: list
     valid_set: list
+    replay_set: list  # encoded replay records for the --kl term (empty without it)
 
     @property
     def pad(self) -> int:
@@ -122,15 +124,22 @@ def setup(job: TrainJob) -> _Session:
                  else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
     valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
-    return _Session(cfg, world, device, tokenizer, model, params, fast, optimizer, train_set, valid_set)
+    if cfg.kl and world.size > 1:
+        raise UserError("--kl runs on one process only (its gradients are not all-reduced); drop --num-gpus or use --replay")
+    replay_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.replay_records] if cfg.kl else []
+    return _Session(cfg, world, device, tokenizer, model, params, fast, optimizer, train_set, valid_set, replay_set)
 
 
 def step_loss(s: _Session):
     """``loss(batch) -> (summed loss, target tokens, real tokens)``; DDP all-reduces LoRA gradients
     when several processes train (the loss function is its module)."""
     if s.fast:
-        return distributed.wrap_loss(s.model, lambda m, p: torch_fast.prepared_loss(m, p, s.fast), s.world, s.device)
-    return distributed.wrap_loss(s.model, lambda m, b: batch_loss(m, b, s.pad, s.device), s.world, s.device)
+        loss = distributed.wrap_loss(s.model, lambda m, p: torch_fast.prepared_loss(m, p, s.fast), s.world, s.device)
+    else:
+        loss = distributed.wrap_loss(s.model, lambda m, b: batch_loss(m, b, s.pad, s.device), s.world, s.device)
+    if not s.replay_set:
+        return loss
+    return guard.with_kl(loss, s.model, s.replay_set, s.cfg.kl, s.cfg.batch_size, s.cfg.seed, s.pad, s.device)
 
 
 def batches(s: _Session):
@@ -171,6 +180,8 @@ class _Reporter(trainer.TrainingCallback):
         self.loss: float | None = None
         self.val_loss: float | None = None
         self.t_start = time.perf_counter()
+        self.ledger = Ledger.resumed(job.run, start)
+        self.nll = guard.scorer(s.model, s.tokenizer, job.config.max_seq_len, s.device)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -182,18 +193,24 @@ class _Reporter(trainer.TrainingCallback):
                            tokens_per_second=r.tokens / r.seconds, elapsed_s=elapsed,
                            eta_s=elapsed / (step - self.start) * (cfg.iters - step),
                            peak_memory_gb=peak_memory_gb(self.s.device)))
-        if self.s.valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
+        scored = self.s.valid_set and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters
+        if scored:
             self.validate(step)
         if cfg.sample_every and step % cfg.sample_every == 0:
             self.backend._sample(self.job, self.s.model, self.s.tokenizer, self.s.device, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
+        # every probed point gets a checkpoint: the best one is served
+        if (cfg.save_every and step % cfg.save_every == 0 or scored and self.job.probe) and step < cfg.iters:
             self.backend._save_checkpoint(self.job, self.s.model, self.s.optimizer, step)
 
     def validate(self, step: int) -> float:
         t0 = time.perf_counter()
         self.val_loss = validate(self.s)
+        row = self.job.probe.score(self.nll) if self.job.probe else {}
+        if row:
+            self.ledger.add(step, row)
         self.job.emit(Eval(step=step, total_steps=self.job.config.iters, val_loss=self.val_loss,
-                           val_time_s=time.perf_counter() - t0))
+                           val_time_s=time.perf_counter() - t0, persona_margin=row.get("persona_margin"),
+                           retention_drift=row.get("retention_drift")))
         return self.val_loss
 
 
@@ -218,11 +235,12 @@ class TorchBackend:
             return TrainResult("stopped", result.step, reporter.loss, reporter.val_loss)
         if s.valid_set:
             reporter.validate(result.step)
+        if job.probe:  # the last step is a candidate too: its checkpoint, then serve the best
+            self._save_checkpoint(job, s.model, s.optimizer, result.step)
         if s.world.is_main:  # rank 0 only: the adapter is the same on every rank
-            tmp = staging_dir(job.run.adapter)
-            s.model.save_pretrained(tmp)
-            atomic_replace_dir(tmp, job.run.adapter)
-        return TrainResult("finished", result.step, reporter.loss, reporter.val_loss, extra={"device": str(s.device)})
+            serve_best(job.run, reporter.ledger.best_step(), result.step, s.model.save_pretrained)
+        return TrainResult("finished", result.step, reporter.loss, reporter.val_loss,
+                           extra={"device": str(s.device), **reporter.ledger.summary()})
 
     def _resume(self, job: TrainJob, s: _Session) -> int:
         if not job.resume_from:
