@@ -26,7 +26,7 @@ OTHER_LINES = [("Alice", "What a funny watch! It tells the day of the month, and
 ARMS = ("base", "prompted", "trained")
 ARM_KEYS = {"perplexity", "loss", "in_character_rate", "persona_score", "similarity_character", "similarity_generic",
             "marker_rate", "distinct_1", "distinct_2", "repetition_rate", "shared_opening_rate", "copy_rate", "mean_words", "empty_rate",
-            "retention_rate", "retention", "generation_s", "adapter", "system_prompt"}
+            "retention_rate", "retention", "generation_s", "adapter", "system_prompt", "world_mention_rate"}
 
 
 def write_dataset(folder: Path) -> Path:
@@ -74,7 +74,8 @@ def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):
     assert result["seed"] == 0 and result["config"]["generation"]["max_tokens"] == 3
     assert result["model"]["path"] and result["config"]["prompts"] == 2 and result["config"]["samples_per_prompt"] == 2
     assert [c["name"] for c in result["target"]["checks"]] == [
-        "ppl_drop", "trained_in_character", "base_in_character", "persona_vs_prompted", "ppl_vs_prompted", "no_collapse"]
+        "trained_in_character", "persona_vs_prompted", "world_vs_prompted", "retention", "ppl", "no_collapse",
+        "no_copies", "openings"]
     samples = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
     assert [(s["prompt"], s["sample"]) for s in samples] == [("Good morning!", 0), ("What should I wear?", 0),
                                                              ("Good morning!", 1), ("What should I wear?", 1)]

@@ -83,3 +83,42 @@ def test_retention_items_and_the_packaged_set(tmp_path):
     bad.write_text("# comment\nWhat is 2 + 2?\n")
     with pytest.raises(UserError, match="r.txt:2"):
         load_retention(bad)
+
+
+def test_world_terms_are_the_characters_chapters_and_mentions_exclude_the_prompt():
+    from wonderland.eval.metrics import world_mention_rate, world_terms
+
+    utter = [{"line": i, "chapter": 1, "speaker": "Hatter", "text": "More tea!"} for i in range(1, 41)] + \
+            [{"line": i, "chapter": 2, "speaker": "Alice", "text": "Oh dear."} for i in range(41, 81)]
+    book = ["More tea, the Dormouse is asleep again by the treacle well."] * 40 + \
+           ["I went down the rabbit hole, said Alice, and the cat smiled."] * 40
+    terms = world_terms(utter, {"Hatter"}, book)
+    assert {"dormouse", "tea"} <= terms.keys() and "rabbit" not in terms
+    replies = ["The Dormouse knows.", "Tea, of course!", "I like cheese."]
+    assert world_mention_rate(replies, ["Who knows?", "Would you like tea?", "Food?"], terms) == round(1 / 3, 4)
+
+
+def test_retention_file_errors_name_the_file_and_line(tmp_path):
+    import pytest
+
+    from wonderland.errors import UserError
+    from wonderland.eval.metrics import load_retention
+
+    bad = tmp_path / "r.txt"
+    bad.write_text("# ok\nWhat is 2 + 2? | 4\nno answers here\n")
+    with pytest.raises(UserError, match=r"r\.txt:3: expected 'prompt \| answer"):
+        load_retention(bad)
+    with pytest.raises(UserError, match="cannot be read"):
+        load_retention(tmp_path / "missing.txt")
+    good = tmp_path / "ok.txt"
+    good.write_text("What is 2 + 2? | 4 | four\n")
+    assert [(i.prompt, i.expected) for i in load_retention(good)] == [("What is 2 + 2?", ("4", "four"))]
+
+
+def test_retention_answers_match_at_word_starts_not_inside_numbers():
+    from wonderland.eval.metrics import RetentionItem
+
+    four = RetentionItem("2 + 2?", ("4", "four"))
+    assert four.passed("It is 4.") and four.passed("Four!") and not four.passed("It is 24.") and not four.passed("45")
+    assert RetentionItem("caterpillars?", ("butterfl",)).passed("They become butterflies.")
+    assert not RetentionItem("frozen water?", ("ice",)).passed("That is nice.")

@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=1, metavar="K",
                    help="replies per prompt and arm, each its own seed: steadier rates, K times the time (default: 1)")
     p.add_argument("--no-retention", action="store_true", help="skip the factual/arithmetic sanity prompts")
+    p.add_argument("--retention", metavar="FILE",
+                   help="retention prompts to use instead of the packaged set: 'prompt | answer | answer' per line")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_generation_options(p)
     for action in p._actions:  # eval's replies are shorter than chat's: keep it to a few minutes on a CPU
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     gen = GenerationConfig(**{**default_generation().to_dict(), **dataclass_overrides(args, GenerationConfig)})
     result = evaluate(args.run, prompts=args.prompts, out=args.out, gen=gen, device=args.device,
-                      retention=not args.no_retention, samples=args.samples,
+                      retention=False if args.no_retention else (args.retention or True), samples=args.samples,
                       progress=None if args.quiet else _progress,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     arms = ("base", "prompted", "trained")

@@ -26,8 +26,9 @@ from typing import Callable, Sequence
 
 from wonderland.config import GenerationConfig, seeded_for
 from wonderland.errors import UserError
-from wonderland.eval.metrics import CopyDetector, load_retention, reply_stats
+from wonderland.eval.metrics import CopyDetector, load_retention, reply_stats, world_mention_rate, world_terms
 from wonderland.eval.persona import PersonaScorer
+from wonderland.eval.target import target_checks
 from wonderland.eval.report import plot_loss, plot_persona, render_html
 from wonderland.fileio import atomic_replace_dir, atomic_write_json, atomic_write_jsonl, atomic_write_text, staging_dir
 from wonderland.generate import ARMS, LoadedRun, load_run
@@ -38,12 +39,6 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.txt")
 EVAL_MAX_TOKENS = 60  # ~3.5 s per reply at ~17 tokens/s on one CPU core: 24 prompts x 3 arms in ~4 min
 RETENTION_MAX_TOKENS = 32
 OUTPUT_FILES = ("eval.json", "samples.jsonl", "report.html", "loss.png", "persona.png")
-
-# The target of issue 5, fixed before any training run.
-TARGET_PPL_DROP = 0.30  # trained perplexity at least 30 % below base
-TARGET_TRAINED_IN_CHARACTER = 0.70
-TARGET_BASE_IN_CHARACTER = 0.10
-TARGET_DISTINCT_KEEP = 0.75  # trained distinct-2 at least 75 % of base's: no collapse
 
 Progress = Callable[[dict], None]
 
@@ -94,6 +89,16 @@ def _split_lines(utterances: list[dict], stats: dict, character: str) -> tuple[l
     return mine, rest
 
 
+def _world(utterances: list[dict], stats: dict, character: str) -> dict[str, float]:
+    """The character's world terms, from the whole text of their chapters when the book is at hand."""
+    who = {stats.get("character") or character, *stats.get("aliases", [])}
+    try:
+        book = Path(stats["book_path"]).read_text(encoding="utf-8").splitlines() if stats.get("book_path") else []
+    except OSError:
+        book = []
+    return world_terms(utterances, who, book)
+
+
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / "eval.json").exists()):
         raise UserError(f"{out} exists and is not an evaluation folder; choose another --out")
@@ -101,7 +106,7 @@ def _check_out(out: Path) -> None:
 
 def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] | None = None,
              out: str | Path | None = None, gen: GenerationConfig | None = None, *, device: str = "auto",
-             retention: bool = True, samples: int = 1, progress: Progress | None = None,
+             retention: bool | str | Path = True, samples: int = 1, progress: Progress | None = None,
              log: Callable[[str], None] = lambda m: None) -> dict:
     """Evaluate a finished run; write the report into ``out`` (default ``RUN/eval``); return eval.json.
 
@@ -122,7 +127,7 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     character = loaded.info.get("character") or "character"
     data_dir, valid, stats, utterances = _data_files(loaded)
     char_lines, other_lines = _split_lines(utterances, stats, character)
-    retention_items = load_retention() if retention else []
+    retention_items = (load_retention(retention) if isinstance(retention, (str, Path)) else load_retention()) if retention else []
     log(f"evaluating {run.name}: {len(prompt_list)} prompts x {samples} replies, {len(valid)} held-out records, "
         f"{len(retention_items)} retention prompts, arms {', '.join(a.name for a in ARMS)}")
     progress = _Progress(progress or (lambda p: None), (samples * len(prompt_list) + len(retention_items)) * len(ARMS))
@@ -141,6 +146,9 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     scorer = PersonaScorer.from_lines(char_lines, other_lines)  # 3. scores
     copies = CopyDetector(u["text"] for u in utterances)
     scores = _score_arms(loaded, results, replies, retained, gen_s, scorer, copies)
+    terms = _world(utterances, stats, character)
+    for arm in ARMS:  # replies naming things of the character's world that their prompt did not
+        results[arm.name]["world_mention_rate"] = world_mention_rate(replies[arm.name], [p for _, _, p in asks], terms)
     timings["score_s"] = round(time.time() - t, 2)
     rows = [{"prompt": p, "sample": k, **{a.name: replies[a.name][j] for a in ARMS},
              "scores": {a.name: scores[a.name][j].to_dict() for a in ARMS}} for j, (k, _, p) in enumerate(asks)]
@@ -149,7 +157,9 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
         **results,
         "seed": gen.seed,
         "model": loaded.info.get("model", {}),
-        "config": _result_config(loaded, gen, retention_gen, prompts_file, prompt_list, samples, scorer, copies),
+        "config": {**_result_config(loaded, gen, retention_gen, prompts_file, prompt_list, samples, scorer, copies),
+                   "world_terms": list(terms), "retention_file": str(retention) if isinstance(retention, (str, Path))
+                   else None, "retention_prompts": len(retention_items)},
         "target": target_checks(results),
         "meta": _meta(loaded, stats.get("display_name") or character, data_dir, len(valid), n_tokens, device),
         "timings": timings,
@@ -276,34 +286,6 @@ def _result_config(loaded: LoadedRun, gen: GenerationConfig, retention_gen: Gene
         "persona": {**scorer.config(), "copy_n": copies.n},
         "train": loaded.info.get("config", {}),
     }
-
-
-def target_checks(results: dict[str, dict]) -> dict:
-    """The issue-5 target as explicit pass/fail checks (None values fail)."""
-    b, p, t = results["base"], results["prompted"], results["trained"]
-
-    def check(name: str, description: str, passed: bool, measured: str) -> dict:
-        return {"name": name, "description": description, "passed": bool(passed), "measured": measured}
-
-    have_ppl = all(x.get("perplexity") for x in (b, p, t))
-    drop = 1 - t["perplexity"] / b["perplexity"] if have_ppl else None
-    checks = [
-        check("ppl_drop", f"held-out perplexity drops by >= {TARGET_PPL_DROP:.0%} (trained vs base)",
-              drop is not None and drop >= TARGET_PPL_DROP,
-              f"{drop:.1%} ({b['perplexity']:.2f} -> {t['perplexity']:.2f})" if drop is not None else "no valid set"),
-        check("trained_in_character", f"trained in character >= {TARGET_TRAINED_IN_CHARACTER:.0%}",
-              t["in_character_rate"] >= TARGET_TRAINED_IN_CHARACTER, f"{t['in_character_rate']:.0%}"),
-        check("base_in_character", f"base in character <= {TARGET_BASE_IN_CHARACTER:.0%}",
-              b["in_character_rate"] <= TARGET_BASE_IN_CHARACTER, f"{b['in_character_rate']:.0%}"),
-        check("persona_vs_prompted", "trained persona score > prompted",
-              t["persona_score"] > p["persona_score"], f"{t['persona_score']:+.3f} vs {p['persona_score']:+.3f}"),
-        check("ppl_vs_prompted", "trained perplexity < prompted", have_ppl and t["perplexity"] < p["perplexity"],
-              f"{t['perplexity']:.2f} vs {p['perplexity']:.2f}" if have_ppl else "no valid set"),
-        check("no_collapse", f"trained distinct-2 >= {TARGET_DISTINCT_KEEP:.0%} of base's",
-              t["distinct_2"] >= TARGET_DISTINCT_KEEP * b["distinct_2"], f"{t['distinct_2']:.3f} vs {b['distinct_2']:.3f}"),
-    ]
-    return {"ppl_drop": round(drop, 4) if drop is not None else None, "checks": checks,
-            "passed": all(c["passed"] for c in checks)}
 
 
 def _cpu_count() -> int:

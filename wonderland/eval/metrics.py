@@ -118,3 +118,44 @@ def reply_stats(replies: Sequence[str], copies: CopyDetector) -> dict[str, float
         "mean_words": round(sum(len(words(r)) for r in replies) / n, 2),
         "empty_rate": round(sum(not words(r) for r in replies) / n, 4),
     }
+
+
+# --- the character's own world: things of the book that the character's scenes talk about
+WORLD_MIN_LINES = 3  # a chapter is the character's when they speak at least this often in it
+WORLD_TERMS = 30
+NOT_THINGS = frozenset("""said says added remarked replied interrupted exclaimed shouted spoke asked cried
+answered continued began shook went looked thought felt tried called turned may might must shall same take
+done mean suppose place stand read makes left used since among perfectly easily""".split())
+
+
+def world_terms(utterances: Sequence[dict], who: set[str], book_lines: Sequence[str] = (),
+                limit: int = WORLD_TERMS) -> dict[str, float]:
+    """The distinctive words of the chapters the character speaks in against the rest of the book
+    (the chapters' whole text when ``book_lines`` is given, else their quoted lines): log-odds z as
+    for the style markers, speech verbs and other non-things left out. For the Hatter: the March
+    Hare, the Dormouse, his watch, tea, Time, the court... The rule was fixed before any issue-14
+    training run."""
+    from wonderland.eval.persona import style_markers
+
+    per_chapter = Counter(u.get("chapter") for u in utterances if u.get("speaker") in who)
+    mine = {c for c, n in per_chapter.items() if n >= WORLD_MIN_LINES}
+    spans: dict = {}
+    for u in utterances:  # each chapter's first and last quoted line: its stretch of the book
+        lo, hi = spans.get(u.get("chapter"), (u["line"], u["line"]))
+        spans[u.get("chapter")] = (min(lo, u["line"]), max(hi, u["line"]))
+
+    def text(chapters_in: bool) -> list[str]:
+        if book_lines:
+            return [ln for c, (lo, hi) in spans.items() if (c in mine) == chapters_in for ln in book_lines[lo - 1:hi]]
+        return [u["text"] for u in utterances if (u.get("chapter") in mine) == chapters_in]
+
+    found = style_markers(text(True), text(False), limit=limit + len(NOT_THINGS))
+    return dict([(w, z) for w, z in found.items() if w not in NOT_THINGS][:limit])
+def world_mention_rate(replies: Sequence[str], prompts: Sequence[str], terms: Iterable[str]) -> float:
+    """Share of replies that name a thing of the character's world (a world term) which their
+    prompt did not name."""
+    terms = set(terms)
+    if not replies:
+        return 0.0
+    hits = sum(bool((set(words(r)) & terms) - set(words(p))) for r, p in zip(replies, prompts))
+    return round(hits / len(replies), 4)

@@ -1,0 +1,77 @@
+"""The retention guard's data (wonderland/replay.py) and the checkpoint probe's rule (wonderland/probe.py)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from wonderland import replay
+from wonderland.eval.evaluate import DEFAULT_PROMPTS, load_prompts
+from wonderland.eval.metrics import RETENTION_FILE, load_retention
+from wonderland.probe import MAX_DRIFT, best
+
+EVAL_DIR = DEFAULT_PROMPTS.parent
+
+
+def norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_replay_prompts_are_many_and_disjoint_from_every_evaluation_prompt():
+    prompts = replay.load_prompts()
+    assert len(prompts) >= 200 and len({norm(p) for p in prompts}) == len(prompts)
+    held_out = {norm(p) for p in load_prompts(DEFAULT_PROMPTS) + load_prompts(EVAL_DIR / "prompts-selection.txt")}
+    held_out |= {norm(i.prompt) for f in (RETENTION_FILE, EVAL_DIR / "retention-selection.txt") for i in load_retention(f)}
+    assert not {norm(p) for p in prompts} & held_out
+
+
+def test_report_and_selection_sets_do_not_overlap():
+    assert not {norm(p) for p in load_prompts(DEFAULT_PROMPTS)} & {norm(p) for p in load_prompts(EVAL_DIR / "prompts-selection.txt")}
+    report = {norm(i.prompt) for i in load_retention(RETENTION_FILE)}
+    assert len(report) >= 40 and not report & {norm(i.prompt) for i in load_retention(EVAL_DIR / "retention-selection.txt")}
+
+
+def test_probe_prompts_are_never_drawn_for_training():
+    train, probe = replay.split(replay.load_prompts())
+    assert len(probe) >= 15 and not set(train) & set(probe)
+    drawn = replay.draw(train, 3 * len(train) + 5, seed=1)
+    assert set(drawn) == set(train) and len(drawn) == 3 * len(train) + 5
+    assert replay.draw(train, 10, seed=1) == drawn[:10]  # seeded
+
+
+def test_mix_keeps_every_record_and_the_records_carry_the_characters_prompt():
+    answers = [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(5)] + [{"prompt": "empty", "answer": ""}]
+    recs = replay.records(answers, "You are the Hatter.")
+    assert len(recs) == 5 and all(r["messages"][0]["content"] == "You are the Hatter." for r in recs)
+    character = [{"messages": [], "id": i} for i in range(7)]
+    mixed = replay.mix(character, recs, seed=0)
+    assert sorted(map(id, mixed)) == sorted(map(id, character + recs)) and mixed != character + recs
+
+
+def test_trim_keeps_whole_answers_and_cuts_a_cut_off_one_at_its_last_sentence():
+    assert replay.trim(" Paris is the capital. It is big ", finished=True) == "Paris is the capital. It is big"
+    assert replay.trim("Paris is the capital. It is big and", finished=False) == "Paris is the capital."
+
+
+def test_the_packaged_answers_cover_every_prompt():
+    rows = replay.read_answers(replay.PACKAGED["smollm2-135m-instruct"])
+    assert set(rows) == set(replay.load_prompts()) and all(rows.values())
+
+
+def test_best_checkpoint_rule():
+    rows = [{"step": 10, "persona_margin": 0.5, "retention_drift": 0.1},
+            {"step": 20, "persona_margin": 0.9, "retention_drift": MAX_DRIFT + 0.01},  # voice, but forgets
+            {"step": 30, "persona_margin": 0.7, "retention_drift": MAX_DRIFT}]
+    assert best(rows)["step"] == 30
+    assert best([{**r, "retention_drift": 1.0 + r["step"] / 100} for r in rows])["step"] == 10  # none ok: least drift
+    assert best([{"step": 5, "persona_margin": None, "retention_drift": None}]) is None
+
+
+@pytest.mark.parametrize("value", [-0.5, 10.5, float("nan")])
+def test_replay_ratio_out_of_range_exits_2(value, tmp_path, capsys):
+    from wonderland.cli import main
+
+    assert main(["train", "--data", str(tmp_path), "--replay", str(value)]) == 2
+    err = capsys.readouterr().err
+    assert "--replay" in err and "Traceback" not in err and not (tmp_path / "runs").exists()
