@@ -61,16 +61,15 @@ def test_every_artefact_answers_like_the_live_adapter(verified):
     assert report["below_target"] == []
 
 
-def test_llama_cpp_applies_the_lora_gguf(run, verified):
+def test_llama_cpp_applies_the_lora_gguf(run, verified, tmp_path):
     """Without --lora the same base GGUF in llama.cpp is far from the live adapter: the LoRA GGUF's
     agreement comes from llama.cpp applying it, at the trained scale."""
     src = run_source(run)
     probe = make_probe(src)
     ref, want = reference(live_scorer(src), probe)
-    base = next(verified["out"].glob("**/hatter.f16.gguf")).parent  # any folder: only its path is used
     from wonderland.export.verify import base_gguf_for
 
-    base_gguf = base_gguf_for(src, base)
+    base_gguf = base_gguf_for(src, tmp_path)  # the base the lora-gguf artefact was verified on
     without = compare(ref, [c for c, _ in llamacpp_scorer(base_gguf)(probe, want)])
     with_lora = verified["report"]["artefacts"]["lora-gguf"]
     assert without["mean_abs_logit_diff"] > 100 * with_lora["mean_abs_logit_diff"]
@@ -146,10 +145,10 @@ def test_verify_on_an_unfinished_run_writes_nothing(run, tmp_path, capsys):
     copy = tmp_path / "stopped-run"
     shutil.copytree(run.path, copy)
     info = json.loads((copy / "run.json").read_text())
-    (copy / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    (copy / "run.json").write_text(json.dumps({**info, "status": "stopped"}))
     assert main(["export", "--run", str(copy), "--format", "all", "--verify"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "has no finished adapter (status: running)" in err
+    assert len(err.splitlines()) == 1 and "has no finished adapter (status: stopped)" in err
     assert not (copy / "exports").exists()
 
 

@@ -246,7 +246,7 @@ def verify_exports(src: RunSource, artefacts: Callable[[Path], list[tuple[str, C
     ref, want = reference(live_scorer(src), probe)
     log(f"  live: {time.perf_counter() - t0:.1f} s")
     report = {"run": src.run.name, "prompts": probe_texts(), "n_tokens": probe.n, "top_tokens": TOP,
-              "thresholds": THRESHOLDS, "artefacts": {}}
+              "thresholds": {k: list(v) for k, v in THRESHOLDS.items()}, "artefacts": {}}
     with tempfile.TemporaryDirectory(prefix="wl-verify-") as scratch:
         for name, make in artefacts(Path(scratch)):
             t0 = time.perf_counter()
