@@ -9,7 +9,7 @@ from werkzeug.exceptions import HTTPException
 
 from wonderland import __version__
 from wonderland.errors import UserError
-from wonderland.web import api_runs, api_train, compare, datasets, openai_api
+from wonderland.web import api_export, api_runs, api_train, compare, datasets, openai_api
 from wonderland.web.common import ApiError, StrictJSONProvider
 from wonderland.web.compare import ModelCache
 from wonderland.web.jobs import TrainingManager
@@ -44,7 +44,7 @@ def create_app(*, host: str = DEFAULT_HOST, token: str | None = None, ollama_hos
     app.extensions["wonderland"] = state
     state.guard.install(app)
 
-    for bp in (datasets.bp, api_train.bp, api_runs.bp, compare.bp, openai_api.bp):
+    for bp in (datasets.bp, api_train.bp, api_runs.bp, api_export.bp, compare.bp, openai_api.bp):
         app.register_blueprint(bp)
 
     @app.get("/")

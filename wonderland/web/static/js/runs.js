@@ -2,6 +2,7 @@
 // Compare, resume a stopped or interrupted one, delete (with confirmation).
 import { $, api, bus, el, fmt, duration, when, toast } from "./util.js";
 import { LossChart, sparkline } from "./chart.js";
+import { exportPanel } from "./export.js";
 
 let runs = [];
 let selected = null;
@@ -63,6 +64,7 @@ function detail(name) {
   badge.textContent = r.status; badge.className = `badge ${r.status}`;
   if (!chart) chart = new LossChart($("#detail-chart"), { height: 260 });
   chart.set(r.curve);
+  exportPanel(name, r.has_adapter);
   const facts = { model: r.model, backend: r.backend, "train records": r.data.train_records, "valid records": r.data.valid_records,
     ...r.config, error: r.error };
   $("#detail-config").replaceChildren(...Object.entries(facts).filter(([, v]) => v !== null && v !== undefined && v !== "")
