@@ -61,11 +61,12 @@ _cache: dict[tuple, LoadedRun] = {}
 _cache_lock = threading.Lock()
 
 
-def load_run(run_ref: str | Path | RunDir, device: str = "auto") -> LoadedRun:
-    """Load a run's base model + adapter once per process (later calls reuse it)."""
+def load_run(run_ref: str | Path | RunDir, device: str = "auto", checkpoint: int | None = None) -> LoadedRun:
+    """Load a run's base model + adapter once per process (later calls reuse it): the served
+    adapter (the best checkpoint's), or checkpoint ``checkpoint``'s."""
     run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
     info = run.read()
-    key = (str(run.path), info.get("updated"), device)
+    key = (str(run.path), info.get("updated"), device, checkpoint)
     with _cache_lock:
         if key not in _cache:
             from wonderland.errors import UserError
@@ -78,7 +79,7 @@ def load_run(run_ref: str | Path | RunDir, device: str = "auto") -> LoadedRun:
             model_path = Path(info["model"]["path"])
             if not model_path.exists():  # a run copied from another machine: find its base here
                 model_path = resolve_model(info["model"]["id"])
-            backend_name, adapter = info.get("backend", "torch"), run.adapter
+            backend_name, adapter = info.get("backend", "torch"), run.adapter_at(checkpoint)
             if backend_name == "mlx" and not _mlx_installed():
                 backend_name, adapter = "torch", _peft_copy_of_mlx_adapter(run, model_path)
             model = get_backend(backend_name).load(model_path, adapter, device=device)

@@ -143,6 +143,23 @@ class RunDir:
         done = sorted(p for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").exists())
         return done[-1] if done else None
 
+    def kept_steps(self) -> list[int]:
+        """Steps of the finished checkpoints on disk (the probe's best and the newest are kept)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(int(p.name[5:]) for p in self.checkpoints.glob("step-*") if (p / "trainer_state.json").exists())
+
+    def adapter_at(self, step: int | None = None) -> Path:
+        """The adapter to serve: ``adapter/`` (the best checkpoint's) or checkpoint ``step``'s."""
+        if step is None:
+            return self.adapter
+        path = self.checkpoints / f"step-{step:06d}" / "adapter"
+        if not path.is_dir():
+            kept = ", ".join(map(str, self.kept_steps())) or "none"
+            raise UserError(f"run {self.name} has no checkpoint at step {step} (kept: {kept}); "
+                            "pick one of those, or leave --checkpoint out for the best")
+        return path
+
 
 class RunLock:
     """A training process's hold on its run (from :meth:`RunDir.lock`)."""

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from wonderland.config import TrainConfig
+from wonderland.errors import UserError
 from wonderland.events import Checkpoint
 from wonderland.fileio import atomic_replace_dir, atomic_write_json, staging_dir
 from wonderland.probe import best_checkpoint_step
@@ -51,6 +52,16 @@ def finish_checkpoint(job, tmp: Path, final: Path, step: int) -> Path:
             shutil.rmtree(old, ignore_errors=True)
     job.emit(Checkpoint(step=step, total_steps=job.config.iters, path=str(final)))
     return final
+
+
+def check_keys(ckpt: Path, missing: list[str], unexpected: list[str]) -> None:
+    """A checkpoint's adapter must fill exactly the model's LoRA weights: a missing or an unexpected
+    key means it was written for another model or LoRA shape, and a resume would silently mix them."""
+    if missing or unexpected:
+        what = "; ".join(f"{label} {len(keys)} (e.g. {keys[0]})" for label, keys in
+                         (("missing", missing), ("unexpected", unexpected)) if keys)
+        raise UserError(f"{ckpt}: the checkpoint's adapter does not match the model's LoRA layers ({what}); "
+                        f"resume with the model and LoRA settings that wrote it")
 
 
 class Diverged(Exception):

@@ -14,6 +14,8 @@ HELP = "talk to a trained run (streamed); --compare shows Base, Prompted and Tra
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="NAME_OR_DIR", help="run name or folder")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="use this checkpoint's adapter (default: the best checkpoint, what the run serves)")
     p.add_argument("--prompt", action="append", help="one message (repeatable); without it, an interactive chat")
     p.add_argument("--compare", action="store_true", help="answer with each arm: base, prompted, trained")
     p.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda, mps)")
@@ -38,7 +40,7 @@ def print_comparison(loaded: LoadedRun, prompt: str, gen: GenerationConfig, out=
 
 def run(args: argparse.Namespace) -> int:
     gen = generation_config(args)
-    loaded = load_run(args.run, device=args.device)
+    loaded = load_run(args.run, device=args.device, checkpoint=args.checkpoint)
     if args.compare:
         print(f"Run {loaded.run.name}: " + "; ".join(f"{a.name} = {a.description}" for a in ARMS))
         for prompt in args.prompt or ["What time is it?", "Tell me a riddle.", "Who are you?"]:

@@ -14,6 +14,8 @@ HELP = "measure a run: held-out perplexity, persona score, distinctness, copying
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, metavar="NAME_OR_DIR", help="run name or folder")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="use this checkpoint's adapter (default: the best checkpoint, what the run serves)")
     p.add_argument("--prompts", metavar="FILE", help="held-out prompts, one per line (default: the packaged set)")
     p.add_argument("--out", metavar="DIR", help="report folder (default: RUN_DIR/eval)")
     p.add_argument("--device", default="auto", help="torch device (auto, cpu, cuda, mps)")
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from wonderland.eval.evaluate import default_generation, evaluate
 
     gen = GenerationConfig(**{**default_generation().to_dict(), **dataclass_overrides(args, GenerationConfig)})
-    result = evaluate(args.run, prompts=args.prompts, out=args.out, gen=gen, device=args.device,
+    result = evaluate(args.run, prompts=args.prompts, out=args.out, gen=gen, device=args.device, checkpoint=args.checkpoint,
                       retention=False if args.no_retention else (args.retention or True), samples=args.samples,
                       progress=None if args.quiet else _progress,
                       log=lambda m: print(m, file=sys.stderr, flush=True))

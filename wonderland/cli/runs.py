@@ -33,14 +33,16 @@ def run(args: argparse.Namespace) -> int:
         result = info.get("result") or {}
         rows.append({"name": r.name, "status": info.get("status"), "character": info.get("character"),
                      "step": result.get("step"), "iters": (info.get("config") or {}).get("iters"),
-                     "loss": result.get("loss"), "val_loss": result.get("val_loss"),
+                     "loss": result.get("loss"), "val_loss": result.get("val_loss"), "best_step": result.get("best_step"),
                      "created": info.get("created"), "path": str(r.path)})
     if args.json:
         for row in rows:
             print(json.dumps(row))
         return 0
-    print(f"{'NAME':<32} {'STATUS':<11} {'STEPS':>9} {'LOSS':>7} {'VAL':>7}  CREATED")
+    print(f"{'NAME':<32} {'STATUS':<11} {'STEPS':>9} {'BEST':>6} {'LOSS':>7} {'VAL':>7}  CREATED")
     for row in rows:
         steps = f"{row['step'] or 0}/{row['iters'] or '?'}"
-        print(f"{row['name']:<32} {str(row['status']):<11} {steps:>9} {_fmt(row['loss']):>7} {_fmt(row['val_loss']):>7}  {row['created'] or ''}")
+        best = str(row["best_step"]) if row["best_step"] is not None else "-"
+        print(f"{row['name']:<32} {str(row['status']):<11} {steps:>9} {best:>6} {_fmt(row['loss']):>7} {_fmt(row['val_loss']):>7}  "
+              f"{row['created'] or ''}")
     return 0

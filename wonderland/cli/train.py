@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of options (YAML and command line win over it)")
     p.add_argument("--resume", metavar="NAME_OR_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="let --resume change what is learned (seed, data, model, LoRA shape, dropout, batch size, "
+                        "max sequence length); lr, schedule, warmup, a larger --iters and cadences may always change")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N",
                    help="data-parallel processes, one per GPU (torchrun + DDP; gloo processes on CPU); --batch-size stays the global batch")
     add_train_options(p)
@@ -89,6 +92,7 @@ def run_training(config: TrainConfig, args: argparse.Namespace, quiet: bool = Fa
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         return train(config, args.data, name=args.name, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                     allow_config_change=args.allow_config_change,
                      subscribers=[] if quiet else [ProgressBar()], should_stop=stop,
                      log=lambda m: print(m, file=sys.stderr))
     finally:

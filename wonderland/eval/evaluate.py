@@ -106,7 +106,7 @@ def _check_out(out: Path) -> None:
 
 def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] | None = None,
              out: str | Path | None = None, gen: GenerationConfig | None = None, *, device: str = "auto",
-             retention: bool | str | Path = True, samples: int = 1, progress: Progress | None = None,
+             retention: bool | str | Path = True, samples: int = 1, checkpoint: int | None = None, progress: Progress | None = None,
              log: Callable[[str], None] = lambda m: None) -> dict:
     """Evaluate a finished run; write the report into ``out`` (default ``RUN/eval``); return eval.json.
 
@@ -120,9 +120,9 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     if samples < 1:
         raise UserError(f"samples per prompt must be at least 1, got {samples}")
     prompts_file, prompt_list = _prompt_list(prompts)
-    loaded = load_run(run_ref, device=device)
+    loaded = load_run(run_ref, device=device, checkpoint=checkpoint)
     run = loaded.run
-    out_dir = Path(out).expanduser().resolve() if out else run.path / "eval"
+    out_dir = Path(out).expanduser().resolve() if out else run.path / ("eval" if checkpoint is None else f"eval-step-{checkpoint:06d}")
     _check_out(out_dir)
     character = loaded.info.get("character") or "character"
     data_dir, valid, stats, utterances = _data_files(loaded)

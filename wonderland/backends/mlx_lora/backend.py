@@ -31,7 +31,7 @@ from mlx_lm.tuner import train as mlx_train
 from mlx_lm.tuner.callbacks import TrainingCallback
 
 from wonderland.backends.base import TrainJob, TrainResult
-from wonderland.backends.common import batch_indices, finish_checkpoint
+from wonderland.backends.common import batch_indices, check_keys, finish_checkpoint
 from wonderland.backends.mlx_lora.batching import collate, mean_loss
 from wonderland.backends.mlx_lora.blas import BLAS
 from wonderland.backends.mlx_lora.chat import MLXChatModel
@@ -281,7 +281,10 @@ class MLXBackend:
     def _load_checkpoint(self, ckpt: Path, model, optimizer) -> int:
         if not (ckpt / "adapter" / ADAPTER_WEIGHTS).exists():
             raise UserError(f"{ckpt} is not an MLX checkpoint (no adapter/{ADAPTER_WEIGHTS}); resume it with the backend that wrote it")
-        model.load_weights(str(ckpt / "adapter" / ADAPTER_WEIGHTS), strict=False)
+        saved = mx.load(str(ckpt / "adapter" / ADAPTER_WEIGHTS))
+        expected = {k for k, _ in tree_flatten(model.trainable_parameters())}
+        check_keys(ckpt, sorted(expected - saved.keys()), sorted(saved.keys() - expected))
+        model.load_weights(list(saved.items()), strict=False)  # strict=False: the frozen base is not in it
         # AdamW moments + step count (hence the schedule position). mlx's global RNG key cannot be
         # set back, so with --dropout > 0 a resumed run draws different dropout masks.
         optimizer.state = tree_unflatten(list(mx.load(str(ckpt / "optimizer.safetensors")).items()))

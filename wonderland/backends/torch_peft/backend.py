@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from wonderland.backends.base import TrainJob, TrainResult
-from wonderland.backends.common import batch_indices, finish_checkpoint, lr_at, serve_best
+from wonderland.backends.common import batch_indices, check_keys, finish_checkpoint, lr_at, serve_best
 from wonderland.backends.torch_peft import distributed, guard, trainer
 from wonderland.backends.torch_peft.batching import batch_loss, collate, summed_loss
 from wonderland.backends.torch_peft.chat import TorchChatModel
@@ -274,9 +274,15 @@ class TorchBackend:
         from safetensors.torch import load_file
 
         state = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"), device=str(device))
-        set_peft_model_state_dict(model, state)
+        loaded = set_peft_model_state_dict(model, state)
+        missing = [k for k in loaded.missing_keys if "lora_" in k]  # the frozen base is never in a checkpoint
+        check_keys(ckpt, missing, list(loaded.unexpected_keys))
         extra = torch.load(ckpt / "trainer.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(extra["optimizer"])
+        try:
+            optimizer.load_state_dict(extra["optimizer"])
+        except ValueError as e:  # torch: "loaded state dict contains a parameter group that doesn't match ..."
+            raise UserError(f"{ckpt}: the optimizer state does not fit this model ({e}); resume with the settings "
+                            f"that wrote it") from None
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["cuda_rng"])

@@ -159,6 +159,8 @@ def launch_train(num_procs: int, config, args) -> int:
                 argv += [f"--{opt}", str(getattr(args, opt))]
         if args.overwrite:
             argv.append("--overwrite")
+        if getattr(args, "allow_config_change", False):
+            argv.append("--allow-config-change")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={num_procs}",
                "-m", "wonderland", *argv]
         return subprocess.call(cmd, env=env)

@@ -1,0 +1,108 @@
+"""The checkpoint probe and the best checkpoint: recorded per validation point, never pruned, served."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import write_dataset
+from wonderland.cli import main
+from wonderland.probe import BEST_FILE, best
+
+
+@pytest.fixture(scope="module")
+def probed_run(tiny_model, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("best")
+    data = write_dataset(tmp / "data")
+    out = tmp / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--model", str(tiny_model), "--iters", "8",
+                 "--batch-size", "2", "--val-every", "2", "--save-every", "0", "--lr", "3e-3", "--threads", "1"]) == 0
+    return out
+
+
+def test_every_validation_point_is_scored_and_the_rule_picks_the_best(probed_run):
+    info = json.loads((probed_run / "run.json").read_text())
+    rows = info["result"]["checkpoints"]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    for r in rows:
+        assert set(r) == {"step", "val_loss", "persona_margin", "retention_drift"}
+        assert all(isinstance(r[k], float) for k in ("val_loss", "persona_margin", "retention_drift"))
+    assert info["result"]["best_step"] == best(rows)["step"]
+    assert json.loads((probed_run / "checkpoints" / BEST_FILE).read_text())["step"] == best(rows)["step"]
+    evals = [json.loads(ln) for ln in (probed_run / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["event"] == "eval"]
+    assert [(e["step"], e["persona_margin"]) for e in evals] == [(r["step"], r["persona_margin"]) for r in rows]
+
+
+def test_the_best_checkpoint_is_kept_and_served(probed_run):
+    info = json.loads((probed_run / "run.json").read_text())
+    top = info["result"]["best_step"]
+    kept = sorted(p.name for p in (probed_run / "checkpoints").glob("step-*"))
+    assert f"step-{top:06d}" in kept and "step-000008" in kept and len(kept) <= 3
+    served = (probed_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert served == (probed_run / "checkpoints" / f"step-{top:06d}" / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_picked_checkpoint_is_loaded_and_a_missing_one_is_refused(probed_run, capsys):
+    from wonderland.generate import load_run
+
+    info = json.loads((probed_run / "run.json").read_text())
+    top = info["result"]["best_step"]
+    other = next(s for s in (6, 8, 4, 2) if s != top and (probed_run / "checkpoints" / f"step-{s:06d}").is_dir())
+    records = [{"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "What time is it?"},
+                             {"role": "assistant", "content": "Always tea-time."}]}]
+    served = load_run(probed_run, device="cpu").model.loss(records)
+    picked = load_run(probed_run, device="cpu", checkpoint=other).model.loss(records)
+    assert served[1] == picked[1] and served[0] != picked[0]
+    assert main(["chat", "--run", str(probed_run), "--checkpoint", "99", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at step 99" in err and "kept:" in err and "Traceback" not in err
+
+
+def test_pruning_never_removes_the_recorded_best(tmp_path):
+    from types import SimpleNamespace
+
+    from wonderland.backends.common import KEEP_CHECKPOINTS, finish_checkpoint
+    from wonderland.config import TrainConfig
+    from wonderland.runs import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    (run.checkpoints / BEST_FILE).write_text(json.dumps({"step": 1}))
+    job = SimpleNamespace(run=run, config=TrainConfig(), emit=lambda e: None)
+    for step in range(1, 6):
+        tmp = run.checkpoints / f".tmp{step}"
+        tmp.mkdir()
+        finish_checkpoint(job, tmp, run.checkpoints / f"step-{step:06d}", step)
+    assert sorted(p.name for p in run.checkpoints.glob("step-*")) == \
+        ["step-000001"] + [f"step-{s:06d}" for s in range(6 - KEEP_CHECKPOINTS, 6)]
+
+
+def test_kl_term_is_zero_at_the_base_and_grows_when_the_adapter_moves(tiny_model):
+    import torch
+    from peft import get_peft_model
+
+    from tests.helpers import chat_records
+    from wonderland.backends.torch_peft.backend import load_base, lora_config
+    from wonderland.backends.torch_peft.guard import kl_sum, with_kl
+    from wonderland.config import TrainConfig
+
+    tok, base = load_base(tiny_model, torch.device("cpu"), torch.float64)
+    model = get_peft_model(base, lora_config(TrainConfig(), base.config.num_hidden_layers))
+    batch = chat_records(3, seed=1)
+    kl, n = kl_sum(model, batch, tok.pad_token_id, torch.device("cpu"))
+    assert n == sum(e.n_target_tokens - (e.labels[0] != -100) for e in batch) and abs(float(kl.detach())) < 1e-9  # B = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    kl, _ = kl_sum(model, batch, tok.pad_token_id, torch.device("cpu"))
+    assert float(kl.detach()) > 1e-4
+    kl.backward()  # the gradient reaches the LoRA weights only
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n_, p in model.named_parameters() if "lora_" in n_)
+    plain = lambda b: (torch.tensor(2.0), 4, 10)  # noqa: E731
+    combined = with_kl(plain, model, batch, 0.5, 3, 0, tok.pad_token_id, torch.device("cpu"))
+    total, count, tokens = combined(batch)
+    assert (count, tokens) == (4, 10) and float(total) == pytest.approx(2.0 + 0.5 * float(kl.detach()) * 4 / n)
