@@ -83,8 +83,12 @@ def train(
     subscribers: Iterable[Subscriber] = (),
     should_stop: Callable[[], bool] = lambda: False,
     log: Callable[[str], None] = print,
+    allow_config_change: bool = False,
 ) -> RunDir:
-    """Check everything before writing anything, set up the run folder, train, save the summary."""
+    """Check everything before writing anything, set up the run folder, train, save the summary.
+
+    A resume continues the run's last checkpoint; it refuses a config that changes what is learned
+    (:data:`LEARNED`, the data, the backend) unless ``allow_config_change``."""
     run, info, resume_from = _resumed_run(resume, config) if resume else (None, None, None)
     if resume:
         data_dir = data_dir or info["data"]["path"]
@@ -97,6 +101,8 @@ def train(
     backend = get_backend(backend_name, log=log)
     model_path = resolve_model(config.model, log=log)
     data_dir = Path(data_dir).expanduser().resolve()
+    if resume_from is not None and not allow_config_change:
+        check_resume(resume_from, info, config, backend_name, _hash_files([data_dir / "train.jsonl", data_dir / "valid.jsonl"]))
     if resume_from is None:
         character = stats.get("character") or "character"
         run = new_run_dir(name, out, character, overwrite)
@@ -143,6 +149,37 @@ def _resumed_run(resume: str, config: TrainConfig) -> tuple[RunDir, dict, Path]:
     if resume_from is None:
         raise UserError(f"run {run.name} has no checkpoint to resume from; start a new run instead")
     return run, info, resume_from
+
+
+# What a resume may not change without --allow-config-change: the settings that decide what is
+# learned (torchtune checks the same on resume). lr, schedule, warmup, a larger --iters and the
+# val/save/sample cadence may change.
+LEARNED = ("seed", "model", "rank", "alpha", "targets", "layers", "dropout", "batch_size", "max_seq_len")
+
+
+def check_resume(ckpt: Path, info: dict, config: TrainConfig, backend_name: str, data_sha256: str) -> None:
+    """Compare a resume's settings with the config its checkpoint saved; one-line UserError naming
+    the first field that changes what is learned."""
+    saved = _saved_config(ckpt, info)
+    step = checkpoint_step(ckpt)
+    if config.iters <= step:
+        raise UserError(f"--iters {config.iters} does not go past the checkpoint's step {step}; pass a larger --iters")
+    new = config.to_dict()
+    changes = [(f"--{k.replace('_', '-')}", saved[k], new[k]) for k in LEARNED if k in saved and saved[k] != new[k]]
+    if info.get("backend") and backend_name != info["backend"]:
+        changes.append(("--backend", info["backend"], backend_name))
+    if (info.get("data") or {}).get("sha256") not in (None, data_sha256):
+        changes.append(("--data", info["data"].get("path"), "a different dataset (train/valid records changed)"))
+    if changes:
+        flag, old, value = changes[0]
+        raise UserError(f"resuming {ckpt.parent.parent.name} would change {flag} ({old!r} -> {value!r}), which changes "
+                        f"what the run learns; start a new run, or pass --allow-config-change to continue anyway")
+
+
+def _saved_config(ckpt: Path, info: dict) -> dict:
+    """The config a checkpoint was written with (run.json's for checkpoints that predate saving it)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    return state.get("config") or info.get("config") or {}
 
 
 def checkpoint_step(ckpt: Path) -> int:
