@@ -136,7 +136,7 @@ def test_mlx_stop_then_resume_matches_an_uninterrupted_run(dataset, tiny_model, 
     info = stopped.read()
     assert info["status"] == "stopped" and info["result"]["step"] == 2
     assert sorted(p.name for p in stopped.checkpoints.iterdir()) == ["step-000002"]
-    assert sorted(p.name for p in stopped.path.iterdir()) == ["checkpoints", "metrics.jsonl", "run.json"]  # no staging left
+    assert sorted(p.name for p in stopped.path.iterdir()) == [".lock", "checkpoints", "metrics.jsonl", "run.json"]  # no staging left
 
     assert main(["train", "--resume", str(tmp_path / "b")]) == 0
     records = read_metrics(stopped.metrics)
