@@ -472,3 +472,20 @@ def test_an_unreadable_run_is_listed_with_its_error(client, wl_home):
     assert runs["corrupt"]["status"] == "unreadable" and "corrupt run.json" in runs["corrupt"]["error"]
     r = client.get("/api/runs/corrupt")
     assert r.status_code == 400 and "corrupt run.json" in r.json["error"]
+
+
+def test_runs_duration_is_training_time_summed_over_sessions(client, wl_home):
+    """One elapsed time: each session's last step's elapsed_s, summed over stop / resume (the Train
+    page counts the same way), not run.json's timings (setup included)."""
+    run = wl_home / "runs" / "two-sessions"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"status": "finished", "backend": "torch", "config": {"backend": "auto"},
+                                              "timings": {"train_s": 346.0}}))
+    rows = [{"event": "started"}, {"event": "step", "step": 1, "loss": 3.0, "elapsed_s": 50.0},
+            {"event": "step", "step": 2, "loss": 2.5, "elapsed_s": 100.0}, {"event": "stopped", "step": 2, "elapsed_s": 101.0},
+            {"event": "resumed", "step": 2}, {"event": "step", "step": 3, "loss": 2.0, "elapsed_s": 52.0},
+            {"event": "finished", "step": 3, "elapsed_s": 190.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"seq": i, "time": i, **r}) + "\n" for i, r in enumerate(rows)))
+    (item,) = client.get("/api/runs").json["runs"]
+    assert item["duration_s"] == 152.0 and item["backend"] == "torch"
+    assert client.get("/api/runs/two-sessions").json["summary"]["duration_s"] == 152.0

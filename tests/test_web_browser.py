@@ -66,6 +66,9 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
+# every element matching SEL lies horizontally within the window (nothing cut off or scrolled away)
+IN_VIEW_X = ("[...document.querySelectorAll('SEL')].every(e => { const r = e.getBoundingClientRect(); "
+             "return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth + 1; })")
 HOLD_AT_STEP = 6  # the first run waits here until Stop is pressed: it cannot finish before the click
 
 
@@ -210,6 +213,20 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         page.wait_for_selector("#page-train:not([hidden])")
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
         shot(page, "web-train-narrow.png")
+        # a 390 px phone: every tab, the Evaluation page and the Runs actions within the screen
+        page.set_viewport_size({"width": 390, "height": 844})
+        assert page.evaluate(IN_VIEW_X.replace("SEL", ".tabs a"))
+        page.click("a[data-page=eval]")
+        page.wait_for_selector("#eval-body:not([hidden])")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        assert page.evaluate(IN_VIEW_X.replace("SEL", "#eval-summary table, #eval-report, #eval-images img"))
+        shot(page, "web-eval-390.png")
+        page.click("a[data-page=runs]")
+        page.wait_for_selector("#runs-body tr[data-run=browser-run]")
+        assert page.evaluate(IN_VIEW_X.replace("SEL", "#runs-body .row-actions button")), page.evaluate(
+            "[...document.querySelectorAll('#runs-body .row-actions button, #runs-body td')].map(e => e.tagName + ':' + Math.round(e.getBoundingClientRect().left) + '-' + Math.round(e.getBoundingClientRect().right)).join(' ')")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
+        shot(page, "web-runs-390.png")
 
         # --- Delete with confirmation
         page.set_viewport_size({"width": 1360, "height": 900})
@@ -218,4 +235,43 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         page.click("#runs-body tr[data-run=browser-run] button:has-text('Delete')")
         page.wait_for_selector("#runs-empty:not([hidden])")
         assert not (wl_home / "runs" / "browser-run").exists()
+    assert problems == []
+
+
+def test_train_page_keeps_the_running_runs_values_buttons_and_name_message(browser_page, tiny_model, wl_home, monkeypatch):
+    """At 1280x800: Train / Stop / Resume above the fold; a name refused by the browser's pattern
+    check says why (and replaces a stale message); after a reload during a run the form shows that
+    run's values, not the preset's."""
+    from tests.test_web_api import write_dataset
+
+    page, problems = browser_page
+    write_dataset(wl_home)
+    hold_training_until_stopped(monkeypatch)
+    page.set_viewport_size({"width": 1280, "height": 800})
+    app = create_app()
+    with BackgroundServer(app) as url:
+        page.goto(url + "/#train")
+        page.wait_for_selector("body[data-ready='1']")
+        page.wait_for_selector("#page-train:not([hidden])")
+        for button in ("#train-btn", "#stop-btn"):
+            box = page.locator(button).bounding_box()
+            assert box is not None and box["y"] + box["height"] <= 800, (button, box)
+        page.evaluate("document.querySelector('#train-msg').textContent = 'Started an earlier run.'")
+        page.fill("#train-form [name=name]", "bad name!")
+        page.click("#train-btn")
+        wait_until(page, "document.querySelector('#train-msg').textContent.includes('run name')")
+        assert "Started" not in page.inner_text("#train-msg")
+
+        config = {"model": str(tiny_model), "iters": 37, "batch_size": 2, "lr": 0.0042, "val_every": 0, "save_every": 0,
+                  "max_seq_len": 96, "threads": 1}
+        r = app.test_client().post("/api/train", json={"dataset": "tiny", "name": "held", "config": config})
+        assert r.status_code == 202, r.json
+        page.reload()
+        page.wait_for_selector("body[data-ready='1']")
+        wait_until(page, "document.querySelector('#job-pill').classList.contains('running')")
+        assert page.input_value("[name='cfg.iters']") == "37" and page.input_value("[name='cfg.lr']") == "0.0042"
+        assert page.locator("#presets button.on").inner_text() == "custom"
+        page.click("#stop-btn")
+        page.wait_for_selector("#run-state.stopped")
+        assert page.inner_text("#s-eta") == "–"
     assert problems == []

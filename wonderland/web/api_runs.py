@@ -18,9 +18,21 @@ bp = Blueprint("runs_api", __name__)
 MAX_CURVE_POINTS = 400  # per curve, enough for a chart; longer runs are strided
 
 
-def curve(run: RunDir) -> dict[str, list]:
+def training_seconds(records: list[dict]) -> float | None:
+    """Training time over all of a run's sessions: each session's last step's ``elapsed_s``, summed
+    (the Train page's stats and log count the same way: one elapsed time everywhere)."""
+    total, session, seen = 0.0, 0.0, False
+    for r in records:
+        if r["event"] in ("started", "resumed"):
+            total, session = total + session, 0.0
+        elif r["event"] == "step" and isinstance(r.get("elapsed_s"), (int, float)):
+            session, seen = r["elapsed_s"], True
+    return round(total + session, 2) if seen else None
+
+
+def curve(run: RunDir, records: list[dict] | None = None) -> dict[str, list]:
     """Train loss per step and val loss per evaluation, from metrics.jsonl (resumes included)."""
-    records = read_metrics(run.metrics)
+    records = read_metrics(run.metrics) if records is None else records
     steps = [(r["step"], r["loss"]) for r in records if r["event"] == "step"]
     evals = [(r["step"], r["val_loss"]) for r in records if r["event"] == "eval"]
     stride = max(1, len(steps) // MAX_CURVE_POINTS)
@@ -36,7 +48,7 @@ def summary(run: RunDir, info: dict[str, Any]) -> dict[str, Any]:
         "created": info.get("created"), "updated": info.get("updated"), "backend": info.get("backend"),
         "model": (info.get("model") or {}).get("id"), "config": info.get("config", {}),
         "data": info.get("data", {}), "step": result.get("step"), "loss": result.get("loss"),
-        "val_loss": result.get("val_loss"), "duration_s": (info.get("timings") or {}).get("train_s"),
+        "val_loss": result.get("val_loss"),
         "error": info.get("error"), "has_adapter": (run.adapter / "adapter_config.json").exists()
         or (run.adapter / "adapters.safetensors").exists(),
         "resumable": run.latest_checkpoint() is not None, "has_eval": (run.path / "eval").is_dir(),
@@ -58,8 +70,9 @@ def read_or_unreadable(run: RunDir) -> dict[str, Any]:
 def runs():
     out = []
     for run in list_runs():
+        records = read_metrics(run.metrics)
         item = summary(run, read_or_unreadable(run))
-        item["curve"] = curve(run)
+        item["curve"], item["duration_s"] = curve(run, records), training_seconds(records)
         out.append(item)
     return jsonify(runs=out)
 
@@ -67,8 +80,9 @@ def runs():
 @bp.get("/api/runs/<name>")
 def run_info(name: str):
     run = run_dir(name)
-    info = run.read()
-    return jsonify(summary=summary(run, info), run=info, curve=curve(run))
+    info, records = run.read(), read_metrics(run.metrics)
+    item = {**summary(run, info), "duration_s": training_seconds(records)}
+    return jsonify(summary=item, run=info, curve=curve(run, records))
 
 
 @bp.delete("/api/runs/<name>")

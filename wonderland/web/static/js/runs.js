@@ -65,8 +65,9 @@ function detail(name) {
   if (!chart) chart = new LossChart($("#detail-chart"), { height: 260 });
   chart.set(r.curve);
   exportPanel(name, r.has_adapter);
-  const facts = { model: r.model, backend: r.backend, "train records": r.data.train_records, "valid records": r.data.valid_records,
-    ...r.config, error: r.error };
+  // the config says what was asked (backend "auto"); the run says what ran: its values win
+  const facts = { ...r.config, model: r.model, backend: r.backend, "train records": r.data.train_records,
+    "valid records": r.data.valid_records, error: r.error };
   $("#detail-config").replaceChildren(...Object.entries(facts).filter(([, v]) => v !== null && v !== undefined && v !== "")
     .flatMap(([k, v]) => [el("dt", { text: k.replaceAll("_", " ") }), el("dd", { text: fmt(v, 6) })]));
 }

@@ -14,6 +14,10 @@ let source = null;      // the EventSource of the run being watched
 let watching = null;    // its run name
 let job = null;         // last /api/train/status answer
 let t0 = null;          // wall time of the run's first event, for elapsed when no step came yet
+let priorElapsed = 0;   // training seconds of the run's earlier sessions (before a stop / resume)
+let sessionElapsed = 0; // training seconds of the current session, from its last step
+let savedSteps = new Set();  // checkpoint steps already logged (a stop on a save step saves it twice)
+const NAME_RULE = "run name: letters, digits, '-' and '_', starting with a letter or digit (max 100 characters)";
 
 export async function init() {
   schema = await api("/api/config");
@@ -22,6 +26,8 @@ export async function init() {
   buildFields();
   applyPreset(preset);
   $("#train-form").addEventListener("submit", (e) => { e.preventDefault(); start(); });
+  // the browser's own pattern check blocks the submit with no message of ours: say why, drop a stale "Started"
+  $("#train-form").elements.name.addEventListener("invalid", () => say(NAME_RULE, "error"));
   $("#stop-btn").addEventListener("click", stop);
   $("#resume-btn").addEventListener("click", () => resume(job && job.run));
   bus.on("datasets", (datasets) => fillSelect($("#train-dataset"), datasets, $("#train-dataset").value, (d) => `${d.name} (${d.character ?? "?"})`));
@@ -62,14 +68,15 @@ function fieldInput(f) {
 }
 
 function applyPreset(name) {
-  if (name !== "custom") {
-    const values = { ...Object.fromEntries(schema.train.map((f) => [f.name, f.default])), ...schema.presets[name] };
-    for (const [key, value] of Object.entries(values)) {
-      const input = $(`[name="cfg.${key}"]`);
-      if (input) input.value = value;
-    }
-  }
+  if (name !== "custom") fillForm({ ...Object.fromEntries(schema.train.map((f) => [f.name, f.default])), ...schema.presets[name] });
   markPreset(name);
+}
+
+function fillForm(values) {
+  for (const [key, value] of Object.entries(values)) {
+    const input = $(`[name="cfg.${key}"]`);
+    if (input && value !== null && value !== undefined) input.value = value;
+  }
 }
 
 function markPreset(name) {
@@ -92,6 +99,7 @@ function say(text, kind = "") { const m = $("#train-msg"); m.textContent = text;
 
 async function start() {
   const form = $("#train-form");
+  say("");
   if (!$("#train-dataset").value) { say("build a dataset first (Dataset page)", "error"); return; }
   $("#train-btn").disabled = true;
   try {
@@ -135,6 +143,7 @@ async function refreshStatus(first) {
   pill.textContent = active ? `training ${job.run}` : job.run ? `${job.state}: ${job.run}` : "idle";
   pill.className = `pill ${active ? "running" : "idle"}`;
   setState(job.run ? job.state : null);
+  if (first && active && job.config) { fillForm(job.config); markPreset("custom"); }  // after a reload: the running run's values
   if (job.run && (first || active) && watching !== job.run) watch(job.run, false);
   if (job.error) say(job.error, "error");
 }
@@ -151,6 +160,7 @@ function watch(name, fresh) {
   if (source) source.close();
   watching = name;
   t0 = null;
+  priorElapsed = 0; sessionElapsed = 0; savedSteps = new Set();
   chart.reset();
   $("#train-log").replaceChildren();
   $("#progress-title").textContent = name;
@@ -191,6 +201,7 @@ function onEvent(r) {
       progress(r.step, r.total_steps);
       break;
     case "resumed":
+      priorElapsed += sessionElapsed; sessionElapsed = 0;
       setState("running");
       log(`resumed from ${r.checkpoint.split("/").pop()} at step ${r.step}`, "", r.time);
       progress(r.step, r.total_steps);
@@ -201,7 +212,8 @@ function onEvent(r) {
       $("#s-loss").textContent = fmt(r.loss);
       $("#s-lr").textContent = fmt(r.learning_rate, 5);
       $("#s-tps").textContent = fmt(r.tokens_per_second, 0);
-      $("#s-elapsed").textContent = duration(r.elapsed_s);
+      sessionElapsed = r.elapsed_s ?? sessionElapsed;
+      $("#s-elapsed").textContent = duration(elapsed());
       $("#s-eta").textContent = duration(r.eta_s);
       chart.addStep(r.step, r.loss);
       log(`step ${r.step}/${r.total_steps}  loss ${fmt(r.loss)}  lr ${fmt(r.learning_rate, 5)}  ${fmt(r.tokens_per_second, 0)} tok/s`, "", r.time);
@@ -211,25 +223,34 @@ function onEvent(r) {
       chart.addEval(r.step, r.val_loss);
       log(`step ${r.step}: validation loss ${fmt(r.val_loss)} (${fmt(r.val_time_s, 1)} s)`, "eval", r.time);
       break;
-    case "checkpoint": log(`checkpoint saved at step ${r.step}`, "", r.time); break;
+    case "checkpoint":
+      if (!savedSteps.has(r.step)) log(`checkpoint saved at step ${r.step}`, "", r.time);
+      savedSteps.add(r.step);
+      break;
     case "sample": log(`sample at step ${r.step}: “${r.prompt}” → ${r.reply}`, "sample", r.time); break;
     case "stopped":
       setState("stopped");
-      log(`stopped at step ${r.step}; checkpoint kept, resume any time`, "warn", r.time);
+      $("#s-eta").textContent = "–";  // a stopped run has no time left to count down
+      log(`stopped at step ${r.step} after ${duration(elapsed())} of training; checkpoint kept, resume any time`, "warn", r.time);
       break;
     case "finished":
       setState("finished");
       progress(r.total_steps, r.total_steps);
       $("#s-eta").textContent = "done";
-      log(`finished: loss ${fmt(r.loss)}, val loss ${fmt(r.val_loss)} in ${duration(r.elapsed_s)}`, "eval", r.time);
+      log(`finished: loss ${fmt(r.loss)}, val loss ${fmt(r.val_loss)} in ${duration(elapsed())} of training`, "eval", r.time);
       break;
     case "failed":
       setState("failed");
+      $("#s-eta").textContent = "–";
       log(`failed: ${r.error}`, "bad", r.time);
       break;
     default: log(`${r.event}`, "", r.time);
   }
 }
+
+// One elapsed time everywhere (stats, log, Runs): training seconds summed over the run's sessions,
+// each session's figure being its last step's elapsed_s (the Runs page sums metrics.jsonl the same way).
+function elapsed() { return priorElapsed + sessionElapsed; }
 
 function log(text, kind = "", time = null) {
   const list = $("#train-log");
