@@ -250,10 +250,3 @@ def merge_config(cls: type, *layers: dict[str, Any], source: str = "config", nam
     for layer in layers:
         merged.update(check_fields(cls, layer, naming, prefix=f"{source}: " if source else ""))
     return cls(**merged)
-
-
-def check_run_name(name: str) -> str:
-    """Transitional: runs.py's import until it calls :func:`wonderland.names.check_name` itself."""
-    from wonderland.names import check_name
-
-    return check_name(name, "run")

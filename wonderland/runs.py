@@ -24,9 +24,9 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from wonderland.config import check_run_name
 from wonderland.errors import UserError
 from wonderland.fileio import atomic_write_json
+from wonderland.names import check_name
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "stopped", "finished", "failed", "interrupted")
@@ -187,7 +187,7 @@ def resolve_run(name_or_path: str | os.PathLike) -> RunDir:
     text = str(name_or_path)
     candidates = [Path(text).expanduser()]
     if "/" not in text and os.sep not in text:
-        candidates.insert(0, runs_root() / check_run_name(text))
+        candidates.insert(0, runs_root() / check_name(text, "run"))
     for p in candidates:
         if (p / "run.json").exists():
             return RunDir(p.resolve())
@@ -200,7 +200,7 @@ def new_run_dir(name: str | None, out: str | None, character: str, overwrite: bo
     """The folder for a new run; refuses to touch an existing run unless ``overwrite``."""
     if name and out:
         raise UserError("give either --name or --out, not both")
-    path = Path(out).expanduser() if out else runs_root() / check_run_name(name or default_run_name(character))
+    path = Path(out).expanduser() if out else runs_root() / check_name(name or default_run_name(character), "run")
     run = RunDir(path.resolve())
     if path.exists() and any(path.iterdir()):
         if not overwrite:
