@@ -79,8 +79,10 @@ def peak_memory_gb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 1e9
     try:
         import resource
+        import sys
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+        per_gb = 1e9 if sys.platform == "darwin" else 1e6  # ru_maxrss is bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_gb
     except Exception:
         return 0.0
 
