@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 from wonderland import __version__, replay
 from wonderland.backends import TrainJob, get_backend, resolve_backend_name
+from wonderland.backends.common import Diverged
 from wonderland.config import TrainConfig
 from wonderland.errors import UserError
 from wonderland.events import (EventBus, Failed, Finished, MetricsWriter, Subscriber, SubscriberError, next_seq,
@@ -262,4 +263,6 @@ def _reason(e: BaseException) -> str:
         return "interrupted"
     if isinstance(e, SubscriberError):
         return f"metrics could not be recorded: {e}"
+    if isinstance(e, Diverged):
+        return str(e)
     return f"{type(e).__name__}: {e}"

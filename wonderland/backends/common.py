@@ -64,8 +64,9 @@ def check_keys(ckpt: Path, missing: list[str], unexpected: list[str]) -> None:
                         f"resume with the model and LoRA settings that wrote it")
 
 
-class Diverged(Exception):
-    """Training went wrong in a way more steps cannot fix: the run stops as ``failed`` with this reason.
+class Diverged(UserError):
+    """Training went wrong in a way more steps cannot fix: the run stops as ``failed`` with this reason
+    (a UserError: the fix is the user's, a lower --lr; the CLI says it in one line and exits 2).
 
     Raised by :class:`DivergenceGuard` from inside either backend's loop; the last good checkpoint
     (written before the loss went bad) is kept, so the run can be resumed with a lower ``--lr``."""

@@ -31,7 +31,7 @@ from mlx_lm.tuner import train as mlx_train
 from mlx_lm.tuner.callbacks import TrainingCallback
 
 from wonderland.backends.base import TrainJob, TrainResult
-from wonderland.backends.common import batch_indices, check_keys, finish_checkpoint
+from wonderland.backends.common import DivergenceGuard, batch_indices, check_keys, finish_checkpoint
 from wonderland.backends.mlx_lora.batching import collate, mean_loss
 from wonderland.backends.mlx_lora.blas import BLAS
 from wonderland.backends.mlx_lora.chat import MLXChatModel
@@ -179,29 +179,49 @@ class _Reporter(TrainingCallback):
     checkpoint, stop check."""
 
     def __init__(self, backend: "MLXBackend", job: TrainJob, model, tokenizer, optimizer, acfg: dict,
-                 batches: Batches, start: int, run_eval) -> None:
+                 batches: Batches, start: int, valid_set: list) -> None:
         self.backend, self.job, self.model, self.tokenizer, self.optimizer = backend, job, model, tokenizer, optimizer
-        self.acfg, self.batches, self.start, self.run_eval = acfg, batches, start, run_eval
+        self.acfg, self.batches, self.start, self.valid_set = acfg, batches, start, valid_set
         self.loss: float | None = None
+        self.val_loss: float | None = None
+        self.divergence = DivergenceGuard()  # non-finite or diverging loss: the run fails, good checkpoints stay
         self.t_start = time.perf_counter()
+
+    def validate(self, step: int) -> None:
+        cfg, t0 = self.job.config, time.perf_counter()
+        val = evaluate(self.model, self.valid_set, batch_size=cfg.batch_size, num_batches=cfg.val_batches or -1,
+                       max_seq_length=cfg.max_seq_len, loss=mean_loss, iterate_batches=self.batches)
+        self.model.train()
+        self.divergence.check_val(step, val)
+        self.val_loss = val
+        self.job.emit(Eval(step=step, total_steps=cfg.iters, val_loss=val, val_time_s=time.perf_counter() - t0))
+
+    def check_weights(self, step: int) -> None:
+        finite = all(mx.isfinite(v).all().item() for _, v in tree_flatten(self.model.trainable_parameters()))
+        self.divergence.check_weights(step, finite)
+
+    def save(self, step: int) -> Path:
+        self.check_weights(step)
+        return self.backend._save_checkpoint(self.job, self.model, self.optimizer, self.acfg, step)
 
     def on_train_loss_report(self, info: dict) -> None:
         job, cfg = self.job, self.job.config
         step = self.start + info["iteration"]
         elapsed = time.perf_counter() - self.t_start
         tokens = self.batches.tokens.pop(step, 0)
+        self.divergence.check(step, info["train_loss"])  # before the Step event: no NaN in metrics.jsonl
         self.loss = info["train_loss"]
         job.emit(Step(step=step, total_steps=cfg.iters, loss=self.loss, learning_rate=info["learning_rate"],
                       tokens=tokens, tokens_per_second=tokens * info["iterations_per_second"], elapsed_s=elapsed,
                       eta_s=elapsed / info["iteration"] * (cfg.iters - step), peak_memory_gb=peak_memory_gb()))
         if job.valid_records and cfg.val_every and step % cfg.val_every == 0 and step < cfg.iters:
-            self.run_eval(step)
+            self.validate(step)
         if cfg.sample_every and step % cfg.sample_every == 0:
             self.backend._sample(job, self.model, self.tokenizer, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters:
-            self.backend._save_checkpoint(job, self.model, self.optimizer, self.acfg, step)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.iters and self.divergence.healthy:
+            self.save(step)
         if step < cfg.iters and job.should_stop():
-            raise _StopRequested(step, self.backend._save_checkpoint(job, self.model, self.optimizer, self.acfg, step))
+            raise _StopRequested(step, self.save(step))
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -229,16 +249,6 @@ class MLXBackend:
                      device=device_name(), train_records=len(train_set), valid_records=len(valid_set),
                      trainable_params=trainable))
         batches = Batches(start, cfg.seed)
-        state = {"val_loss": None}
-
-        def run_eval(step: int) -> None:
-            t0 = time.perf_counter()
-            val = evaluate(model, valid_set, batch_size=cfg.batch_size, num_batches=cfg.val_batches or -1,
-                           max_seq_length=cfg.max_seq_len, loss=mean_loss, iterate_batches=batches)
-            model.train()
-            state["val_loss"] = val
-            emit(Eval(step=step, total_steps=cfg.iters, val_loss=val, val_time_s=time.perf_counter() - t0))
-
         if job.should_stop():  # asked before the first step: nothing to train, keep the position
             ckpt = self._save_checkpoint(job, model, optimizer, acfg, start)
             emit(Stopped(step=start, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=0.0))
@@ -247,26 +257,27 @@ class MLXBackend:
         args = TrainingArgs(batch_size=cfg.batch_size, iters=cfg.iters - start, val_batches=cfg.val_batches or -1,
                             steps_per_report=1, steps_per_eval=cfg.iters + 1, steps_per_save=cfg.iters + 1,
                             max_seq_length=cfg.max_seq_len, adapter_file=str(tmp / ADAPTER_WEIGHTS))
-        reporter = _Reporter(self, job, model, tokenizer, optimizer, acfg, batches, start, run_eval)
+        reporter = _Reporter(self, job, model, tokenizer, optimizer, acfg, batches, start, valid_set)
         try:
             with _quiet_mlx_console():
                 # val_dataset=None: mlx-lm would evaluate at its own cadence (step 1, every K, before
                 # the last step); the callback evaluates at ours instead.
                 mlx_train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=None, args=args,
                           loss=mean_loss, iterate_batches=batches, training_callback=reporter)
+            if valid_set:
+                reporter.validate(cfg.iters)
+            reporter.check_weights(cfg.iters)  # a non-finite final adapter is never written
         except _StopRequested as stop:
             shutil.rmtree(tmp, ignore_errors=True)
             emit(Stopped(step=stop.step, total_steps=cfg.iters, checkpoint=str(stop.checkpoint),
                          elapsed_s=time.perf_counter() - reporter.t_start))
-            return TrainResult("stopped", stop.step, reporter.loss, state["val_loss"])
+            return TrainResult("stopped", stop.step, reporter.loss, reporter.val_loss)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if valid_set:
-            run_eval(cfg.iters)
         atomic_write_json(tmp / ADAPTER_CONFIG, acfg)  # mlx-lm already wrote adapters.safetensors
         atomic_replace_dir(tmp, job.run.adapter)
-        return TrainResult("finished", cfg.iters, reporter.loss, state["val_loss"], extra={"device": device_name()})
+        return TrainResult("finished", cfg.iters, reporter.loss, reporter.val_loss, extra={"device": device_name()})
 
     # --- checkpoints: the adapter as mlx-lm writes it + optimizer state; data position = step
     def _save_checkpoint(self, job: TrainJob, model, optimizer, acfg: dict, step: int) -> Path:

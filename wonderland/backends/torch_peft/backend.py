@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from wonderland.backends.base import TrainJob, TrainResult
-from wonderland.backends.common import batch_indices, check_keys, finish_checkpoint, lr_at, serve_best
+from wonderland.backends.common import DivergenceGuard, batch_indices, check_keys, finish_checkpoint, lr_at, serve_best
 from wonderland.backends.torch_peft import distributed, guard, trainer
 from wonderland.backends.torch_peft.batching import batch_loss, collate, summed_loss
 from wonderland.backends.torch_peft.chat import TorchChatModel
@@ -184,12 +184,23 @@ class _Reporter(trainer.TrainingCallback):
         self.t_start = time.perf_counter()
         self.ledger = Ledger.resumed(job.run, start)
         self.nll = guard.scorer(s.model, s.tokenizer, job.config.max_seq_len, s.device)
+        self.divergence = DivergenceGuard()  # non-finite or diverging loss: the run fails, good checkpoints stay
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
 
+    def check_weights(self, step: int) -> None:
+        finite = bool(torch.stack([p.detach().isfinite().all() for p in self.s.params]).all())
+        self.divergence.check_weights(step, finite)
+
+    def save(self, step: int) -> Path:
+        """A checkpoint, only of finite weights."""
+        self.check_weights(step)
+        return self.backend._save_checkpoint(self.job, self.s.model, self.s.optimizer, step)
+
     def on_step(self, r: trainer.StepReport) -> None:
         cfg, step = self.job.config, r.step
+        self.divergence.check(step, r.loss)  # before the Step event: no NaN in metrics.jsonl
         self.loss, elapsed = r.loss, self.elapsed()
         self.job.emit(Step(step=step, total_steps=cfg.iters, loss=r.loss, learning_rate=r.learning_rate, tokens=r.tokens,
                            tokens_per_second=r.tokens / r.seconds, elapsed_s=elapsed,
@@ -201,12 +212,14 @@ class _Reporter(trainer.TrainingCallback):
         if cfg.sample_every and step % cfg.sample_every == 0:
             self.backend._sample(self.job, self.s.model, self.s.tokenizer, self.s.device, step)
         # every probed point gets a checkpoint: the best one is served
-        if (cfg.save_every and step % cfg.save_every == 0 or scored and self.job.probe) and step < cfg.iters:
-            self.backend._save_checkpoint(self.job, self.s.model, self.s.optimizer, step)
+        if (cfg.save_every and step % cfg.save_every == 0 or scored and self.job.probe) and step < cfg.iters \
+                and self.divergence.healthy:  # no checkpoint while the loss is above the divergence limit
+            self.save(step)
 
     def validate(self, step: int) -> float:
         t0 = time.perf_counter()
         self.val_loss = validate(self.s)
+        self.divergence.check_val(step, self.val_loss)
         row = self.job.probe.score(self.nll) if self.job.probe else {}
         if row:
             self.ledger.add(step, row)
@@ -232,11 +245,12 @@ class TorchBackend:
                                grad_clip=cfg.grad_clip, world=s.world, device=s.device,
                                should_stop=job.should_stop, training_callback=reporter)
         if result.status == "stopped":
-            ckpt = self._save_checkpoint(job, s.model, s.optimizer, result.step)
+            ckpt = reporter.save(result.step)
             job.emit(Stopped(step=result.step, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=reporter.elapsed()))
             return TrainResult("stopped", result.step, reporter.loss, reporter.val_loss)
         if s.valid_set:
             reporter.validate(result.step)
+        reporter.check_weights(result.step)  # a non-finite final adapter is never written
         if job.probe:  # the last step is a candidate too: its checkpoint, then serve the best
             self._save_checkpoint(job, s.model, s.optimizer, result.step)
         if s.world.is_main:  # rank 0 only: the adapter is the same on every rank
