@@ -57,7 +57,7 @@ def _work(job: ExportJob, options: dict[str, Any]) -> None:
         job.state = "finished"
     except UserError as e:  # a verify below target still has its report in verify.json
         job.state, job.error = "failed", str(e)
-        job.report = job.report or _last_report(job.run, job.format)
+        job.report = job.report or _last_report(job.run, job.format, options["gguf_type"])
     except Exception as e:  # noqa: BLE001 - shown as one line; the traceback goes to the server log
         job.state, job.error = "failed", f"{type(e).__name__}: {e}"
         logging.getLogger(__name__).exception("export of %s failed", job.run)
@@ -65,14 +65,13 @@ def _work(job: ExportJob, options: dict[str, Any]) -> None:
         job.done.set()
 
 
-def _last_report(name: str, fmt: str) -> dict | None:
+def _last_report(name: str, fmt: str, gguf_type: str = "f16") -> dict | None:
+    """The verify.json an export of ``fmt`` writes by default (``all``: <run>/exports/verify.json)."""
+    from wonderland.export import default_out
+
     run = run_dir(name)
-    folder = run.path / "exports"
-    candidates = [folder / "verify.json"] if fmt == "all" else sorted(folder.glob("*/verify.json"))
-    for path in candidates:
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-    return None
+    path = run.path / "exports" / "verify.json" if fmt == "all" else default_out(run, fmt, gguf_type) / "verify.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _options(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -116,4 +115,4 @@ def export_status(name: str):
     if job is not None and job.run == run.name:
         return jsonify(job.summary())
     return jsonify({"run": run.name, "state": "none", "active": False, "log": [], "error": None,
-                    "report": _last_report(run.name, "all") or _last_report(run.name, "one")})
+                    "report": _last_report(run.name, "all")})
