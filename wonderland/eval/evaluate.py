@@ -117,9 +117,7 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     """
     t0 = time.time()
     gen = gen or default_generation()
-    if samples < 1:
-        raise UserError(f"samples per prompt must be at least 1, got {samples}")
-    prompts_file, prompt_list = _prompt_list(prompts)
+    prompts_file, prompt_list = _prompt_list(prompts, samples)
     loaded = load_run(run_ref, device=device, checkpoint=checkpoint)
     run = loaded.run
     out_dir = Path(out).expanduser().resolve() if out else run.path / ("eval" if checkpoint is None else f"eval-step-{checkpoint:06d}")
@@ -146,20 +144,16 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     scorer = PersonaScorer.from_lines(char_lines, other_lines)  # 3. scores
     copies = CopyDetector(u["text"] for u in utterances)
     scores = _score_arms(loaded, results, replies, retained, gen_s, scorer, copies)
-    terms = _world(utterances, stats, character)
-    for arm in ARMS:  # replies naming things of the character's world that their prompt did not
-        results[arm.name]["world_mention_rate"] = world_mention_rate(replies[arm.name], [p for _, _, p in asks], terms)
+    terms = _world_mentions(results, replies, asks, _world(utterances, stats, character))
     timings["score_s"] = round(time.time() - t, 2)
-    rows = [{"prompt": p, "sample": k, **{a.name: replies[a.name][j] for a in ARMS},
-             "scores": {a.name: scores[a.name][j].to_dict() for a in ARMS}} for j, (k, _, p) in enumerate(asks)]
+    rows = _rows(asks, replies, scores)
     result = {
         "schema_version": SCHEMA_VERSION,
         **results,
         "seed": gen.seed,
         "model": loaded.info.get("model", {}),
         "config": {**_result_config(loaded, gen, retention_gen, prompts_file, prompt_list, samples, scorer, copies),
-                   "world_terms": list(terms), "retention_file": str(retention) if isinstance(retention, (str, Path))
-                   else None, "retention_prompts": len(retention_items)},
+                   "world_terms": list(terms), **_retention_config(retention, retention_items)},
         "target": target_checks(results),
         "meta": _meta(loaded, stats.get("display_name") or character, data_dir, len(valid), n_tokens, device),
         "timings": timings,
@@ -170,8 +164,28 @@ def evaluate(run_ref: str | Path | RunDir, prompts: str | Path | Sequence[str] |
     return result
 
 
-def _prompt_list(prompts: str | Path | Sequence[str] | None) -> tuple[str | None, list[str]]:
+def _world_mentions(results: dict[str, dict], replies: dict[str, list[str]], asks: list, terms) -> list:
+    """Per arm: the rate of replies naming things of the character's world that their prompt did not."""
+    for arm in ARMS:
+        results[arm.name]["world_mention_rate"] = world_mention_rate(replies[arm.name], [p for _, _, p in asks], terms)
+    return terms
+
+
+def _rows(asks: list, replies: dict[str, list[str]], scores: dict[str, list]) -> list[dict]:
+    """samples.jsonl: one row per (sample, prompt), every arm's reply and scores."""
+    return [{"prompt": p, "sample": k, **{a.name: replies[a.name][j] for a in ARMS},
+             "scores": {a.name: scores[a.name][j].to_dict() for a in ARMS}} for j, (k, _, p) in enumerate(asks)]
+
+
+def _retention_config(retention: bool | str | Path, items: list) -> dict:
+    return {"retention_file": str(retention) if isinstance(retention, (str, Path)) else None,
+            "retention_prompts": len(items)}
+
+
+def _prompt_list(prompts: str | Path | Sequence[str] | None, samples: int) -> tuple[str | None, list[str]]:
     """(prompts file or None, the prompts)."""
+    if samples < 1:
+        raise UserError(f"samples per prompt must be at least 1, got {samples}")
     if prompts is None or isinstance(prompts, (str, Path)):
         prompts_file = str(prompts or DEFAULT_PROMPTS)
         return prompts_file, load_prompts(prompts_file)
