@@ -66,20 +66,29 @@ def test_models_lists_the_base_and_the_finished_runs(api, wl_home):
 
 def test_trained_and_base_arms_non_streaming(api, monkeypatch):
     client, _, loaded = api
-    calls = []  # the adapter flag of every generation the server runs on the loaded model
-    stream = loaded.model.stream
-    monkeypatch.setattr(loaded.model, "stream", lambda *a, **kw: calls.append(kw.get("adapter")) or stream(*a, **kw))
+    from wonderland.backends.torch_peft.chat import TorchChatModel
+
+    calls = []  # (which adapter the model view runs, adapter flag) of every generation the server runs
+    stream = TorchChatModel.stream
+
+    def spy(self, messages, gen, adapter=True):
+        calls.append((self.adapter_name, adapter, self.model))
+        return stream(self, messages, gen, adapter=adapter)
+
+    monkeypatch.setattr(TorchChatModel, "stream", spy)
     reply = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=10, seed=1)
-    assert calls == [True]
+    assert [c[:2] for c in calls] == [(loaded.model.adapter_name, True)] and loaded.model.adapter_name
     want = _expected(loaded, PROMPT, SYSTEM, True, temperature=0, max_tokens=10, seed=1)
     assert reply.choices[0].message.content == want and reply.choices[0].message.role == "assistant"
     assert reply.object == "chat.completion" and reply.model == "hatter"
     assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 5
 
     base_id = loaded.info["model"]["id"]
+    shared = calls[0][2]
     calls.clear()
     base = client.chat.completions.create(model=base_id, messages=PROMPT, temperature=0, max_tokens=10)
-    assert calls == [False]  # the adapter is really off for the base name
+    assert [c[:2] for c in calls] == [(None, False)]  # the base name runs no adapter
+    assert calls[0][2] is shared  # one copy of the base weights: the run's adapter is attached to it
     calls.clear()
     assert base.choices[0].message.content == _expected(loaded, PROMPT, NEUTRAL_SYSTEM_PROMPT, False, temperature=0, max_tokens=10)
 

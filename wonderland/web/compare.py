@@ -22,7 +22,7 @@ from flask import Blueprint, current_app, jsonify, request
 from wonderland.chat_format import with_system
 from wonderland.config import GenerationConfig, form_name, merge_config
 from wonderland.errors import UserError
-from wonderland.generate import ARMS, LoadedRun, load_run
+from wonderland.generate import ARMS, LoadedRun, evict_run, load_run
 from wonderland.web import sse
 from wonderland.web.api_runs import summary
 from wonderland.web.common import ApiError, json_body, run_dir
@@ -83,9 +83,11 @@ class ModelCache:
             return  # get() recorded it in self.state for the page to show; anything else is a bug: it surfaces
 
     def forget(self, name: str) -> None:
+        """The run was deleted: its states go, and its models leave the shared cache (memory freed)."""
         with self._lock:
             for key in [k for k in self.state if k[0] == name]:
                 del self.state[key]
+        evict_run(run_dir(name, must_exist=False).path)
 
     def status(self, name: str) -> str:
         key = self._key(name)

@@ -19,7 +19,6 @@ Usage: ``OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused")``.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -129,20 +128,14 @@ class Target:
     system_prompt: str
 
 
-_base_cache: dict[str, Any] = {}
-_base_lock = threading.Lock()
-
-
 def _resolve(name: str) -> Target:
+    """A run name: its adapter on the shared base; a base id: that base itself (the one copy the web
+    app's Compare page and every run on it use too, see wonderland.generate.load_base)."""
     from wonderland.generate import load_run
 
     runs = _finished_runs()
     if name in _base_ids(runs):
-        # reuse a loaded run on this base with its adapter switched off, else load the base alone
-        for run, info in runs:
-            if (info.get("model") or {}).get("id") == name:
-                return Target(load_run(run).model, False, NEUTRAL_SYSTEM_PROMPT)
-        return Target(_load_base(name), False, NEUTRAL_SYSTEM_PROMPT)
+        return Target(_load_base(name, runs), False, NEUTRAL_SYSTEM_PROMPT)
     for run, info in runs:
         if run.name == name:
             loaded = load_run(run)
@@ -151,15 +144,21 @@ def _resolve(name: str) -> Target:
     raise APIError(404, f"The model {name!r} does not exist; available: {known}", param="model", code="model_not_found")
 
 
-def _load_base(model_id: str):
-    from wonderland.backends import get_backend
+def _load_base(model_id: str, runs: list):
+    """The base ``model_id`` from the folder a run on it was trained from (so it is the same cache
+    entry as that run's base), else resolved by id."""
+    from wonderland.backends import resolve_backend_name
+    from wonderland.generate import load_base, load_run
     from wonderland.models import resolve_model
 
-    with _base_lock:
-        if model_id not in _base_cache:
-            path = resolve_model(model_id, log=lambda m: None)
-            _base_cache[model_id] = get_backend("auto", log=lambda m: None).load(Path(path), None)
-        return _base_cache[model_id]
+    for run, info in runs:
+        model = info.get("model") or {}
+        if model.get("id") == model_id and Path(model.get("path") or "").exists():
+            if info.get("backend", "torch") != "torch":  # an MLX run: its own model, adapter off
+                return load_run(run).model
+            return load_base(Path(model["path"]), "torch")
+    path = resolve_model(model_id, log=lambda m: None)
+    return load_base(Path(path), resolve_backend_name("auto", log=lambda m: None))
 
 
 # ----------------------------------------------------------------------------- request parsing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import threading
 from contextlib import nullcontext
@@ -30,10 +31,40 @@ class TorchChatModel:
         self._cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
         self.eos_ids = {i for i in [tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))] if i is not None}
 
+    adapter_name: str | None = None  # set on a view made by with_adapter: the named adapter it runs
+
     def _adapter(self, on: bool):
-        if self.has_adapter and not on:
-            return self.model.disable_adapter()
-        return nullcontext()
+        """Called under the lock, per forward step: the named adapter on, or every adapter off (a
+        base shared by several runs' adapters is a PeftModel too: its own view runs none of them)."""
+        if not isinstance(self.model, PeftModel):
+            return nullcontext()
+        if on and self.adapter_name is not None:
+            self.model.set_adapter(self.adapter_name)
+            return nullcontext()
+        if on and self.has_adapter:  # loaded with one adapter by TorchBackend.load
+            return nullcontext()
+        return self.model.disable_adapter()
+
+    def with_adapter(self, name: str, adapter_path: Path) -> "TorchChatModel":
+        """A view of this (base) model with the PEFT adapter at ``adapter_path`` attached as ``name``
+        (PEFT multi-adapter): one copy of the base weights serves every run trained on it. The view
+        shares the weights, tokenizer and lock; each of its steps switches to its adapter."""
+        with self._lock:
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(adapter_path), adapter_name=name).eval()
+            elif name not in self.model.peft_config:
+                self.model.load_adapter(str(adapter_path), adapter_name=name)
+                self.model.eval()
+        view = copy.copy(self)
+        view.adapter_name, view.has_adapter = name, True
+        return view
+
+    def detach(self) -> None:
+        """Remove this view's adapter from the shared model (the cache evicted it)."""
+        with self._lock:
+            if self.adapter_name is not None and self.adapter_name in self.model.peft_config:
+                if len(self.model.peft_config) > 1:
+                    self.model.delete_adapter(self.adapter_name)
 
     def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
         ids = prompt_ids(self.tokenizer, messages)

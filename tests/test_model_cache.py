@@ -1,0 +1,115 @@
+"""The bounded model cache (wonderland.generate.ModelCache) and one shared base per model:
+LRU by count and bytes, per-key locks, runs attached to one base copy by name, delete evicts."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from tests.helpers import write_dataset
+from wonderland.generate import ModelCache
+
+
+def test_lru_by_count_and_by_bytes():
+    cache = ModelCache(max_models=2)
+    for key in ("a", "b"):
+        cache.get((key,), lambda key=key: (key.upper(), 1))
+    assert cache.get(("a",), lambda: pytest.fail("a is cached")) == "A"  # a is now the most recent
+    cache.get(("c",), lambda: ("C", 1))
+    assert cache.keys() == [("a",), ("c",)]  # b, the least recently used, went
+
+    cache = ModelCache(max_models=10, max_bytes=100)
+    cache.get(("x",), lambda: ("X", 60))
+    cache.get(("y",), lambda: ("Y", 30))
+    cache.get(("z",), lambda: ("Z", 30))
+    assert cache.keys() == [("y",), ("z",)]
+    cache.get(("huge",), lambda: ("H", 500))  # larger than the limit alone: kept (it was asked for), the rest go
+    assert cache.keys() == [("huge",)]
+
+
+def test_loads_of_different_keys_do_not_wait_on_each_other_and_one_key_loads_once():
+    cache, b_started, calls = ModelCache(), threading.Event(), []
+
+    def load_a():
+        calls.append("a")
+        assert b_started.wait(timeout=30), "the load of b waited for the load of a"
+        return "A", 1
+
+    def load_b():
+        calls.append("b")
+        b_started.set()
+        return "B", 1
+
+    results = {}
+    threads = [threading.Thread(target=lambda: results.setdefault("a1", cache.get(("a",), load_a))),
+               threading.Thread(target=lambda: results.setdefault("a2", cache.get(("a",), load_a)))]
+    for t in threads:
+        t.start()
+    results["b"] = cache.get(("b",), load_b)
+    for t in threads:
+        t.join(timeout=60)
+    assert results == {"a1": "A", "a2": "A", "b": "B"} and calls.count("a") == 1
+
+
+def test_evict_drops_matching_keys_and_a_base_takes_its_runs_along():
+    class Loaded:
+        def __init__(self, base_key=None):
+            self.base_key = base_key
+
+    cache = ModelCache(max_models=10)
+    base = ("base", "torch", "/m", "cpu")
+    cache.get(base, lambda: (object(), 100))
+    cache.get(("run", "/r1"), lambda: (Loaded(base), 1))
+    cache.get(("run", "/r2"), lambda: (Loaded(base), 1))
+    assert cache.evict(lambda k: k == ("run", "/r1")) == 1 and ("run", "/r1") not in cache.keys()
+    cache.evict(lambda k: k == base)
+    assert cache.keys() == []
+
+
+@pytest.fixture
+def two_runs(tmp_path, tiny_model, monkeypatch):
+    from wonderland.config import TrainConfig
+    from wonderland.train import train
+
+    dataset = write_dataset(tmp_path / "data")
+    runs = []
+    for name, seed in (("first", 0), ("second", 1)):
+        config = TrainConfig(model=str(tiny_model), iters=2, batch_size=2, lr=0.05, seed=seed, val_every=0, save_every=0)
+        runs.append(train(config, dataset, name=name, log=lambda m: None))
+    return runs, dataset
+
+
+def test_runs_on_one_base_share_its_weights_and_score_as_if_loaded_alone(two_runs, tiny_model, monkeypatch):
+    import json
+
+    from wonderland import generate
+    from wonderland.backends import get_backend
+
+    monkeypatch.setattr(generate, "MODELS", ModelCache(max_models=10))
+    (first, second), dataset = two_runs
+    a, b = generate.load_run(first, device="cpu"), generate.load_run(second, device="cpu")
+    base = generate.load_base(tiny_model, "torch", "cpu")
+    assert a.model.model is b.model.model is base.model  # one copy of the base weights
+    assert a.model.adapter_name != b.model.adapter_name
+    records = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()][:2]
+    for run, view in ((first, a.model), (second, b.model)):
+        alone = get_backend("torch").load(tiny_model, run.adapter, device="cpu")
+        assert view.loss(records) == pytest.approx(alone.loss(records), rel=1e-6, abs=1e-6)
+        assert view.loss(records, adapter=False) == pytest.approx(alone.loss(records, adapter=False), rel=1e-6, abs=1e-6)
+    plain = get_backend("torch").load(tiny_model, device="cpu")
+    assert base.loss(records) == pytest.approx(plain.loss(records), rel=1e-6, abs=1e-6)  # the base view runs no adapter
+    assert a.model.loss(records) != b.model.loss(records)
+
+
+def test_deleting_a_run_in_the_web_app_evicts_it(two_runs, monkeypatch):
+    from wonderland import generate
+    from wonderland.web import create_app
+
+    monkeypatch.setattr(generate, "MODELS", ModelCache(max_models=10))
+    (first, _), _ = two_runs
+    generate.load_run(first)
+    assert [k for k in generate.MODELS.keys() if k[0] == "run"] != []
+    client = create_app().test_client()
+    assert client.delete("/api/runs/first?confirm=first").status_code == 200
+    assert [k for k in generate.MODELS.keys() if k[0] == "run" and k[1] == str(first.path)] == []
