@@ -116,3 +116,55 @@ def test_hundred_sse_listeners_receive_every_event(wl_home, tiny_model):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def read_stream(response, stop_after: int | None = None) -> tuple[list[int], bool]:
+    """The ids of an SSE response's events until ``stop_after`` of them (then the caller drops the
+    connection mid-stream) or until the end event; and whether the end event came."""
+    ids, event = [], None
+    for raw in response:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("id: "):
+            ids.append(int(line[4:]))
+            if stop_after is not None and len(ids) >= stop_after:
+                return ids, False
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line == "":
+            if event == "end":
+                return ids, True
+            event = None
+    raise AssertionError("stream closed without an end event")
+
+
+def test_a_client_that_drops_and_reconnects_with_last_event_id_misses_nothing(wl_home, tiny_model):
+    """EventSource's reconnect: the client drops mid-stream while training goes on, comes back with
+    Last-Event-ID = the last id it saw, and gets exactly the events after it: no gap, no repeat."""
+    from wonderland.web import create_app
+    from wonderland.web.server import BackgroundServer
+
+    write_dataset(wl_home)
+    with BackgroundServer(create_app()) as url:
+        port = int(url.rsplit(":", 1)[1])
+        config = {"model": str(tiny_model), "iters": 100_000, "batch_size": 2, "val_every": 3, "save_every": 0,
+                  "max_seq_len": 64, "threads": 1}
+        assert request(port, "POST", "/api/train", {"dataset": "tiny", "name": "drop", "config": config})[0] == 202
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+        conn.request("GET", "/api/runs/drop/events")
+        first, ended = read_stream(conn.getresponse(), stop_after=4)
+        conn.close()  # dropped mid-stream, while the run goes on
+        assert not ended and first == list(range(4))
+        deadline = time.monotonic() + DEADLINE_S
+        seen_at_drop = len(read_metrics(wl_home / "runs" / "drop" / "metrics.jsonl"))
+        while len(read_metrics(wl_home / "runs" / "drop" / "metrics.jsonl")) < seen_at_drop + 4:  # missed while away
+            assert time.monotonic() < deadline and request(port, "GET", "/api/train/status")[1]["active"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
+        conn.request("GET", "/api/runs/drop/events", headers={"Last-Event-ID": str(first[-1])})
+        response = conn.getresponse()
+        assert request(port, "POST", "/api/train/stop")[0] == 202  # live events follow the replayed ones, then the end
+        second, ended = read_stream(response)
+        conn.close()
+        assert ended
+        stored = [r["seq"] for r in read_metrics(wl_home / "runs" / "drop" / "metrics.jsonl")]
+        assert first + second == stored == list(range(len(stored)))
+        assert len(second) > seen_at_drop + 4 - len(first)  # the reconnect replayed what happened while away
