@@ -28,14 +28,15 @@ def test_train_writes_run_folder_and_metrics(dataset, tiny_model, tmp_path, caps
     assert main(train_args(dataset, tiny_model, out)) == 0
     assert sorted(p.name for p in out.iterdir()) == [".lock", "adapter", "checkpoints", "metrics.jsonl", "run.json"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    # every validation point gets a checkpoint (the last one too); best.json names the one served as adapter/
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.json", "step-000002", "step-000004"]
     assert sorted(p.name for p in (out / "checkpoints" / "step-000002").iterdir()) == [
         "adapter", "trainer.pt", "trainer_state.json"]
 
     records = read_metrics(out / "metrics.jsonl")
     assert [r["seq"] for r in records] == list(range(len(records)))
     kinds = [r["event"] for r in records]
-    assert kinds == ["started", "step", "step", "eval", "checkpoint", "step", "step", "eval", "finished"]
+    assert kinds == ["started", "step", "step", "eval", "checkpoint", "step", "step", "eval", "checkpoint", "finished"]
     for r in records:
         assert {"event", "seq", "time", "step", "total_steps"} <= r.keys() and r["total_steps"] == 4
     steps = [r for r in records if r["event"] == "step"]
