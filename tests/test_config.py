@@ -84,7 +84,8 @@ def test_alpha_is_peft_lora_alpha_and_scale_is_alpha_over_rank():
 def test_run_json_round_trip(tmp_path):
     run = RunDir(tmp_path / "r")
     run.path.mkdir()
-    info = {"schema_version": 1, "status": "running", "config": TrainConfig(iters=7).to_dict()}
+    # "stopped": a "running" run with no training process holding its lock reads as "interrupted"
+    info = {"schema_version": 1, "status": "stopped", "config": TrainConfig(iters=7).to_dict()}
     run.write(info)
     assert run.read() == info
     assert TrainConfig(**run.read()["config"]) == TrainConfig(iters=7)
