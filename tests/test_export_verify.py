@@ -137,7 +137,7 @@ def test_a_diverging_artefact_is_named(run, verified, tmp_path):
     bad = [ExportResult("gguf", folder, [])]
     report = verify_exports(src, lambda scratch: artefact_scorers(src, bad, scratch), log=lambda m: None)
     assert set(report["artefacts"]) == {"lora-gguf"} and report["below_target"][0].startswith("lora-gguf ")
-    with pytest.raises(UserError, match=r"^verify: lora-gguf \(first-token .* diverge from the live adapter"):
+    with pytest.raises(UserError, match=r"^verify: lora-gguf \((first token agreement|exact match) .* diverge from the live adapter"):
         check(report, folder / "verify.json")
 
 
@@ -180,3 +180,29 @@ def test_packaged_model_exports_meet_the_target(embedded_model, tmp_path):
     _, report, where = export_many(run, "all", tmp_path / "exports", verify=True, log=lambda m: None)
     assert set(report["artefacts"]) == ARTEFACTS and report["below_target"] == []
     assert json.loads(where.read_text()) == report
+
+
+def test_replies_that_end_at_eos_end_there_in_llama_cpp(tiny_model, run, tmp_path):
+    """node-llama-cpp ends a reply at an end-of-generation token without yielding it unless told to
+    (yieldEogToken): on a model that often picks EOS, llama.cpp's replies must still carry it, at
+    the same step as transformers'."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wonderland.export.gguf_writer import write_model_gguf
+    from wonderland.export.verify import Probe, pad_id, torch_scorer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    probe = Probe(make_probe(run_source(run)).prompts, [2])
+    score = torch_scorer(model, pad_id(AutoTokenizer.from_pretrained(tiny_model)))
+    before = [c.tokens for c, _ in score(probe, None)]
+    common = max({t for c in before for t in c[1:]}, key=lambda t: sum(c[1:].count(t) for c in before))
+    with torch.no_grad():  # tied embeddings: EOS now wins wherever the most picked token would
+        model.model.embed_tokens.weight[2] = 1.5 * model.model.embed_tokens.weight[common]
+    config = json.loads((tiny_model / "config.json").read_text())
+    write_model_gguf(model.state_dict(), config, tiny_model, tmp_path / "eos.gguf", "f32", "eos")
+    ours = [c.tokens for c, _ in score(probe, None)]
+    cpp = [c.tokens for c, _ in llamacpp_scorer(tmp_path / "eos.gguf")(probe, None)]
+    ended = [t for t in ours if len(t) < 32]
+    assert ended and all(t[-1] == 2 for t in ended)  # the model does stop early on several prompts
+    assert cpp == ours

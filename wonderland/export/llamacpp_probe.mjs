@@ -34,6 +34,9 @@ const context = await model.createContext({
 });
 const sequence = context.getSequence();
 const stop = new Set(req.stop);
+// yieldEogToken: without it node-llama-cpp ends the reply at EOS / <|im_end|> *without* yielding
+// that token, and every reply that ends before N tokens would lack its stop token
+const greedy = { temperature: 0, yieldEogToken: true };
 const results = [];
 for (let i = 0; i < req.prompts.length; i++) {
   await sequence.clearHistory();
@@ -44,7 +47,7 @@ for (let i = 0; i < req.prompts.length; i++) {
   // the steps that have `want` ids only; the rest of the reply decodes without them
   let input = req.prompts[i];
   if (want.length) {
-    for await (const out of sequence.evaluateWithMetadata(input, { probabilities: true }, { temperature: 0 })) {
+    for await (const out of sequence.evaluateWithMetadata(input, { probabilities: true }, greedy)) {
       logprobs.push(want[tokens.length].map((id) => Math.log(out.probabilities.get(id) ?? 0)));
       tokens.push(out.token);
       if (tokens.length >= Math.min(req.n, want.length) || stop.has(out.token)) break;
@@ -52,7 +55,7 @@ for (let i = 0; i < req.prompts.length; i++) {
     input = [tokens[tokens.length - 1]];
   }
   if (tokens.length < req.n && !stop.has(tokens[tokens.length - 1])) {
-    for await (const token of sequence.evaluate(input, { temperature: 0 })) {
+    for await (const token of sequence.evaluate(input, greedy)) {
       tokens.push(token);
       if (tokens.length >= req.n || stop.has(token)) break;
     }

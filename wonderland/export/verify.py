@@ -187,12 +187,13 @@ def compare(ref: Sequence[Continuation], art: Sequence[Continuation]) -> dict:
 
 
 def failures(artefacts: dict) -> list[str]:
+    """One entry per artefact below its thresholds, naming the metrics that fell short."""
     bad = []
     for name, m in artefacts.items():
-        need_first, need_exact = thresholds(name)
-        if m["first_token_agreement"] < need_first or m["exact_match"] < need_exact:
-            bad.append(f"{name} (first-token {m['first_token_agreement']:.0%} < {need_first:.0%} or exact match "
-                       f"{m['exact_match']:.0%} < {need_exact:.0%})")
+        need = dict(zip(("first_token_agreement", "exact_match"), thresholds(name)))
+        short = [f"{k.replace('_', ' ')} {m[k]:.1%} < {v:.0%}" for k, v in need.items() if m[k] < v]
+        if short:
+            bad.append(f"{name} ({', '.join(short)})")
     return bad
 
 
