@@ -122,7 +122,8 @@ def _matrix_bytes_delta(gguf_exports, trained, gguf_type: str) -> tuple[int, int
 
 def test_gguf_f16_reproduces_the_trained_model(trained, gguf_exports):
     out = gguf_exports["f16"]
-    assert {p.name for p in out.iterdir()} == {"hatter.f16.gguf", "hatter.lora.gguf", "wonderland-export.json"}
+    base = f"{trained['run'].read()['model']['path'].rstrip('/').rsplit('/', 1)[-1]}.base.f16.gguf"  # --lora's base
+    assert {p.name for p in out.iterdir()} == {"hatter.f16.gguf", "hatter.lora.gguf", base, "wonderland-export.json"}
     reader = GGUFReader(out / "hatter.f16.gguf")
     _check_gguf_metadata(reader, trained["tok"])
     assert {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2} == {"F16"}

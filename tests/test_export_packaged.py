@@ -46,11 +46,12 @@ def test_packaged_model_gguf_round_trip(embedded_model, tmp_path):
                 "tokenizer.chat_template"):
         assert ours.fields[key].contents() == packaged.fields[key].contents(), key
 
-    # the embedded base's own GGUF holds the trained-on weights: Ollama and llama.cpp --lora start from it
+    # the embedded base's own GGUF holds the trained-on weights: Ollama's ADAPTER route starts from it
     result = export(run, "ollama", tmp_path / "ollama", ollama_from="adapter", log=lambda m: None)
     modelfile = (result.path / "Modelfile").read_text()
     assert f"FROM {packaged_file}\nADAPTER ./adapter\n" in modelfile
-    assert any(c.startswith(f"llama-cli -m {packaged_file} --lora ") for c in exported.commands)
+    base_gguf = out / f"{embedded_model.name}.base.f16.gguf"  # --lora on an f16 base: see docs/export.md
+    assert base_gguf.is_file() and any(c.startswith(f"llama-cli -m {base_gguf} --lora ") for c in exported.commands)
 
     model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
     chat = TorchChatModel(model, loaded.model.tokenizer, out, torch.device("cpu"))

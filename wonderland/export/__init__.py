@@ -12,7 +12,8 @@ peft       adapter_config.json + adapter_model.safetensors (PEFT / transformers 
 mlx        adapters.safetensors + adapter_config.json (``mlx_lm.generate --adapter-path``)
 merged     base + adapter merged: HF safetensors folder with tokenizer and chat template
 gguf       the merged model as ``<run>.<type>.gguf`` (f16, q8_0 or f32) + the adapter alone as
-           ``<run>.lora.gguf`` (llama.cpp ``--lora``); llama architecture only
+           ``<run>.lora.gguf`` (llama.cpp ``--lora``) with its base ``<base>.base.f16.gguf``;
+           llama architecture only
 ollama     Modelfile (system prompt, ChatML template, parameters) + ``<run>.<type>.gguf`` (FROM the
            merged GGUF, the default) or ``adapter/`` (FROM base + ADAPTER, ``--ollama-from adapter``)
 all        every format above (GGUF as f16 and q8_0), each in its own folder
@@ -234,7 +235,8 @@ def _estimate_bytes(src: RunSource, fmt: str, gguf_type: str, route: str) -> int
     n = _n_params(src.base_path)
     if fmt == "merged":
         return int(n * 4)  # float32 safetensors
-    return int(n * BYTES_PER_WEIGHT[gguf_type]) + 2 * adapter
+    base = int(n * BYTES_PER_WEIGHT["f16"]) if fmt == "gguf" else 0  # the f16 base for --lora
+    return int(n * BYTES_PER_WEIGHT[gguf_type]) + base + 2 * adapter
 
 
 def _check_disk(final: Path, need: int) -> None:
@@ -279,7 +281,13 @@ def _gguf_name(src: RunSource, gguf_type: str) -> str:
     return f"{src.run.name}.{gguf_type}.gguf"
 
 
+BASE_GGUF_SUFFIX = ".base.f16.gguf"  # the base model for --lora, written beside the adapter
+
+
 def _write_gguf(src: RunSource, tmp: Path, gguf_type: str, final: Path, log, **_) -> ExportResult:
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from wonderland.export.gguf_writer import write_lora_gguf, write_model_gguf
 
     log(f"Merging the adapter and writing {gguf_type} GGUF ...")
@@ -288,15 +296,19 @@ def _write_gguf(src: RunSource, tmp: Path, gguf_type: str, final: Path, log, **_
         write_lora_gguf(adapter, src.base_config, tmp / f"{src.run.name}.lora.gguf", f"{src.run.name} LoRA")
     write_model_gguf(model.state_dict(), src.base_config, src.base_path, tmp / _gguf_name(src, gguf_type),
                      gguf_type, src.run.name)
+    # the base for --lora in f16: llama.cpp's quantised matmuls (the packaged Q4_1 file) move the
+    # adapter's replies off the live ones (exact match 73 % vs 95 % on the demo run, docs/export.md)
+    base_name = f"{src.base_path.name}{BASE_GGUF_SUFFIX}"
+    base = AutoModelForCausalLM.from_pretrained(src.base_path, dtype=torch.float32)
+    write_model_gguf(base.state_dict(), src.base_config, src.base_path, tmp / base_name, "f16", src.base_path.name)
     model_file, lora_file = final / _gguf_name(src, gguf_type), final / f"{src.run.name}.lora.gguf"
     q, system = shlex.quote, shlex.quote(src.system_prompt)
-    base_gguf = packaged_base_gguf(src)
     return ExportResult("gguf", tmp, [], [
         f"llama-cli -m {q(str(model_file))} -cnv -sys {system}",
         f"llama-server -m {q(str(model_file))} --port 8080",
-        f"llama-cli -m {q(str(base_gguf)) if base_gguf else '<the base model as GGUF>'} --lora {q(str(lora_file))} -cnv -sys {system}",
-    ], [f"{lora_file.name}: the adapter alone (llama.cpp LoRA GGUF) for the base model {src.info['model']['id']}"
-        + (" (the packaged GGUF holds exactly the weights it was trained on)" if base_gguf else " converted to GGUF")])
+        f"llama-cli -m {q(str(final / base_name))} --lora {q(str(lora_file))} -cnv -sys {system}",
+    ], [f"{lora_file.name}: the adapter alone (llama.cpp LoRA GGUF) for the base model {src.info['model']['id']}, "
+        f"whose f16 GGUF is {base_name}"])
 
 
 def _write_ollama(src: RunSource, tmp: Path, gguf_type: str, route: str, final: Path, log, **_) -> ExportResult:

@@ -45,13 +45,15 @@ def _cpp(gguf: Path, lora: Path | None = None) -> Callable[[], Scorer]:
 
 
 def _model_ggufs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.gguf") if not p.name.endswith(".lora.gguf"))
+    return sorted(p for p in folder.glob("*.gguf") if not p.name.endswith((".lora.gguf", ".base.f16.gguf")))
 
 
 def _gguf_artefacts(src: RunSource, folder: Path, scratch: Path) -> list[tuple[str, Callable[[], Scorer]]]:
     out = [(f"gguf-{p.name.rsplit('.', 2)[-2]}", _cpp(p)) for p in _model_ggufs(folder)]
+    bases = sorted(folder.glob("*.base.f16.gguf"))  # the base the export wrote for --lora
     for lora in sorted(folder.glob("*.lora.gguf")):
-        out.append(("lora-gguf", lambda lora=lora: llamacpp_scorer(base_gguf_for(src, scratch), lora)))
+        out.append(("lora-gguf", lambda lora=lora: llamacpp_scorer(bases[0] if bases else base_gguf_for(src, scratch),
+                                                                    lora)))
     return out
 
 
