@@ -1,8 +1,9 @@
 """A real llama.cpp for verifying GGUF exports: the prebuilt binaries of the npm package
 ``node-llama-cpp`` (pinned :data:`NODE_LLAMA_CPP`), driven by ``llamacpp_probe.mjs``.
 
-Found at ``$WONDERLAND_NODE_LLAMA_CPP`` (a ``node_modules/node-llama-cpp`` folder) or in
-``node_modules/`` at the repository root (``make llama-cpp``, part of ``make test``'s set-up).
+Found at ``$WONDERLAND_NODE_LLAMA_CPP`` (a ``node_modules/node-llama-cpp`` folder), else in
+``node_modules/`` at the repository root (``make llama-cpp``, part of ``make test``'s set-up) or
+in the current folder.
 node-llama-cpp loads the GGUF with llama.cpp's own loader (``llama_model_load``), applies a LoRA
 GGUF the way ``llama-cli --lora`` does (``llama_adapter_lora_init``) and decodes on the CPU.
 """
@@ -47,7 +48,8 @@ class LlamaCpp:
 def find_llama_cpp() -> LlamaCpp:
     """node + node-llama-cpp, or a one-line UserError saying how to install them."""
     env = os.environ.get("WONDERLAND_NODE_LLAMA_CPP")
-    package = Path(env).expanduser() if env else REPO / "node_modules" / "node-llama-cpp"
+    found = [p for p in (REPO, Path.cwd()) if (p / "node_modules" / "node-llama-cpp" / "dist" / "index.js").is_file()]
+    package = Path(env).expanduser() if env else (found[0] if found else REPO) / "node_modules" / "node-llama-cpp"
     node = shutil.which("node")
     if node is None:
         raise UserError("--verify needs llama.cpp through Node.js, and `node` is not on PATH; install Node.js >= 20 "
