@@ -97,6 +97,12 @@ def test_runs_on_one_base_share_its_weights_and_score_as_if_loaded_alone(two_run
         alone = get_backend("torch").load(tiny_model, run.adapter, device="cpu")
         assert view.loss(records) == pytest.approx(alone.loss(records), rel=1e-6, abs=1e-6)
         assert view.loss(records, adapter=False) == pytest.approx(alone.loss(records, adapter=False), rel=1e-6, abs=1e-6)
+        # code that calls the model directly (export's verify) gets this run's adapter, not the last one used
+        import torch
+
+        ids = torch.tensor([[5, 6, 7, 8]])
+        with torch.no_grad():
+            assert torch.equal(view.model(input_ids=ids).logits, alone.model(input_ids=ids).logits)
     plain = get_backend("torch").load(tiny_model, device="cpu")
     assert base.loss(records) == pytest.approx(plain.loss(records), rel=1e-6, abs=1e-6)  # the base view runs no adapter
     assert a.model.loss(records) != b.model.loss(records)

@@ -33,28 +33,43 @@ class TorchChatModel:
 
     adapter_name: str | None = None  # set on a view made by with_adapter: the named adapter it runs
 
+    @property
+    def model(self):
+        """The model, with this view's adapter the active one: code that calls it directly (export's
+        verify, tests) gets this run's weights even when other runs' adapters share the base."""
+        model = self._model
+        if self.adapter_name is not None and model.active_adapter != self.adapter_name:
+            model.set_adapter(self.adapter_name)
+        return model
+
+    @model.setter
+    def model(self, value) -> None:
+        self._model = value
+
     def _adapter(self, on: bool):
         """Called under the lock, per forward step: the named adapter on, or every adapter off (a
         base shared by several runs' adapters is a PeftModel too: its own view runs none of them)."""
-        if not isinstance(self.model, PeftModel):
+        model = self._model
+        if not isinstance(model, PeftModel):
             return nullcontext()
         if on and self.adapter_name is not None:
-            self.model.set_adapter(self.adapter_name)
+            if model.active_adapter != self.adapter_name:
+                model.set_adapter(self.adapter_name)
             return nullcontext()
         if on and self.has_adapter:  # loaded with one adapter by TorchBackend.load
             return nullcontext()
-        return self.model.disable_adapter()
+        return model.disable_adapter()
 
     def with_adapter(self, name: str, adapter_path: Path) -> "TorchChatModel":
         """A view of this (base) model with the PEFT adapter at ``adapter_path`` attached as ``name``
         (PEFT multi-adapter): one copy of the base weights serves every run trained on it. The view
         shares the weights, tokenizer and lock; each of its steps switches to its adapter."""
         with self._lock:
-            if not isinstance(self.model, PeftModel):
-                self.model = PeftModel.from_pretrained(self.model, str(adapter_path), adapter_name=name).eval()
-            elif name not in self.model.peft_config:
-                self.model.load_adapter(str(adapter_path), adapter_name=name)
-                self.model.eval()
+            if not isinstance(self._model, PeftModel):
+                self._model = PeftModel.from_pretrained(self._model, str(adapter_path), adapter_name=name).eval()
+            elif name not in self._model.peft_config:
+                self._model.load_adapter(str(adapter_path), adapter_name=name)
+                self._model.eval()
         view = copy.copy(self)
         view.adapter_name, view.has_adapter = name, True
         return view
@@ -62,9 +77,11 @@ class TorchChatModel:
     def detach(self) -> None:
         """Remove this view's adapter from the shared model (the cache evicted it)."""
         with self._lock:
-            if self.adapter_name is not None and self.adapter_name in self.model.peft_config:
-                if len(self.model.peft_config) > 1:
-                    self.model.delete_adapter(self.adapter_name)
+            model = self._model
+            if self.adapter_name is not None and self.adapter_name in model.peft_config and len(model.peft_config) > 1:
+                if model.active_adapter == self.adapter_name:  # PEFT cannot delete the active adapter cleanly
+                    model.set_adapter(next(n for n in model.peft_config if n != self.adapter_name))
+                model.delete_adapter(self.adapter_name)
 
     def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
         ids = prompt_ids(self.tokenizer, messages)
