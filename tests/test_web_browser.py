@@ -247,6 +247,13 @@ def test_train_page_keeps_the_running_runs_values_buttons_and_name_message(brows
     page, problems = browser_page
     write_dataset(wl_home)
     hold_training_until_stopped(monkeypatch)
+    # a run stored before non-finite numbers were refused: NaN loss, lr Infinity (not JSON as stored)
+    bad = wl_home / "runs" / "nan-run"
+    bad.mkdir(parents=True)
+    (bad / "run.json").write_text('{"status": "failed", "error": "loss is NaN", "backend": "torch", '
+                                  '"config": {"lr": Infinity, "iters": 4}, "result": {"step": 2, "loss": NaN}}')
+    (bad / "metrics.jsonl").write_text('{"seq": 0, "event": "step", "step": 1, "loss": 3.5, "time": 1}\n'
+                                       '{"seq": 1, "event": "step", "step": 2, "loss": NaN, "time": 2}\n')
     page.set_viewport_size({"width": 1280, "height": 800})
     app = create_app()
     with BackgroundServer(app) as url:
@@ -274,4 +281,9 @@ def test_train_page_keeps_the_running_runs_values_buttons_and_name_message(brows
         page.click("#stop-btn")
         page.wait_for_selector("#run-state.stopped")
         assert page.inner_text("#s-eta") == "–"
+        # the page still works with the bad run in the list: it shows as failed
+        page.click("a[data-page=runs]")
+        page.wait_for_selector("#runs-body tr[data-run=nan-run]")
+        assert page.inner_text("#runs-body tr[data-run=nan-run] .badge") == "failed"
+        assert page.locator("#runs-body tr[data-run=held]").count() == 1
     assert problems == []
