@@ -46,6 +46,29 @@ def _answer(loaded, arms: list[str], prompts: list[str], retention: list, sample
     return out
 
 
+def _float32_everywhere(device: str) -> None:
+    """On CUDA, generate in float32 as the CPU does (the backend would pick bf16 there)."""
+    import torch
+
+    if device.startswith("cuda"):
+        from wonderland.backends.torch_peft import backend
+
+        backend.pick_dtype = lambda name, dev: torch.float32
+
+
+def prepare_replay(device: str) -> None:
+    """The embedded model's replay answers, made once here when this machine has none yet."""
+    from wonderland import replay
+    from wonderland.backends import get_backend
+    from wonderland.config import DEFAULT_MODEL
+    from wonderland.models import resolve_model, weights_sha256
+
+    _float32_everywhere(device)
+    path = resolve_model(DEFAULT_MODEL)
+    replay.answers_for(DEFAULT_MODEL, path, weights_sha256(path), lambda: get_backend("torch").load(path, device=device),
+                       log=lambda m: print(m, file=sys.stderr))
+
+
 def run_variant(variant: dict, out: str, book: str | None, threads: int, device: str, arms: list[str]) -> str:
     import torch
 
@@ -57,6 +80,7 @@ def run_variant(variant: dict, out: str, book: str | None, threads: int, device:
     from wonderland.train import train
 
     torch.set_num_threads(threads)
+    _float32_everywhere(device)
     work = Path(out) / variant["name"]
     t0 = time.time()
     build_dataset(book, "Hatter", work / "data", **variant.get("data", {}))
@@ -82,9 +106,14 @@ def run_variant(variant: dict, out: str, book: str | None, threads: int, device:
 def cmd_run(args) -> int:
     variants = json.loads(Path(args.variants).read_text())
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(v, ["trained"]) for v in variants]
-    jobs[0] = (variants[0], ["base", "prompted", "trained"])  # the untrained arms once
-    with ProcessPoolExecutor(args.workers) as pool:
+    # the untrained arms once each, beside the first variant's run (they do not depend on training)
+    jobs = [] if args.trained_only else [({**variants[0], "name": f"{variants[0]['name']}-{arm}"}, [arm])
+                                         for arm in ("base", "prompted")]
+    jobs += [(v, ["trained"]) for v in variants]
+    prepare_replay(args.device)
+    import multiprocessing
+
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = [pool.submit(run_variant, v, args.out, args.book, args.threads, args.device, arms) for v, arms in jobs]
         for f in futures:
             print(f"done {f.result()}", file=sys.stderr, flush=True)
@@ -142,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--trained-only", action="store_true", help="skip the base and prompted arms (answered before)")
     s = sub.add_parser("score")
     s.add_argument("dir")
     s.add_argument("--book")

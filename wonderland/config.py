@@ -72,6 +72,8 @@ class TrainConfig:
                        label="replay ratio", bounds=(0.0, 10.0))
     kl: float = _f(0.0, "weight of a KL term to the adapter-off model's next-token distribution on the replay "
                         "records (0 = off; torch backend)", label="KL weight", bounds=(0.0, 1000.0))
+    replay_prompt: str = _f("character", "system prompt of the replay records: the character's, or the neutral assistant's",
+                            label="replay system prompt", choices=("character", "neutral"))
 
     def __post_init__(self) -> None:
         self.__dict__.update(check_fields(type(self), dict(self.__dict__), flag_name))

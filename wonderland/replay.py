@@ -142,7 +142,8 @@ def guard(config, model_path: Path, sha256: str, train_records: list[dict], vali
     drawn = draw(train_prompts, round(ratio * len(train_records)), config.seed)
     wanted = list(dict.fromkeys(drawn)) + (probe_prompts if valid_records else [])
     known = {a["prompt"]: a for a in answers_for(config.model, model_path, sha256, load_chat, log, wanted)}
-    replay = records([known[q] for q in drawn], system_prompt)
+    replay_system = NEUTRAL_SYSTEM_PROMPT if config.replay_prompt == "neutral" else system_prompt
+    replay = records([known[q] for q in drawn], replay_system)
     probe = Probe(valid=list(valid_records), retention=records([known[q] for q in probe_prompts], system_prompt)) \
         if valid_records else None
     mixed = mix(train_records, replay, config.seed) if config.replay else list(train_records)
