@@ -261,15 +261,22 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
-def test_stored_non_finite_numbers_are_answered_as_valid_json(client, wl_home):
-    """A run stored before non-finite numbers were refused (loss NaN from step 2, lr 1e999 = inf in
-    its config) is listed and shown as failed with nulls, and every answer stays valid JSON."""
-    run = wl_home / "runs" / "nan-run"
+def write_nan_run(home: Path, name: str = "nan-run") -> Path:
+    """A run stored before non-finite numbers were refused: loss NaN from step 2, lr 1e999 = Infinity
+    in its config, written as Python's json writes them (not JSON)."""
+    run = home / "runs" / name
     run.mkdir(parents=True)
-    (run / "run.json").write_text('{"schema_version": 1, "status": "failed", "error": "loss is NaN", '
+    (run / "run.json").write_text('{"schema_version": 1, "status": "failed", "error": "loss is NaN", "backend": "torch", '
                                   '"config": {"lr": Infinity, "iters": 4}, "result": {"step": 2, "loss": NaN}}')
     (run / "metrics.jsonl").write_text('{"seq": 0, "event": "step", "step": 1, "loss": 3.5, "time": 1}\n'
                                        '{"seq": 1, "event": "step", "step": 2, "loss": NaN, "time": 2}\n')
+    return run
+
+
+def test_stored_non_finite_numbers_are_answered_as_valid_json(client, wl_home):
+    """A run stored with NaN / Infinity is listed and shown as failed with nulls, and every answer
+    stays valid JSON."""
+    write_nan_run(wl_home)
     runs = strict_json(client.get("/api/runs").get_data(as_text=True))["runs"]
     assert [(r["name"], r["status"], r["loss"], r["config"]["lr"]) for r in runs] == [("nan-run", "failed", None, None)]
     assert runs[0]["curve"]["loss"] == [3.5, None]

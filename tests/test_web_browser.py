@@ -242,18 +242,12 @@ def test_train_page_keeps_the_running_runs_values_buttons_and_name_message(brows
     """At 1280x800: Train / Stop / Resume above the fold; a name refused by the browser's pattern
     check says why (and replaces a stale message); after a reload during a run the form shows that
     run's values, not the preset's."""
-    from tests.test_web_api import write_dataset
+    from tests.test_web_api import write_dataset, write_nan_run
 
     page, problems = browser_page
     write_dataset(wl_home)
     hold_training_until_stopped(monkeypatch)
-    # a run stored before non-finite numbers were refused: NaN loss, lr Infinity (not JSON as stored)
-    bad = wl_home / "runs" / "nan-run"
-    bad.mkdir(parents=True)
-    (bad / "run.json").write_text('{"status": "failed", "error": "loss is NaN", "backend": "torch", '
-                                  '"config": {"lr": Infinity, "iters": 4}, "result": {"step": 2, "loss": NaN}}')
-    (bad / "metrics.jsonl").write_text('{"seq": 0, "event": "step", "step": 1, "loss": 3.5, "time": 1}\n'
-                                       '{"seq": 1, "event": "step", "step": 2, "loss": NaN, "time": 2}\n')
+    write_nan_run(wl_home)  # NaN loss, lr Infinity: the page must still work and show it as failed
     page.set_viewport_size({"width": 1280, "height": 800})
     app = create_app()
     with BackgroundServer(app) as url:
