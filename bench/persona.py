@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 KEYS = ("perplexity", "in_character_rate", "persona_score", "marker_rate", "distinct_2", "repetition_rate",
-        "shared_opening_rate", "copy_rate", "retention_rate", "mean_words")
+        "shared_opening_rate", "copy_rate", "retention_rate", "mean_words", "world_mention_rate")
 
 
 def calibrate(book: str | None, character: str, other: str, workdir: Path) -> dict:
@@ -72,12 +72,12 @@ def calibrate(book: str | None, character: str, other: str, workdir: Path) -> di
 
 def main(argv: list[str] | None = None) -> int:
     from wonderland.cli.options import add_train_options, dataclass_overrides
-    from wonderland.config import PRESETS, TrainConfig, merge_config
+    from wonderland.config import PRESET_NAMES, TrainConfig, merge_config, preset
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--book", help="book text (default: the default book lookup)")
     p.add_argument("--character", default="Hatter")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="default", choices=PRESET_NAMES)
     p.add_argument("--run", help="evaluate this existing run instead of training one")
     p.add_argument("--workdir", help="where data and run go (default: a new temp folder)")
     p.add_argument("--samples", type=int, default=3,
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         stats = build_dataset(args.book, args.character, work / "data", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
         timings["data_s"] = round(time.perf_counter() - t, 2)
-        config = merge_config(TrainConfig, PRESETS[args.preset], dataclass_overrides(args, TrainConfig))
+        config = merge_config(TrainConfig, preset(args.preset), dataclass_overrides(args, TrainConfig))
         setting = {"preset": args.preset, **{k: v for k, v in config.to_dict().items()
                                               if k in ("iters", "lr", "rank", "alpha", "targets", "layers", "batch_size",
                                                        "schedule", "warmup", "threads")}}

@@ -106,3 +106,22 @@ def test_kl_term_is_zero_at_the_base_and_grows_when_the_adapter_moves(tiny_model
     combined = with_kl(plain, model, batch, 0.5, 3, 0, tok.pad_token_id, torch.device("cpu"))
     total, count, tokens = combined(batch)
     assert (count, tokens) == (4, 10) and float(total) == pytest.approx(2.0 + 0.5 * float(kl.detach()) * 4 / n)
+
+
+def test_the_api_serves_a_checkpoint_as_run_at_step(probed_run, wl_home):
+    import shutil
+
+    from wonderland.web import create_app
+
+    runs = wl_home / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(probed_run, runs / "hat")
+    client = create_app().test_client()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+    kept = sorted(int(p.name[5:]) for p in (runs / "hat" / "checkpoints").glob("step-*"))
+    ok = client.post("/v1/chat/completions", json={**body, "model": f"hat@{kept[0]}"})
+    assert ok.status_code == 200 and ok.get_json()["model"] == f"hat@{kept[0]}"
+    missing = client.post("/v1/chat/completions", json={**body, "model": "hat@99"})
+    assert missing.status_code == 404 and "no checkpoint at step 99" in missing.get_json()["error"]["message"]
+    bad = client.post("/v1/chat/completions", json={**body, "model": "hat@best"})
+    assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "model"

@@ -41,7 +41,7 @@ class TrainConfig:
     model: str = _f(DEFAULT_MODEL, "base model: 'smollm2-135m-instruct' (embedded), a local HF folder or a hub id", label="model")
     backend: str = _f("auto", "training backend", choices=("auto", "torch", "mlx"))
     device: str = _f("auto", "torch device: auto, cpu, cuda, cuda:N, mps", label="device")
-    iters: int = _f(40, "optimizer steps", label="steps", bounds=(1, STEPS_MAX))
+    iters: int = _f(60, "optimizer steps", label="steps", bounds=(1, STEPS_MAX))
     batch_size: int = _f(4, "records per step", label="batch size", bounds=(1, 65_536))
     lr: float = _f(1e-3, "peak learning rate (AdamW)", label="learning rate", bounds=(0.0, 1.0, "open-low"))
     schedule: str = _f("cosine", "learning-rate schedule after warmup", label="schedule", choices=("constant", "cosine"))
@@ -53,14 +53,16 @@ class TrainConfig:
                       bounds=(0.0, 1e6, "open-low"))
     dropout: float = _f(0.0, "LoRA dropout", label="LoRA dropout", bounds=(0.0, 1.0, "open-high"))
     layers: int = _f(0, "apply LoRA to the last N decoder layers (0 = all)", label="LoRA layers", bounds=(0, 4096))
-    targets: str = _f("q_proj,k_proj,v_proj,o_proj", "comma-separated module names to adapt", label="target modules")
+    targets: str = _f("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "comma-separated module names to adapt",
+                      label="target modules")
     max_seq_len: int = _f(256, "truncate records to this many tokens", label="max sequence length", bounds=(1, 1 << 20))
     seed: int = _f(0, "random seed (data order, LoRA init, dropout)", label="seed", bounds=(0, SEED_MAX))
-    val_every: int = _f(20, "compute validation loss every K steps (0 = only at the end)", label="validate every",
+    val_every: int = _f(10, "validate and probe every K steps; each point is a checkpoint the best may be (0 = only at the end)",
+                        label="validate every",
                         bounds=(0, STEPS_MAX))
     val_batches: int = _f(0, "validation batches per eval (0 = the whole valid set)", label="validation batches",
                           bounds=(0, STEPS_MAX))
-    save_every: int = _f(20, "write a resumable checkpoint every K steps (0 = only at the end)", label="save every",
+    save_every: int = _f(10, "write a resumable checkpoint every K steps (0 = only at the end)", label="save every",
                          bounds=(0, STEPS_MAX))
     sample_every: int = _f(0, "generate a sample reply every K steps (0 = off)", label="sample every", bounds=(0, STEPS_MAX))
     sample_prompt: str = _f("What time is it?", "prompt used for sample replies", label="sample prompt")
@@ -70,7 +72,7 @@ class TrainConfig:
     replay: float = _f(0.0, "replay records per character record: general prompts answered by the base model itself "
                             "(adapter off), mixed in so the model keeps its other abilities (0 = off)",
                        label="replay ratio", bounds=(0.0, 10.0))
-    kl: float = _f(0.0, "weight of a KL term to the adapter-off model's next-token distribution on the replay "
+    kl: float = _f(1.0, "weight of a KL term to the adapter-off model's next-token distribution on the replay "
                         "records (0 = off; torch backend)", label="KL weight", bounds=(0.0, 1000.0))
     replay_prompt: str = _f("character", "system prompt of the replay records: the character's, or the neutral assistant's",
                             label="replay system prompt", choices=("character", "neutral"))
@@ -217,19 +219,29 @@ def seeded_for(gen: GenerationConfig, index: int) -> GenerationConfig:
     return dataclasses.replace(gen, seed=gen.seed + index)
 
 
-# Presets: measured on a 2-core CPU with the embedded model (see bench/README.md).
+# Presets, named by what they do. The defaults above are the best measured configuration (issue 14,
+# bench/README.md "Persona, issue 14"): `wonderland train`, the web form and `wonderland demo` train it.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~2 minutes on 2 CPU cores: persona clearly visible (bench/README.md: issue-5 variants).
-    "quick": {"iters": 40, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 16, "alpha": 32,
-              "targets": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"},
-    # attention only: keeps more of the base model (held-out perplexity 21 vs 29, retention 20 % vs 0 %)
-    # with a weaker voice (51 % in character vs 76 %). The old "quality" (180 steps, lr 4e-4, MLP too)
-    # memorised the Hatter's 76 records: perplexity 349, 25 % of replies recited the book.
-    "quality": {"iters": 40, "lr": 1e-3, "schedule": "cosine", "warmup": 5, "rank": 16, "alpha": 32,
-                "targets": "q_proj,k_proj,v_proj,o_proj"},
-    # a handful of steps: plumbing checks.
+    "default": {},
+    # LoRA on attention only: a lighter touch (the old "quality")
+    "attention-only": {"targets": "q_proj,k_proj,v_proj,o_proj"},
+    # a handful of steps: plumbing checks
     "smoke": {"iters": 4, "batch_size": 2, "val_every": 2, "save_every": 2, "max_seq_len": 128},
 }
+PRESET_ALIASES = {"quick": "default", "quality": "attention-only"}  # the names of earlier releases
+
+
+def preset(name: str | None) -> dict[str, Any]:
+    """A preset's options by name or old alias ({} for None or "")."""
+    if not name:
+        return {}
+    key = PRESET_ALIASES.get(name, name)
+    if key not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+PRESET_NAMES = sorted([*PRESETS, *PRESET_ALIASES])
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -74,6 +74,7 @@ class Eval(Event):
     val_time_s: float = 0.0
     persona_margin: float | None = None  # the checkpoint probe (wonderland/probe.py), when the run has one
     retention_drift: float | None = None
+    probe_time_s: float = 0.0  # of val_time_s, the part the probe took
 
 
 @dataclass

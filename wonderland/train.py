@@ -7,6 +7,7 @@ itself: progress goes out as events (``subscribers`` receive each record) and in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import platform
@@ -99,6 +100,7 @@ def train(
     if config.batch_size > len(train_records):
         raise UserError(f"--batch-size {config.batch_size} is larger than the dataset ({len(train_records)} training records); lower it")
     backend_name = resolve_backend_name(config.backend, log=log)
+    config = _kl_for_backend(config, backend_name, log)
     backend = get_backend(backend_name, log=log)
     model_path = resolve_model(config.model, log=log)
     data_dir = Path(data_dir).expanduser().resolve()
@@ -136,6 +138,18 @@ def _start_seq(run: RunDir, resume_from: Path | None, config: TrainConfig) -> in
     if resume_from is None:
         return next_seq(run.metrics)
     return rewind_metrics(run.metrics, checkpoint_step(resume_from), config.iters)
+
+
+def _kl_for_backend(config: TrainConfig, backend_name: str, log) -> TrainConfig:
+    """The KL term runs on the torch backend only: the default weight is dropped (with a note) on
+    another backend, a weight the user chose is an error there."""
+    if not config.kl or backend_name == "torch":
+        return config
+    if config.kl == TrainConfig().kl:
+        log(f"note: the {backend_name} backend has no KL term; training without it (--replay is the retention guard there)")
+        return dataclasses.replace(config, kl=0.0)
+    raise UserError(f"--kl needs the torch backend (this run would train with {backend_name}); "
+                    "pass --backend torch, or use --replay alone")
 
 
 def _resumed_run(resume: str, config: TrainConfig) -> tuple[RunDir, dict, Path]:

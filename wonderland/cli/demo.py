@@ -7,7 +7,7 @@ import sys
 import time
 
 from wonderland.cli.options import add_train_options, dataclass_overrides
-from wonderland.config import PRESETS, GenerationConfig, TrainConfig, merge_config, seeded_for
+from wonderland.config import PRESET_NAMES, GenerationConfig, TrainConfig, merge_config, preset, seeded_for
 
 HELP = "the whole loop with good defaults: build the dataset, train, compare Base vs Trained"
 
@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--book", help="book text file (default: Alice's Adventures in Wonderland, see README)")
     p.add_argument("--character", default="Hatter", help="who to become (default: Hatter)")
     p.add_argument("--name", help="run name (default: <character>-<UTC time>)")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="training preset (default: quick)")
+    p.add_argument("--preset", default="default", choices=PRESET_NAMES,
+                   help="training preset (default: 'default', what `wonderland train` and the web form train)")
     add_train_options(p)
 
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     timings["data_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    config = merge_config(TrainConfig, PRESETS[args.preset], dataclass_overrides(args, TrainConfig))
+    config = merge_config(TrainConfig, preset(args.preset), dataclass_overrides(args, TrainConfig))
     print(f"[2/3] Training ({config.iters} steps, lr {config.lr}, rank {config.rank}) ...", flush=True)
     run_dir = train(config, data_dir, name=args.name, subscribers=[ProgressBar()], log=lambda m: print(f"  {m}"))
     timings["train_s"] = time.perf_counter() - t1

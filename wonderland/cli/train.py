@@ -7,7 +7,7 @@ import signal
 import sys
 
 from wonderland.cli.options import add_train_options, dataclass_overrides
-from wonderland.config import PRESETS, TrainConfig, load_yaml, merge_config
+from wonderland.config import PRESET_NAMES, TrainConfig, load_yaml, merge_config, preset
 from wonderland.errors import UserError
 from wonderland.events import StopFlag
 
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--name", help="run name under $WONDERLAND_HOME/runs (default: <character>-<UTC time>)")
     where.add_argument("--out", help="run folder anywhere on disk")
     p.add_argument("--config", help="YAML file of training options (command line wins over it)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of options (YAML and command line win over it)")
+    p.add_argument("--preset", choices=PRESET_NAMES, help="a named set of options (YAML and command line win over it)")
     p.add_argument("--resume", metavar="NAME_OR_DIR", help="continue a stopped run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run of the same name")
     p.add_argument("--allow-config-change", action="store_true",
@@ -39,7 +39,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
         layers.append(resolve_run(args.resume).read()["config"])
     if args.preset:
-        layers.append(PRESETS[args.preset])
+        layers.append(preset(args.preset))
     if args.config:
         layers.append(load_yaml(args.config))
     layers.append(dataclass_overrides(args, TrainConfig))

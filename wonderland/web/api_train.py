@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 
-from wonderland.config import PRESETS, GenerationConfig, TrainConfig, form_name, merge_config
+from wonderland.config import PRESET_ALIASES, PRESETS, GenerationConfig, TrainConfig, form_name, merge_config
 from wonderland.errors import UserError
 from wonderland.runs import default_run_name
 from wonderland.web import sse
@@ -50,7 +50,7 @@ def describe(cls: type) -> list[dict[str, Any]]:
 @bp.get("/api/config")
 def config_schema():
     return jsonify(train=describe(TrainConfig), generation=describe(GenerationConfig), presets=PRESETS,
-                   default_preset="quick")
+                   default_preset="default", preset_aliases=PRESET_ALIASES)
 
 
 def _overrides(raw: Any) -> dict[str, Any]:
@@ -88,9 +88,10 @@ def start():
         job = jobs.start(config, None, run.name, resume=True)
         return jsonify(run=job.run, state=job.state, resume=True, config=job.config), 202
 
-    if body.get("preset") not in (None, "") and body["preset"] not in PRESETS:
+    name = PRESET_ALIASES.get(body.get("preset") or "", body.get("preset") or "")
+    if name and name not in PRESETS:
         raise ApiError(400, f"unknown preset {body['preset']!r}; choose one of {', '.join(PRESETS)}")
-    config = _config(PRESETS.get(body.get("preset") or "", {}), _overrides(body.get("config")))
+    config = _config(PRESETS.get(name, {}), _overrides(body.get("config")))
     data = dataset_dir(str(body.get("dataset") or ""))
     if not (data / "train.jsonl").exists():
         raise ApiError(400, f"dataset {data.name!r} has no train.jsonl; build it on the Dataset page first")

@@ -136,9 +136,15 @@ def _resolve(name: str) -> Target:
     runs = _finished_runs()
     if name in _base_ids(runs):
         return Target(_load_base(name, runs), False, NEUTRAL_SYSTEM_PROMPT)
+    run_name, _, step = name.partition("@")  # "RUN@STEP": that checkpoint instead of the run's best
+    if step and not step.isdigit():
+        raise APIError(400, f"model {name!r}: the part after '@' must be a checkpoint step, e.g. {run_name}@20", param="model")
     for run, info in runs:
-        if run.name == name:
-            loaded = load_run(run)
+        if run.name == run_name:
+            try:
+                loaded = load_run(run, checkpoint=int(step) if step else None)
+            except UserError as e:
+                raise APIError(404, str(e), param="model", code="model_not_found") from None
             return Target(loaded.model, True, loaded.system_prompt)
     known = ", ".join([*_base_ids(runs), *(r.name for r, _ in runs)])
     raise APIError(404, f"The model {name!r} does not exist; available: {known}", param="model", code="model_not_found")

@@ -220,12 +220,13 @@ class _Reporter(trainer.TrainingCallback):
         t0 = time.perf_counter()
         self.val_loss = validate(self.s)
         self.divergence.check_val(step, self.val_loss)
+        t1 = time.perf_counter()
         row = self.job.probe.score(self.nll) if self.job.probe else {}
         if row:
             self.ledger.add(step, row)
         self.job.emit(Eval(step=step, total_steps=self.job.config.iters, val_loss=self.val_loss,
                            val_time_s=time.perf_counter() - t0, persona_margin=row.get("persona_margin"),
-                           retention_drift=row.get("retention_drift")))
+                           retention_drift=row.get("retention_drift"), probe_time_s=time.perf_counter() - t1))
         return self.val_loss
 
 

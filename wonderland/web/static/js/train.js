@@ -8,7 +8,7 @@ const OPEN_GROUPS = new Set(["model", "schedule"]);
 const MAX_LOG = 400;
 
 let schema = null;
-let preset = "quick";
+let preset = "default";
 let chart = null;
 let source = null;      // the EventSource of the run being watched
 let watching = null;    // its run name
