@@ -162,7 +162,8 @@ def test_dataset_routes(client, wl_home):
     assert (page["total"], page["pages"], page["page"], len(page["records"])) == (6, 2, 2, 2)
     row = page["records"][0]
     assert row == {"user": LINES[4][0], "reply": LINES[4][1], "kind": "dialogue", "attribution": "pronoun",
-                   "lines": [104], "turns": 3}
+                   "lines": [104], "turns": 3, "scene": False,
+                   "messages": [{"role": "user", "content": LINES[4][0]}, {"role": "assistant", "content": LINES[4][1]}]}
     valid = client.get("/api/datasets/tiny/records?split=valid").json
     assert [r["user"] for r in valid["records"]] == [LINES[6][0], LINES[7][0]]
     download = client.get("/api/datasets/tiny/download/valid")
@@ -174,6 +175,22 @@ def test_dataset_routes(client, wl_home):
                         ("/api/datasets/nope", 404), ("/api/datasets/bad%20name", 400)]:
         r = client.get(url)
         assert r.status_code == status and r.json["error"], url
+
+
+def test_a_scene_record_is_previewed_as_its_whole_conversation(client, wl_home):
+    folder = write_dataset(wl_home)
+    turns = [{"role": "user", "content": "Alice: I don't see any wine.\nThe March Hare: There isn't any."},
+             {"role": "assistant", "content": "Your hair wants cutting."},
+             {"role": "user", "content": "Alice: You should learn not to make personal remarks."},
+             {"role": "assistant", "content": "Why is a raven like a writing-desk?"}]
+    scene = {"messages": [{"role": "system", "content": SYSTEM}, *turns], "source": {"kind": "scene", "lines": [100, 101]}}
+    (folder / "train.jsonl").write_text(json.dumps(scene) + "\n" + (folder / "train.jsonl").read_text())
+    stats = json.loads((folder / "stats.json").read_text())
+    (folder / "stats.json").write_text(json.dumps({**stats, "scene_records": 1, "scene_turns": 4}))
+    row = client.get("/api/datasets/tiny/records?split=train&per_page=2").json["records"][0]
+    assert (row["scene"], row["kind"], row["messages"]) == (True, "scene", turns)
+    assert (row["user"], row["reply"]) == (turns[2]["content"], turns[3]["content"])
+    assert client.get("/api/datasets").json["datasets"][0]["scene_records"] == 1
 
 
 def test_build_dataset_from_default_book_and_upload(client, alice_path, monkeypatch):

@@ -50,7 +50,7 @@ def _summary(path: Path) -> dict[str, Any]:
     stats = _stats(path)
     return {"name": path.name, "character": stats.get("character"), "book": stats.get("book"),
             "train_records": stats.get("train_records"), "valid_records": stats.get("valid_records"),
-            "built": (path / "train.jsonl").stat().st_mtime}
+            "scene_records": stats.get("scene_records"), "built": (path / "train.jsonl").stat().st_mtime}
 
 
 @bp.get("/api/datasets")
@@ -167,16 +167,19 @@ def _attributions(path: Path) -> dict[int, str]:
 
 
 def _record_row(rec: dict, attributions: dict[int, str]) -> dict[str, Any]:
-    """A chat record as a preview row: the last user line, the character's reply, where it came
-    from (``kind``: dialogue, persona, ...) and how its speaker was attributed."""
+    """A chat record as a preview row: the conversation (every turn after the system prompt, role and
+    text: a scene record has several, its user turns one ``Speaker: ...`` line per speaker), the last
+    user line and the character's last reply, where it came from (``kind``: dialogue, persona,
+    scene, ...) and how its speaker was attributed."""
     msgs = rec.get("messages", [])
-    user = next((m["content"] for m in reversed(msgs) if m.get("role") == "user"), "")
-    reply = next((m["content"] for m in reversed(msgs) if m.get("role") == "assistant"), "")
+    turns = [{"role": m.get("role"), "content": m.get("content", "")} for m in msgs if m.get("role") != "system"]
+    user = next((m["content"] for m in reversed(turns) if m["role"] == "user"), "")
+    reply = next((m["content"] for m in reversed(turns) if m["role"] == "assistant"), "")
     source = rec.get("source") or {}
     lines = [n for n in source.get("lines") or [] if isinstance(n, int)]
     found = sorted({attributions[n] for n in lines if attributions.get(n)})
     return {"user": user, "reply": reply, "kind": source.get("kind"), "attribution": ", ".join(found) or None,
-            "lines": lines, "turns": len(msgs)}
+            "lines": lines, "turns": len(msgs), "messages": turns, "scene": source.get("kind") == "scene"}
 
 
 @bp.get("/api/datasets/<name>/records")

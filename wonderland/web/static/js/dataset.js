@@ -54,7 +54,7 @@ async function build(form) {
     const result = await api("/api/datasets", { method: "POST", form: data });
     const s = result.stats;
     msg.className = "msg ok";
-    msg.textContent = `Built “${result.name}”: ${s.character_utterances ?? "?"} lines by ${s.character}, ${s.train_records} train / ${s.valid_records} valid records.`;
+    msg.textContent = `Built “${result.name}”: ${s.character_utterances ?? "?"} lines by ${s.character}, ${s.train_records} train / ${s.valid_records} valid records, ${s.scene_records ?? 0} of them scenes.`;
     if (result.warnings.length) toast(result.warnings.join(" · "));
     current = null;
     await refresh(result.name);
@@ -78,6 +78,7 @@ async function select(name) {
   const cells = [
     [stats.character ?? "–", "character"], [bookTitle(stats.book), "book"],
     [fmt(stats.character_utterances), "lines spoken"], [fmt(stats.train_records), "train records"], [fmt(stats.valid_records), "valid records"],
+    [fmt(stats.scene_records ?? 0), "scene records"],
   ];
   grid.replaceChildren(...cells.map(([v, k]) => el("div", { title: String(v), class: k === "book" ? "wide" : "" }, el("b", { text: v }), el("span", { text: k }))));
   // Prefer the character's own lines; fall back to every quoted span in the book.
@@ -95,6 +96,14 @@ async function select(name) {
   await loadRecords();
 }
 
+// A record as the conversation it trains on: every turn after the system prompt, role and text
+// (a scene's user turns hold one "Speaker: ..." line per other speaker).
+function conversation(rec) {
+  const turns = rec.messages || [{ role: "user", content: rec.user }, { role: "assistant", content: rec.reply }];
+  return el("ol", { class: "turns" }, turns.map((m) => el("li", { class: `turn ${m.role}` },
+    el("span", { class: "role", text: m.role === "assistant" ? "character" : m.role }), el("span", { class: "text", text: m.content }))));
+}
+
 function bookTitle(book) {
   if (!book) return "–";
   if (typeof book === "string") return book.split("/").pop();
@@ -106,9 +115,10 @@ async function loadRecords() {
   const r = await api(`/api/datasets/${encodeURIComponent(current)}/records?split=${split}&page=${page}&per_page=${PER_PAGE}`);
   if (page > r.pages) { page = r.pages; return loadRecords(); }
   const offset = (r.page - 1) * r.per_page;
-  $("#records-body").replaceChildren(...r.records.map((rec, i) => el("tr", {},
-    el("td", { text: offset + i + 1 }), el("td", { text: rec.user }), el("td", { class: "reply", text: rec.reply }),
-    el("td", {}, el("span", { class: "tag", text: rec.kind ?? "–" }), " ", rec.attribution ? el("span", { class: "tag attr", text: rec.attribution }) : null))));
+  $("#records-body").replaceChildren(...r.records.map((rec, i) => el("tr", { class: rec.scene ? "scene" : "" },
+    el("td", { text: offset + i + 1 }), el("td", {}, conversation(rec)),
+    el("td", {}, el("span", { class: "tag", text: rec.scene ? `scene · ${rec.messages.length} turns` : rec.kind ?? "–" }), " ",
+      rec.attribution ? el("span", { class: "tag attr", text: rec.attribution }) : null))));
   $("#page-info").textContent = `page ${r.page} of ${r.pages} · ${r.total} records`;
   $("#prev-page").disabled = r.page <= 1;
   $("#next-page").disabled = r.page >= r.pages;
