@@ -41,6 +41,28 @@ def curve(run: RunDir, records: list[dict] | None = None) -> dict[str, list]:
             "val_step": [s for s, _ in evals], "val_loss": [v for _, v in evals]}
 
 
+SCORES = ("val_loss", "persona_margin", "retention_drift")
+
+
+def checkpoint_scores(run: RunDir, info: dict[str, Any], records: list[dict]) -> dict[str, Any]:
+    """The probe's scores per validation point (``checkpoints``), the best step by the rule of
+    :func:`wonderland.probe.best` and the checkpoint steps kept on disk (``kept_steps``). A finished
+    run's come from run.json's result; a running or stopped one's from its eval events so far."""
+    from wonderland.probe import best
+
+    result = info.get("result") or {}
+    rows = result.get("checkpoints")
+    if isinstance(rows, list):
+        best_step = result.get("best_step")
+    else:
+        rows = [{"step": r["step"], **{k: r.get(k) for k in SCORES}} for r in records
+                if r["event"] == "eval" and r.get("persona_margin") is not None]
+        rows = list({r["step"]: r for r in rows}.values())  # a resumed run may score a step twice: the last wins
+        top = best(rows)
+        best_step = top["step"] if top else None
+    return {"best_step": best_step, "checkpoints": rows, "kept_steps": run.kept_steps()}
+
+
 def summary(run: RunDir, info: dict[str, Any]) -> dict[str, Any]:
     result = info.get("result") or {}
     return {
@@ -71,8 +93,11 @@ def runs():
     out = []
     for run in list_runs():
         records = read_metrics(run.metrics)
-        item = summary(run, read_or_unreadable(run))
+        info = read_or_unreadable(run)
+        item = summary(run, info)
         item["curve"], item["duration_s"] = curve(run, records), training_seconds(records)
+        item.update(checkpoint_scores(run, info, records))
+        item["curve"]["best_step"] = item["best_step"]  # the loss chart marks it
         out.append(item)
     return jsonify(runs=out)
 
@@ -81,8 +106,8 @@ def runs():
 def run_info(name: str):
     run = run_dir(name)
     info, records = run.read(), read_metrics(run.metrics)
-    item = {**summary(run, info), "duration_s": training_seconds(records)}
-    return jsonify(summary=item, run=info, curve=curve(run, records))
+    item = {**summary(run, info), "duration_s": training_seconds(records), **checkpoint_scores(run, info, records)}
+    return jsonify(summary=item, run=info, curve={**curve(run, records), "best_step": item["best_step"]})
 
 
 @bp.delete("/api/runs/<name>")

@@ -3,6 +3,7 @@
 import { $, api, bus, el, fmt, duration, when, toast } from "./util.js";
 import { LossChart, sparkline } from "./chart.js";
 import { exportPanel } from "./export.js";
+import { checkpointTable } from "./checkpoints.js";
 
 let runs = [];
 let selected = null;
@@ -64,6 +65,7 @@ function detail(name) {
   badge.textContent = r.status; badge.className = `badge ${r.status}`;
   if (!chart) chart = new LossChart($("#detail-chart"), { height: 260 });
   chart.set(r.curve);
+  $("#detail-checkpoints").replaceChildren(checkpointTable(r));
   exportPanel(name, r.has_adapter);
   // the config says what was asked (backend "auto"); the run says what ran: its values win
   const facts = { ...r.config, model: r.model, backend: r.backend, "train records": r.data.train_records,
