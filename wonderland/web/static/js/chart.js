@@ -8,12 +8,43 @@ function seriesData(curve) {
   return [xs, xs.map((x) => train.get(x) ?? null), xs.map((x) => val.get(x) ?? null)];
 }
 
+// The best checkpoint by the rule of wonderland/probe.py best() (keep MAX_DRIFT equal to its
+// MAX_DRIFT; a test compares them): among the rows whose retention_drift is at most MAX_DRIFT (or
+// unknown), the highest persona_margin; if none qualifies, the least drift; ties to the earlier step.
+export const MAX_DRIFT = 0.25;
+
+export function bestStep(rows) {
+  const scored = rows.filter((r) => r.persona_margin !== null && r.persona_margin !== undefined);
+  if (!scored.length) return null;
+  const ok = scored.filter((r) => r.retention_drift === null || r.retention_drift === undefined || r.retention_drift <= MAX_DRIFT);
+  const key = ok.length ? (r) => [-r.persona_margin, r.step] : (r) => [r.retention_drift, r.step];
+  const pool = ok.length ? ok : scored;
+  return pool.reduce((a, b) => { const [ka, kb] = [key(a), key(b)]; return kb[0] < ka[0] || (kb[0] === ka[0] && kb[1] < ka[1]) ? b : a; }).step;
+}
+
+// A dashed vertical line at the best step, drawn over the plot (a uPlot draw hook).
+function drawBest(u, step) {
+  if (step === null || step === undefined) return;
+  const x = u.valToPos(step, "x", true);
+  if (!Number.isFinite(x) || x < u.bbox.left - 1 || x > u.bbox.left + u.bbox.width + 1) return;
+  const ctx = u.ctx, dpr = window.devicePixelRatio || 1;
+  ctx.save();
+  ctx.strokeStyle = "#d9a441"; ctx.fillStyle = "#b7791f"; ctx.lineWidth = 2 * dpr; ctx.setLineDash([5 * dpr, 4 * dpr]);
+  ctx.beginPath(); ctx.moveTo(x, u.bbox.top); ctx.lineTo(x, u.bbox.top + u.bbox.height); ctx.stroke();
+  ctx.font = `${11 * dpr}px sans-serif`; ctx.textAlign = x > u.bbox.left + u.bbox.width / 2 ? "right" : "left";
+  ctx.fillText(`best: step ${step}`, x + (ctx.textAlign === "left" ? 4 : -4) * dpr, u.bbox.top + 12 * dpr);
+  ctx.restore();
+}
+
 export class LossChart {
   constructor(container, { height = 260, compact = false } = {}) {
     this.container = container;
     this.height = height;
     this.curve = { step: [], loss: [], val_step: [], val_loss: [] };
+    this.best = null;     // the best step (marked), from the server's curve.best_step or the scores below
+    this.scores = [];     // probe rows of the eval events seen live: {step, persona_margin, retention_drift}
     const opts = {
+      hooks: { draw: [(u) => drawBest(u, this.best)] },
       width: Math.max(container.clientWidth, 280), height,
       scales: { x: { time: false } },
       legend: { show: !compact },
@@ -37,14 +68,29 @@ export class LossChart {
     });
     this.observer.observe(container);
   }
-  set(curve) { this.curve = { step: [...curve.step], loss: [...curve.loss], val_step: [...curve.val_step], val_loss: [...curve.val_loss] }; this.redraw(); }
+  set(curve) {
+    this.curve = { step: [...curve.step], loss: [...curve.loss], val_step: [...curve.val_step], val_loss: [...curve.val_loss] };
+    this.scores = [];
+    this.best = curve.best_step ?? null;
+    this.redraw();
+  }
   reset() { this.set({ step: [], loss: [], val_step: [], val_loss: [] }); }
   addStep(step, loss) { this.curve.step.push(step); this.curve.loss.push(loss); this.redraw(); }
-  addEval(step, valLoss) { this.curve.val_step.push(step); this.curve.val_loss.push(valLoss); this.redraw(); }
+  // An eval event: its val loss, and its probe scores (when it has them) move the best step so far.
+  addEval(step, valLoss, score = null) {
+    this.curve.val_step.push(step); this.curve.val_loss.push(valLoss);
+    if (score && score.persona_margin !== null && score.persona_margin !== undefined) {
+      this.scores = [...this.scores.filter((r) => r.step !== step), { step, ...score }];  // a resumed run may score a step again
+      this.best = bestStep(this.scores);
+    }
+    this.redraw();
+  }
   get points() { return this.curve.step.length + this.curve.val_step.length; }
   redraw() {
     this.plot.setData(seriesData(this.curve));
     this.container.dataset.points = this.points;  // for tests and curious users: how many points are drawn
+    this.container.dataset.bestStep = this.best ?? "";
+    this.container.title = this.best === null ? "" : `best checkpoint so far: step ${this.best}`;
   }
   destroy() { this.observer.disconnect(); this.plot.destroy(); }
 }

@@ -220,8 +220,9 @@ function onEvent(r) {
       break;
     case "eval":
       $("#s-val").textContent = fmt(r.val_loss);
-      chart.addEval(r.step, r.val_loss);
-      log(`step ${r.step}: validation loss ${fmt(r.val_loss)} (${fmt(r.val_time_s, 1)} s)`, "eval", r.time);
+      chart.addEval(r.step, r.val_loss, { persona_margin: r.persona_margin ?? null, retention_drift: r.retention_drift ?? null });
+      log(`step ${r.step}: validation loss ${fmt(r.val_loss)}` + (r.persona_margin != null ? `, persona margin ${fmt(r.persona_margin)}, retention drift ${fmt(r.retention_drift)}` : "")
+        + ` (${fmt(r.val_time_s, 1)} s)` + (chart.best === r.step ? ": best so far" : ""), "eval", r.time);
       break;
     case "checkpoint":
       if (!savedSteps.has(r.step)) log(`checkpoint saved at step ${r.step}`, "", r.time);
