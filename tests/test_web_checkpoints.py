@@ -71,3 +71,48 @@ def test_a_run_without_a_result_yet_scores_its_checkpoints_from_its_eval_events(
     assert item["checkpoints"] == [{"step": 2, "val_loss": 2.5, "persona_margin": 0.10, "retention_drift": 0.01},
                                    {"step": 4, "val_loss": 2.2, "persona_margin": 0.30, "retention_drift": 0.90}]
     assert (item["best_step"], item["kept_steps"]) == (2, [])
+
+
+def compare_frames(client, body: dict) -> list[tuple[str, dict]]:
+    try:
+        from tests.test_web_api import sse_frames
+    except ImportError:
+        from test_web_api import sse_frames
+    return [(event, data) for _, event, data in sse_frames(client.post("/api/compare", json=body, buffered=False))]
+
+
+def test_compare_passes_the_picked_checkpoint_to_load_run(client, run, monkeypatch):
+    import wonderland.web.compare as compare
+
+    best_step = run.read()["result"]["best_step"]
+    other = next(s for s in run.kept_steps() if s != best_step)
+    calls = []
+
+    def spy(run_ref: RunDir, **kw):  # the real load, recorded
+        calls.append((run_ref.name, kw))
+        return real(run_ref, **kw)
+
+    real = compare.load_run
+    monkeypatch.setattr(compare, "load_run", spy)
+    body = {"run": RUN, "prompt": "What time is it?", "columns": ["trained"], "gen": {"max_tokens": 2, "temperature": 0}}
+    frames = compare_frames(client, {**body, "checkpoint": other})
+    assert frames[0][0] == "start" and frames[0][1]["checkpoint"] == other and frames[-1][0] == "end"
+    assert [e for e, _ in frames].count("done") == 1
+    assert calls == [(RUN, {"checkpoint": other})]
+    assert client.get(f"/api/model?run={RUN}&checkpoint={other}").json["state"] == "ready"
+    assert client.get(f"/api/model?run={RUN}").json == {"run": RUN, "checkpoint": None, "state": "unloaded"}
+    compare_frames(client, body)  # no checkpoint: the best, i.e. the run's own adapter
+    assert calls[1:] == [(RUN, {"checkpoint": None})]
+    assert client.get(f"/api/model?run={RUN}").json["state"] == "ready"
+
+
+def test_a_missing_or_malformed_checkpoint_is_a_400_with_one_line(client, run):
+    body = {"run": RUN, "prompt": "hi", "columns": ["trained"]}
+    kept = ", ".join(map(str, run.kept_steps()))
+    for value, message in [(99, f"run {RUN} has no checkpoint at step 99 (kept: {kept})"), ("abc", "checkpoint must be a step number"),
+                           (2.5, "checkpoint must be a step number"), (True, "checkpoint must be a step number")]:
+        for r in (client.post("/api/compare", json={**body, "checkpoint": value}),
+                  client.post("/api/model/load", json={"run": RUN, "checkpoint": value})):
+            assert r.status_code == 400 and message in r.json["error"] and "\n" not in r.json["error"], (value, r.json)
+    r = client.get(f"/api/model?run={RUN}&checkpoint=99")
+    assert r.status_code == 400 and "no checkpoint at step 99" in r.json["error"]

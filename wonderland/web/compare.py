@@ -39,24 +39,27 @@ MAX_TURNS = 40  # messages of history per column: more than any small model's co
 
 
 class ModelCache:
-    """Which runs' models are loaded or loading. The models themselves live in load_run's cache,
-    keyed like this one by the run's last update: a resumed run is a new model to load."""
+    """Which runs' models (a run and one of its checkpoints; None: the best, what the run serves) are
+    loaded or loading. The models themselves live in load_run's cache, keyed like this one by the
+    run's last update: a resumed run is a new model to load."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.state: dict[tuple[str, str | None], str] = {}  # (run, updated) -> loading | ready | error: <message>
+        # (run, updated, checkpoint) -> loading | ready | error: <message>
+        self.state: dict[tuple[str, str | None, int | None], str] = {}
 
     @staticmethod
-    def _key(name: str) -> tuple[str, str | None]:
-        return name, run_dir(name).read().get("updated")
+    def _key(name: str, checkpoint: int | None) -> tuple[str, str | None, int | None]:
+        return name, run_dir(name).read().get("updated"), checkpoint
 
-    def get(self, name: str) -> LoadedRun:
-        key = self._key(name)
+    def get(self, name: str, checkpoint: int | None = None) -> LoadedRun:
+        key = self._key(name, checkpoint)
         with self._lock:
             if self.state.get(key) != "ready":
                 self.state[key] = "loading"
         try:
-            loaded = load_run(run_dir(name))  # blocks while another thread loads the same run, then shares it
+            # blocks while another thread loads the same run, then shares it
+            loaded = load_run(run_dir(name), checkpoint=checkpoint)
         except Exception as e:
             with self._lock:
                 self.state[key] = f"error: {e}"
@@ -65,20 +68,20 @@ class ModelCache:
             self.state[key] = "ready"
         return loaded
 
-    def warm(self, name: str) -> str:
+    def warm(self, name: str, checkpoint: int | None = None) -> str:
         """Start loading ``name`` in the background (the page calls this when a run is picked)."""
-        key = self._key(name)
+        key = self._key(name, checkpoint)
         with self._lock:
             current = self.state.get(key)
             if current in ("loading", "ready"):
                 return current
             self.state[key] = "loading"
-        threading.Thread(target=self._load_quietly, args=(name,), daemon=True, name=f"load-{name}").start()
+        threading.Thread(target=self._load_quietly, args=(name, checkpoint), daemon=True, name=f"load-{name}").start()
         return "loading"
 
-    def _load_quietly(self, name: str) -> None:
+    def _load_quietly(self, name: str, checkpoint: int | None) -> None:
         try:
-            self.get(name)
+            self.get(name, checkpoint)
         except (UserError, OSError):
             return  # get() recorded it in self.state for the page to show; anything else is a bug: it surfaces
 
@@ -89,8 +92,8 @@ class ModelCache:
                 del self.state[key]
         evict_run(run_dir(name, must_exist=False).path)
 
-    def status(self, name: str) -> str:
-        key = self._key(name)
+    def status(self, name: str, checkpoint: int | None = None) -> str:
+        key = self._key(name, checkpoint)
         with self._lock:
             return self.state.get(key, "unloaded")
 
@@ -107,6 +110,22 @@ def _usable_run(name: str):
     return run
 
 
+def checkpoint_of(run, value: Any) -> int | None:
+    """The ``checkpoint`` a request picked: None (absent, null or ""): the best, which the run
+    serves; else a kept checkpoint's step, or a 400 with the one-line error naming the kept ones."""
+    if value is None or value == "":
+        return None
+    whole = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit()
+    if not whole:
+        raise ApiError(400, f"checkpoint must be a step number (got {value!r}); leave it out for the best")
+    step = int(value)
+    try:
+        run.adapter_at(step)
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
+    return step
+
+
 @bp.get("/api/compare/options")
 def options():
     return jsonify(columns=[{"name": a.name, "description": a.description} for a in ARMS],
@@ -120,16 +139,18 @@ def ollama_status():
 
 @bp.get("/api/model")
 def model_status():
+    """``?run=NAME&checkpoint=STEP`` (checkpoint left out: the best, the run's adapter)."""
     name = request.args.get("run", "")
-    run_dir(name)
-    return jsonify(run=name, state=_ext().models.status(name))
+    checkpoint = checkpoint_of(run_dir(name), request.args.get("checkpoint"))
+    return jsonify(run=name, checkpoint=checkpoint, state=_ext().models.status(name, checkpoint))
 
 
 @bp.post("/api/model/load")
 def model_load():
-    name = str(json_body().get("run") or "")
-    _usable_run(name)
-    return jsonify(run=name, state=_ext().models.warm(name)), 202
+    body = json_body()
+    name = str(body.get("run") or "")
+    checkpoint = checkpoint_of(_usable_run(name), body.get("checkpoint"))
+    return jsonify(run=name, checkpoint=checkpoint, state=_ext().models.warm(name, checkpoint)), 202
 
 
 def _messages(history: Any, prompt: str, column: str) -> list[dict]:
@@ -171,8 +192,10 @@ class _Compare:
     """One compare request: a worker thread per column, their pieces multiplexed into one queue
     that :meth:`frames` turns into the response's SSE frames."""
 
-    def __init__(self, ext, run, columns: list[str], conversations: dict[str, list[dict]], gen: GenerationConfig) -> None:
+    def __init__(self, ext, run, columns: list[str], conversations: dict[str, list[dict]], gen: GenerationConfig,
+                 checkpoint: int | None = None) -> None:
         self.ext, self.run, self.columns, self.conversations, self.gen = ext, run, columns, conversations, gen
+        self.checkpoint = checkpoint  # None: the best checkpoint, which the run serves
         self.system_prompt = run.read().get("system_prompt") or ""
         self.events: queue.Queue = queue.Queue()
         self.cancel = threading.Event()
@@ -198,7 +221,7 @@ class _Compare:
 
     def local(self, column: str) -> None:
         try:
-            loaded = self.ext.models.get(self.run.name)
+            loaded = self.ext.models.get(self.run.name, self.checkpoint)
         except Exception as e:  # noqa: BLE001 - the column must end (the stream waits for it), bugs re-raised
             self.events.put(("error", {"column": column, "message": f"could not load the model: {e}"}))
             if not isinstance(e, (UserError, OSError)):
@@ -218,8 +241,9 @@ class _Compare:
         self.pump(column, client.stream_chat(status["model"], messages, self.gen))
 
     def frames(self):
-        loading = self.ext.models.status(self.run.name) != "ready"
-        yield sse.frame({"run": self.run.name, "columns": self.columns, "gen": self.gen.to_dict()}, event="start")
+        loading = self.ext.models.status(self.run.name, self.checkpoint) != "ready"
+        yield sse.frame({"run": self.run.name, "checkpoint": self.checkpoint, "columns": self.columns,
+                         "gen": self.gen.to_dict()}, event="start")
         for column in self.columns:
             state = "loading" if column in LOCAL_COLUMNS and loading else "waiting"
             yield sse.frame({"column": column, "state": state}, event="status")
@@ -244,8 +268,10 @@ class _Compare:
 
 @bp.post("/api/compare")
 def compare():
-    """Body: ``{"run", "prompt", "columns"?, "history"?: {column: [messages]}, "gen"?: {...}}``."""
+    """Body: ``{"run", "prompt", "checkpoint"?: STEP, "columns"?, "history"?: {column: [messages]},
+    "gen"?: {...}}`` (no checkpoint: the best, the run's adapter)."""
     body = json_body()
     _prompt, columns, conversations, gen = _parse(body)
     run = _usable_run(str(body.get("run") or ""))
-    return sse.response(_Compare(_ext(), run, columns, conversations, gen).frames())
+    checkpoint = checkpoint_of(run, body.get("checkpoint"))
+    return sse.response(_Compare(_ext(), run, columns, conversations, gen, checkpoint).frames())

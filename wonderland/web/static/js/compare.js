@@ -1,7 +1,7 @@
 // Compare page: one prompt, Base / Prompted / Trained (and Ollama) columns. All columns stream
 // over ONE fetch response (multiplexed by column), so the page never uses more than one
 // connection for them, whatever the number of columns.
-import { $, api, bus, el, fillSelect, readEventStream, toast } from "./util.js";
+import { $, api, bus, el, fillSelect, fmt, readEventStream, toast } from "./util.js";
 
 const TITLES = { base: "Base", prompted: "Prompted", trained: "Trained", ollama: "Ollama" };
 let options = null;
@@ -12,6 +12,7 @@ let columns = [];       // column names shown
 let busy = false;
 let controller = null;
 let pollTimer = null;
+let usableRuns = [];    // /api/runs' runs that have an adapter (with their checkpoints)
 
 export async function init() {
   [options, { generation: genSchema }] = await Promise.all([api("/api/compare/options"), api("/api/config")]);
@@ -22,7 +23,8 @@ export async function init() {
   $("#compare-form").addEventListener("submit", (e) => { e.preventDefault(); send($("#prompt").value); });
   $("#prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send($("#prompt").value); } });
   $("#reset-btn").addEventListener("click", reset);
-  $("#compare-run").addEventListener("change", () => { reset(); warm(); });
+  $("#compare-run").addEventListener("change", () => { fillCheckpoints(); reset(); warm(); });
+  $("#compare-checkpoint").addEventListener("change", () => { reset(); warm(); });
   bus.on("compare-run", async (name) => { await refreshRuns(name); location.hash = "#compare"; });
   bus.on("runs-changed", () => refreshRuns());
 }
@@ -35,12 +37,32 @@ export async function show() {
 
 async function refreshRuns(pick) {
   const { runs } = await api("/api/runs");
-  const usable = runs.filter((r) => r.has_adapter);
+  const usable = usableRuns = runs.filter((r) => r.has_adapter);
   const select = $("#compare-run");
   const before = select.value;
   fillSelect(select, usable, pick || before, (r) => `${r.name}${r.character ? ` (${r.character})` : ""}`);
   $("#compare-empty").hidden = usable.length > 0;
+  fillCheckpoints();
   if (select.value && select.value !== before) { reset(); warm(); }
+}
+
+// The run's kept checkpoints; the first choice (value "") is the best, what the run serves.
+function fillCheckpoints() {
+  const picker = $("#compare-checkpoint");
+  const r = usableRuns.find((x) => x.name === $("#compare-run").value);
+  const before = picker.dataset.run === r?.name ? picker.value : "";
+  const scores = new Map((r?.checkpoints || []).map((c) => [c.step, c]));
+  const label = (s) => { const c = scores.get(s); return `step ${s}` + (c ? ` · margin ${fmt(c.persona_margin)} · drift ${fmt(c.retention_drift)}` : ""); };
+  picker.replaceChildren(el("option", { value: "", text: r?.best_step != null ? `best (step ${r.best_step})` : "the run's adapter" }),
+    ...(r?.kept_steps || []).map((s) => el("option", { value: String(s), text: label(s) + (s === r.best_step ? " (best)" : "") })));
+  picker.value = [...picker.options].some((o) => o.value === before) ? before : "";
+  picker.dataset.run = r?.name ?? "";
+  picker.closest("label").hidden = !r || !(r.kept_steps || []).length;
+}
+
+function checkpoint() {
+  const v = $("#compare-checkpoint").value;
+  return v === "" ? null : Number(v);
 }
 
 function buildColumns() {
@@ -71,11 +93,12 @@ function reset() {
 async function warm() {
   const run = $("#compare-run").value;
   if (!run) return;
-  try { const s = await api("/api/model/load", { method: "POST", body: { run } }); modelState(s.state); }
+  const step = checkpoint();
+  try { const s = await api("/api/model/load", { method: "POST", body: { run, checkpoint: step } }); modelState(s.state); }
   catch (err) { modelState("error"); toast(err.message, "error"); return; }
   clearTimeout(pollTimer);
   const poll = async () => {
-    const s = await api(`/api/model?run=${encodeURIComponent(run)}`);
+    const s = await api(`/api/model?run=${encodeURIComponent(run)}${step === null ? "" : `&checkpoint=${step}`}`);
     modelState(s.state);
     if (s.state === "loading") pollTimer = setTimeout(poll, 1000);
   };
@@ -116,7 +139,7 @@ async function send(text) {
     thread.append(bubbles[name]);
     thread.scrollTop = thread.scrollHeight;
   }
-  const body = { run, prompt, columns: active, gen: gen(), history };
+  const body = { run, checkpoint: checkpoint(), prompt, columns: active, gen: gen(), history };
   controller = new AbortController();
   try {
     const response = await fetch("/api/compare", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal: controller.signal });
