@@ -19,6 +19,8 @@ from wonderland.probe import best
 from wonderland.runs import RunDir
 from wonderland.web import create_app
 
+from tests.test_web_browser import browser_page, shot, wait_until  # noqa: F401 - browser_page is a fixture
+
 RUN = "cp"
 
 
@@ -74,10 +76,8 @@ def test_a_run_without_a_result_yet_scores_its_checkpoints_from_its_eval_events(
 
 
 def compare_frames(client, body: dict) -> list[tuple[str, dict]]:
-    try:
-        from tests.test_web_api import sse_frames
-    except ImportError:
-        from test_web_api import sse_frames
+    from tests.test_web_api import sse_frames
+
     return [(event, data) for _, event, data in sse_frames(client.post("/api/compare", json=body, buffered=False))]
 
 
@@ -116,3 +116,75 @@ def test_a_missing_or_malformed_checkpoint_is_a_400_with_one_line(client, run):
             assert r.status_code == 400 and message in r.json["error"] and "\n" not in r.json["error"], (value, r.json)
     r = client.get(f"/api/model?run={RUN}&checkpoint=99")
     assert r.status_code == 400 and "no checkpoint at step 99" in r.json["error"]
+
+
+def test_browser_marks_the_best_step_in_the_train_chart_runs_table_and_compare_picker(browser_page, tiny_model, wl_home):
+    """A run trained through the web app: the Train chart's best step (found in the page from the live
+    eval events) is run.json's; the Runs checkpoint table marks that step; Compare offers the kept ones."""
+    from tests.test_web_api import write_dataset as write_web_dataset
+    from wonderland.web.server import BackgroundServer
+
+    page, problems = browser_page
+    write_web_dataset(wl_home)
+    app = create_app(ollama_host="http://127.0.0.1:9")
+    config = {"model": str(tiny_model), "iters": 4, "batch_size": 2, "val_every": 2, "save_every": 0,
+              "max_seq_len": 96, "threads": 1}
+    with BackgroundServer(app) as url:
+        r = app.test_client().post("/api/train", json={"dataset": "tiny", "name": RUN, "config": config})
+        assert r.status_code == 202, r.json
+        page.goto(url + "/#train")
+        page.wait_for_selector("body[data-ready='1']")
+        wait_until(page, "document.querySelector('#train-msg').textContent.includes('finished: talk to it')", timeout_s=180)
+        result = RunDir(wl_home / "runs" / RUN).read()["result"]
+        best_step = result["best_step"]
+        assert [c["step"] for c in result["checkpoints"]] == [2, 4]
+        assert page.get_attribute("#loss-chart", "data-best-step") == str(best_step)
+        shot(page, "web-train-best-step.png")
+
+        page.click("a[data-page=runs]")
+        page.wait_for_selector(f"#runs-body tr[data-run={RUN}]")
+        page.wait_for_selector("#detail-checkpoints tr.best")
+        assert page.locator("#detail-checkpoints tbody tr").count() == 2
+        assert page.get_attribute("#detail-checkpoints tr.best", "data-step") == str(best_step)
+        assert page.inner_text("#detail-checkpoints tr.best td:first-child") == str(best_step)
+        assert page.get_attribute("#detail-chart", "data-best-step") == str(best_step)
+        shot(page, "web-runs-checkpoints.png")
+
+        page.click("a[data-page=compare]")
+        wait_until(page, f"document.querySelector('#compare-run').value === '{RUN}'")
+        options = page.eval_on_selector_all("#compare-checkpoint option", "os => os.map(o => [o.value, o.textContent])")
+        assert [v for v, _ in options] == ["", *map(str, RunDir(wl_home / "runs" / RUN).kept_steps())]
+        assert options[0][1] == f"best (step {best_step})" and page.input_value("#compare-checkpoint") == ""
+    assert problems == []
+
+
+def test_the_pages_best_step_rule_is_probe_best(browser_page):
+    """chart.js's bestStep and MAX_DRIFT against wonderland.probe's, on random score tables (drift
+    over and under the limit, unknown drift, unscored rows, ties)."""
+    import random
+
+    from wonderland.probe import MAX_DRIFT
+    from wonderland.web.server import BackgroundServer
+
+    rng = random.Random(0)
+    tables = []
+    for _ in range(300):
+        rows = [{"step": s, "persona_margin": rng.choice([None, round(rng.uniform(-1, 1), 1)]),
+                 "retention_drift": rng.choice([None, 0.25, round(rng.uniform(0, 0.5), 2)])}
+                for s in rng.sample(range(1, 40), rng.randint(0, 6))]
+        tables.append(rows)
+    page, problems = browser_page
+    with BackgroundServer(create_app()) as url:
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        got = page.evaluate("async (tables) => { const m = await import('/static/js/chart.js');"
+                            " return [m.MAX_DRIFT, tables.map((t) => m.bestStep(t))]; }", tables)
+    expected = [(best(t) or {}).get("step") for t in tables]
+    assert got[0] == MAX_DRIFT and got[1] == expected
+
+    def branch(rows):  # which part of the rule decides
+        scored = [r for r in rows if r["persona_margin"] is not None]
+        ok = [r for r in scored if r["retention_drift"] is None or r["retention_drift"] <= MAX_DRIFT]
+        return "none scored" if not scored else "margin" if ok else "least drift"
+    assert {branch(t) for t in tables} == {"none scored", "margin", "least drift"}
+    assert problems == []

@@ -29,7 +29,7 @@ function drawBest(u, step) {
   if (!Number.isFinite(x) || x < u.bbox.left - 1 || x > u.bbox.left + u.bbox.width + 1) return;
   const ctx = u.ctx, dpr = window.devicePixelRatio || 1;
   ctx.save();
-  ctx.strokeStyle = "#d9a441"; ctx.fillStyle = "#b7791f"; ctx.lineWidth = 2 * dpr; ctx.setLineDash([5 * dpr, 4 * dpr]);
+  ctx.strokeStyle = "#2f8f5b"; ctx.fillStyle = "#2f8f5b"; ctx.lineWidth = 2 * dpr; ctx.setLineDash([5 * dpr, 4 * dpr]);
   ctx.beginPath(); ctx.moveTo(x, u.bbox.top); ctx.lineTo(x, u.bbox.top + u.bbox.height); ctx.stroke();
   ctx.font = `${11 * dpr}px sans-serif`; ctx.textAlign = x > u.bbox.left + u.bbox.width / 2 ? "right" : "left";
   ctx.fillText(`best: step ${step}`, x + (ctx.textAlign === "left" ? 4 : -4) * dpr, u.bbox.top + 12 * dpr);
