@@ -68,6 +68,7 @@ function checkpoint() {
 function buildColumns() {
   columns = [...options.columns.map((c) => c.name), "ollama"];
   const description = Object.fromEntries(options.columns.map((c) => [c.name, c.description]));
+  if (checkpoint() !== null) description.trained += ` (checkpoint step ${checkpoint()})`;
   description.ollama = ollama?.available ? `${ollama.model}, the run's character system prompt` : "optional: a local Ollama server";
   const existing = new Map([...$("#columns").children].map((c) => [c.dataset.column, c]));
   $("#columns").replaceChildren(...columns.map((name) => {
