@@ -69,3 +69,15 @@ def assert_adapter_switches_per_call(model, plain, records: list, messages: list
             steps += 1
             assert model.loss(records, adapter=not stream_adapter) == other, (stream_adapter, steps)
         assert steps >= 2, "the stream ended before a second decode step: nothing was interleaved"
+
+
+def train_tiny_run(tiny_model: Path, root: Path, *options: str, write=write_dataset) -> Path:
+    """A finished run of the tiny model on the records ``write(folder)`` makes (default:
+    :func:`write_dataset`'s), trained by the real CLI with ``options``; returns ``root/run``."""
+    from wonderland.cli import main
+
+    data = write(root / "data")
+    out = root / "run"
+    assert main(["train", "--data", str(data), "--model", str(tiny_model), "--out", str(out), "--batch-size", "2",
+                 "--save-every", "0", *options]) == 0
+    return out

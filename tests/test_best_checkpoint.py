@@ -7,19 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_dataset
+from tests.helpers import train_tiny_run
 from wonderland.cli import main
 from wonderland.probe import BEST_FILE, best
 
 
 @pytest.fixture(scope="module")
 def probed_run(tiny_model, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("best")
-    data = write_dataset(tmp / "data")
-    out = tmp / "run"
-    assert main(["train", "--data", str(data), "--out", str(out), "--model", str(tiny_model), "--iters", "8",
-                 "--batch-size", "2", "--val-every", "2", "--save-every", "0", "--lr", "3e-3", "--threads", "1"]) == 0
-    return out
+    return train_tiny_run(tiny_model, tmp_path_factory.mktemp("best"), "--iters", "8", "--val-every", "2",
+                          "--lr", "3e-3", "--threads", "1")
 
 
 def test_every_validation_point_is_scored_and_the_rule_picks_the_best(probed_run):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import train_tiny_run
 from wonderland.cli import main
 from wonderland.config import GenerationConfig
 from wonderland.errors import UserError
@@ -45,12 +46,8 @@ def write_dataset(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eval-run")
-    data = write_dataset(root / "data")
-    out = root / "run"
-    assert main(["train", "--data", str(data), "--model", str(tiny_model), "--out", str(out), "--iters", "2",
-                 "--batch-size", "2", "--lr", "1e-2", "--val-every", "1", "--save-every", "0", "--warmup", "0"]) == 0
-    return out
+    return train_tiny_run(tiny_model, tmp_path_factory.mktemp("eval-run"), "--iters", "2", "--lr", "1e-2",
+                          "--val-every", "1", "--warmup", "0", write=write_dataset)
 
 
 def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):
