@@ -2,15 +2,16 @@
 
 Two routes (https://github.com/ollama/ollama/blob/main/docs/modelfile.md, docs/import.md):
 
-* ``adapter``: ``FROM <base model folder>`` + ``ADAPTER ./adapter`` (a PEFT safetensors adapter).
+* ``adapter`` (opt-in; Ollama's safetensors-adapter import is unreliable in current releases, see
+  docs/export.md): ``FROM <base model folder>`` + ``ADAPTER ./adapter`` (a PEFT safetensors adapter).
   Ollama converts safetensors adapters for llama-family and Gemma-2 bases only. It reads the
   strength from ``lora_alpha`` (a JSON *integer*: Go unmarshals it into a uint32, so ``16.0``
   fails) and ignores mlx-lm's ``scale``; we write an integer alpha and fold any remainder into
   lora_B so that ``alpha / r * B`` equals the trained update exactly.
-* ``gguf``: ``FROM ./model.gguf``, the merged model written by our GGUF writer.
+* ``gguf`` (the default): ``FROM ./<run>.<type>.gguf``, the merged model written by our GGUF writer.
 
 No Ollama binary runs here: :func:`parse_modelfile` implements the documented grammar and the
-export checks its own output with it.
+export checks its own output with it; ``export --verify`` loads the GGUF route's file in llama.cpp.
 """
 
 from __future__ import annotations
