@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_dataset
-from wonderland.cli import main
+from tests.helpers import train_tiny_run
 from wonderland.probe import best
 from wonderland.runs import RunDir
 from wonderland.web import create_app
@@ -26,12 +25,8 @@ RUN = "cp"
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_model, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("web-checkpoints")
-    data = write_dataset(tmp / "data")
-    out = tmp / "runs" / RUN
-    assert main(["train", "--data", str(data), "--out", str(out), "--model", str(tiny_model), "--iters", "4",
-                 "--batch-size", "2", "--val-every", "2", "--save-every", "0", "--lr", "3e-3", "--threads", "1"]) == 0
-    return out
+    return train_tiny_run(tiny_model, tmp_path_factory.mktemp("web-checkpoints"), "--iters", "4", "--val-every", "2",
+                          "--lr", "3e-3", "--threads", "1")
 
 
 @pytest.fixture
