@@ -68,8 +68,7 @@ def _compare(model, tokenizer, trained) -> tuple[float, float, list[str]]:
 
 def test_the_adapter_really_changes_the_model(trained):
     effect = max(float((a - b).abs().max()) for a, b in zip(trained["logits"], trained["base_logits"]))
-    assert effect > 0.5
-    assert trained["text"] != trained["base_text"]
+    assert effect > 0.5  # on logits: greedy text of the random tiny model can be all newlines either way
 
 
 def test_peft_export_reloads_with_peft(trained, tmp_path):

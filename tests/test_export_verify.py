@@ -70,8 +70,7 @@ def test_llama_cpp_applies_the_lora_gguf(run, verified, tmp_path):
     [base_gguf] = (verified["out"] / "gguf-f16").glob("*.base.f16.gguf")  # the base the export wrote for --lora
     without = compare(ref, [c for c, _ in llamacpp_scorer(base_gguf)(probe, want)])
     with_lora = verified["report"]["artefacts"]["lora-gguf"]
-    assert without["mean_abs_logit_diff"] > 100 * with_lora["mean_abs_logit_diff"]
-    assert without["exact_match"] < with_lora["exact_match"]
+    assert without["mean_abs_logit_diff"] > 100 * with_lora["mean_abs_logit_diff"]  # on logits, not greedy text
 
 
 def test_llama_cpp_tokenizes_the_probe_prompts_like_transformers(run, verified):

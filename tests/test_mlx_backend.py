@@ -62,6 +62,7 @@ def test_mlx_train_writes_mlx_lm_adapter_and_metrics(dataset, tiny_model, tmp_pa
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["fine_tune_type"] == "lora" and config["num_layers"] == 2
     assert config["lora_parameters"] == {"rank": TrainConfig().rank, "scale": 2.0, "dropout": 0.0, "keys": [
+        "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
         "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]}
     assert "Adapter saved to" in capsys.readouterr().out
 

@@ -126,22 +126,34 @@ def setup(job: TrainJob) -> _Session:
                  else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
     valid_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.valid_records]
-    if cfg.kl and world.size > 1:
-        raise UserError("--kl runs on one process only (its gradients are not all-reduced); drop --num-gpus or use --replay")
-    replay_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.replay_records] if cfg.kl else []
+    kl = _kl_on(cfg, world)
+    replay_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.replay_records] if kl else []
     return _Session(cfg, world, device, tokenizer, model, params, fast, optimizer, train_set, valid_set, replay_set)
 
 
-def step_loss(s: _Session):
+def _kl_on(cfg: TrainConfig, world) -> bool:
+    """The KL term runs in one process (its gradients are not all-reduced): under torchrun the default
+    weight is dropped with a note, a weight the user chose is an error."""
+    if not cfg.kl or world.size == 1:
+        return bool(cfg.kl)
+    if cfg.kl != TrainConfig().kl:
+        raise UserError("--kl runs on one process only (its gradients are not all-reduced); drop --num-gpus or use --replay")
+    if world.is_main:
+        print("note: no KL term with several processes; training without it (--replay is the retention guard there)")
+    return False
+
+
+def step_loss(s: _Session, start: int = 0):
     """``loss(batch) -> (summed loss, target tokens, real tokens)``; DDP all-reduces LoRA gradients
-    when several processes train (the loss function is its module)."""
+    when several processes train (the loss function is its module). ``start``: the first step's
+    index, so a resumed run's KL batches continue where they left off."""
     if s.fast:
         loss = distributed.wrap_loss(s.model, lambda m, p: torch_fast.prepared_loss(m, p, s.fast), s.world, s.device)
     else:
         loss = distributed.wrap_loss(s.model, lambda m, b: batch_loss(m, b, s.pad, s.device), s.world, s.device)
     if not s.replay_set:
         return loss
-    return guard.with_kl(loss, s.model, s.replay_set, s.cfg.kl, s.cfg.batch_size, s.cfg.seed, s.pad, s.device)
+    return guard.with_kl(loss, s.model, s.replay_set, s.cfg.kl, s.cfg.batch_size, s.cfg.seed, s.pad, s.device, start)
 
 
 def batches(s: _Session):
@@ -242,7 +254,7 @@ class TorchBackend:
         reporter = _Reporter(self, job, s, start)
         s.model.train()
         result = trainer.train(optimizer=s.optimizer, params=s.params, start_step=start, iters=cfg.iters,
-                               loss=step_loss(s), iterate_batches=batches(s), lr_at=lambda i: lr_at(i, cfg),
+                               loss=step_loss(s, start), iterate_batches=batches(s), lr_at=lambda i: lr_at(i, cfg),
                                grad_clip=cfg.grad_clip, world=s.world, device=s.device,
                                should_stop=job.should_stop, training_callback=reporter)
         if result.status == "stopped":
@@ -252,7 +264,7 @@ class TorchBackend:
         if s.valid_set:
             reporter.validate(result.step)
         reporter.check_weights(result.step)  # a non-finite final adapter is never written
-        if job.probe:  # the last step is a candidate too: its checkpoint, then serve the best
+        if job.probe and len(reporter.ledger.rows) > 1:  # the last step is a candidate too: its checkpoint
             self._save_checkpoint(job, s.model, s.optimizer, result.step)
         if s.world.is_main:  # rank 0 only: the adapter is the same on every rank
             serve_best(job.run, reporter.ledger.best_step(), result.step, s.model.save_pretrained)

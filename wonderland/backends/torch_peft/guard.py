@@ -31,11 +31,11 @@ def kl_sum(model, batch: Sequence[Encoded], pad_id: int, device: torch.device) -
 
 
 def with_kl(loss: Callable, model, replay_set: list[Encoded], weight: float, batch_size: int, seed: int,
-            pad_id: int, device: torch.device) -> Callable:
+            pad_id: int, device: torch.device, start: int = 0) -> Callable:
     """``loss`` plus ``weight`` x the mean KL per replay token of one replay batch per step. The
     trainer divides the returned sum by the step's target tokens, so the KL sum is scaled by
     n / n_kl to stay a per-token mean; the reported step loss includes it."""
-    step = [0]
+    step = [start]  # the KL batch follows the step, as the data order does (a resume continues it)
 
     def combined(batch):
         loss_sum, n, tokens = loss(batch)
