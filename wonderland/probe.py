@@ -95,8 +95,7 @@ class Ledger:
     def add(self, step: int, row: dict) -> dict | None:
         self.rows = [r for r in self.rows if r["step"] != step] + [{"step": step, **row}]
         top = best(self.rows)
-        if top is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if top is not None and (len(self.rows) > 1 or self.path.parent.is_dir()):  # a choice to keep
             atomic_write_json(self.path, {"step": top["step"], "rule": f"max persona_margin with retention_drift <= {MAX_DRIFT}"})
         return top
 
