@@ -51,8 +51,8 @@ def _loss_times(monkeypatch, factor_from_step: dict):
 
     real = backend.step_loss
 
-    def patched(s):
-        loss = real(s)
+    def patched(s, start=0):
+        loss = real(s, start)
         calls = [0]
 
         def wrapped(batch):
