@@ -6,7 +6,8 @@ needs the packaged sentence-embedding model) where it is installed:
     python bench/persona_variants.py run --variants V.json --out DIR [--workers 8 --threads 2 --device cpu]
     python bench/persona_variants.py score DIR            # a table of every variant, JSON
 
-``V.json`` is a list of ``{"name": ..., "data": {build_dataset options}, "train": {TrainConfig options}}``.
+``V.json`` is a list of ``{"name": ..., "data": {build_dataset options}, "train": {TrainConfig options}}``,
+optionally with ``"checkpoint": STEP`` to answer with that checkpoint instead of the served (best) one.
 Each variant builds its dataset, trains, and answers the selection prompts
 (``wonderland/eval/prompts-selection.txt``, 3 samples each, seed + index as in ``wonderland eval``) and
 the selection retention set with the trained arm; the base and prompted arms are answered once (they
@@ -81,13 +82,17 @@ def run_variant(variant: dict, out: str, book: str | None, threads: int, device:
 
     torch.set_num_threads(threads)
     _float32_everywhere(device)
+    if variant.get("checkpoint"):  # a chosen checkpoint, not the served one: keep every checkpoint
+        from wonderland.backends import common
+
+        common.KEEP_CHECKPOINTS = 1 << 20
     work = Path(out) / variant["name"]
     t0 = time.time()
     build_dataset(book, "Hatter", work / "data", **variant.get("data", {}))
     config = merge_config(TrainConfig, {"threads": threads, "device": device, **variant.get("train", {})})
     run = train(config, work / "data", out=str(work / "run"), log=lambda m: None)
     train_s = time.time() - t0
-    loaded = load_run(run.path, device=device)
+    loaded = load_run(run.path, device=device, checkpoint=variant.get("checkpoint"))
     valid = [json.loads(ln) for ln in (work / "data" / "valid.jsonl").read_text().splitlines()]
     held_out = {}
     for arm in ARMS:

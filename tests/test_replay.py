@@ -49,6 +49,26 @@ def test_mix_keeps_every_record_and_the_records_carry_the_characters_prompt():
     assert sorted(map(id, mixed)) == sorted(map(id, character + recs)) and mixed != character + recs
 
 
+def test_prompt_sections_split_the_prompts_and_a_closed_pool_holds_no_probe_prompt():
+    closed, open_ = replay.load_prompts(section="closed"), replay.load_prompts(section="open")
+    assert len(closed) >= 150 and len(open_) >= 30 and not set(closed) & set(open_)
+    assert sorted(closed + open_) == sorted(replay.load_prompts())
+    pool, probe = replay.pool("closed"), replay.split(replay.load_prompts())[1]
+    assert set(pool) <= set(closed) and not set(pool) & set(probe) and len(pool) > 0.8 * len(closed)
+    assert set(replay.pool("all")) == set(replay.split(replay.load_prompts())[0])
+
+
+def test_first_sentence_answers_and_records_without_one_are_left_out():
+    assert replay.first_sentence("The capital is Paris. It is big.") == "The capital is Paris."
+    assert replay.first_sentence("Paris is the capital\n\nMore text.") == "Paris is the capital"
+    assert replay.first_sentence("Here is how to do it:\n1. Boil") == ""  # a lead-in, not an answer
+    assert replay.first_sentence("Yes.") == ""  # under 3 words
+    answers = [{"prompt": "a", "answer": "It is 4. Because two and two."}, {"prompt": "b", "answer": "Steps:\nOne"}]
+    recs = replay.records(answers, "sys", answer="first")
+    assert [r["messages"][-1]["content"] for r in recs] == ["It is 4."]
+    assert [r["messages"][-1]["content"] for r in replay.records(answers, "sys")] == ["It is 4. Because two and two.", "Steps:\nOne"]
+
+
 def test_trim_keeps_whole_answers_and_cuts_a_cut_off_one_at_its_last_sentence():
     assert replay.trim(" Paris is the capital. It is big ", finished=True) == "Paris is the capital. It is big"
     assert replay.trim("Paris is the capital. It is big and", finished=False) == "Paris is the capital."

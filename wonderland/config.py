@@ -69,13 +69,18 @@ class TrainConfig:
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)", label="CPU threads", bounds=(0, 4096))
     dtype: str = _f("auto", "weights dtype: auto (bf16 on CUDA, float32 elsewhere), float32, bfloat16, float16",
                     label="dtype")
-    replay: float = _f(0.0, "replay records per character record: general prompts answered by the base model itself "
+    replay: float = _f(0.25, "replay records per character record: general prompts answered by the base model itself "
                             "(adapter off), mixed in so the model keeps its other abilities (0 = off)",
                        label="replay ratio", bounds=(0.0, 10.0))
     kl: float = _f(1.0, "weight of a KL term to the adapter-off model's next-token distribution on the replay "
                         "records (0 = off; torch backend)", label="KL weight", bounds=(0.0, 1000.0))
     replay_prompt: str = _f("character", "system prompt of the replay records: the character's, or the neutral assistant's",
                             label="replay system prompt", choices=("character", "neutral"))
+    replay_set: str = _f("closed", "which replay prompts: 'closed' (questions with one right answer: facts, arithmetic, "
+                                "science, language) or 'all' (also advice, how-to and writing requests)",
+                         label="replay prompts", choices=("all", "closed"))
+    replay_answer: str = _f("first", "what of the base model's answer a replay record trains on: the 'whole' answer "
+                                     "or its 'first' sentence", label="replay answer", choices=("whole", "first"))
 
     def __post_init__(self) -> None:
         self.__dict__.update(check_fields(type(self), dict(self.__dict__), flag_name))

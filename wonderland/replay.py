@@ -35,8 +35,20 @@ MAX_TOKENS = 96  # long enough for a short answer; a cut-off answer is trimmed t
 PROBE_EVERY = 12  # every 12th prompt is held out of training: the retention probe (teacher-forced)
 
 
-def load_prompts(path: Path = PROMPTS_FILE) -> list[str]:
-    return [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and not ln.startswith("#")]
+SECTIONS = ("closed", "open")  # "#: closed" / "#: open" lines in prompts.txt start each section
+
+
+def load_prompts(path: Path = PROMPTS_FILE, section: str = "all") -> list[str]:
+    """The replay prompts of one section (``closed``: questions with one right answer; ``open``:
+    advice, how-to, writing) or ``all``, in file order."""
+    out, current = [], None
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        ln = ln.strip()
+        if ln.startswith("#:"):
+            current = ln[2:].strip()
+        elif ln and not ln.startswith("#") and section in ("all", current):
+            out.append(ln)
+    return out
 
 
 def split(items: Sequence) -> tuple[list, list]:
@@ -53,6 +65,15 @@ def trim(text: str, finished: bool) -> str:
         return text
     ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
     return text[: ends[-1]] if ends else text
+
+
+def first_sentence(text: str) -> str:
+    """The answer's first sentence, or "" when it has none worth training on (under 3 words, or a
+    lead-in ending in a colon such as "Here is how:")."""
+    head = text.strip().split("\n", 1)[0].strip()
+    m = re.search(r"[.!?](?=\s|$)", head)
+    head = head[: m.end()] if m else head
+    return "" if len(head.split()) < 3 or head.endswith(":") else head
 
 
 def generate_answers(chat, prompts: Sequence[str], progress: Callable[[int], None] | None = None) -> list[dict]:
@@ -109,11 +130,13 @@ def write_answers(path: Path, answers: Sequence[dict], sha256: str, model_name: 
     atomic_write_jsonl(path, [head, *answers])
 
 
-def records(answers: Sequence[dict], system_prompt: str) -> list[dict]:
-    """Chat records: the character's system prompt, the request, the base model's answer."""
+def records(answers: Sequence[dict], system_prompt: str, answer: str = "whole") -> list[dict]:
+    """Chat records: the character's system prompt, the request, the base model's answer (whole,
+    or its ``first`` sentence; an answer with no usable first sentence is left out)."""
+    cut = first_sentence if answer == "first" else str.strip
     return [{"messages": [{"role": "system", "content": system_prompt}, {"role": "user", "content": a["prompt"]},
-                          {"role": "assistant", "content": a["answer"]}], "kind": "replay"}
-            for a in answers if a["answer"]]
+                          {"role": "assistant", "content": cut(a["answer"])}], "kind": "replay"}
+            for a in answers if cut(a["answer"])]
 
 
 def draw(prompts: Sequence[str], count: int, seed: int) -> list[str]:
@@ -122,6 +145,12 @@ def draw(prompts: Sequence[str], count: int, seed: int) -> list[str]:
         return []
     rng = random.Random(seed)
     return [q for _ in range(count // len(prompts) + 1) for q in rng.sample(list(prompts), len(prompts))][:count]
+
+
+def pool(section: str) -> list[str]:
+    """The replay prompts a run may train on: the section's, less the probe's (held out)."""
+    keep = set(load_prompts(section=section))
+    return [q for q in split(load_prompts())[0] if q in keep]
 
 
 def mix(train_records: Sequence[dict], replay: Sequence[dict], seed: int) -> list[dict]:
@@ -137,13 +166,13 @@ def guard(config, model_path: Path, sha256: str, train_records: list[dict], vali
     for ``--kl``, the checkpoint probe). Only the answers these need are looked up (or made)."""
     from wonderland.probe import Probe
 
-    train_prompts, probe_prompts = split(load_prompts())
+    train_prompts, probe_prompts = pool(config.replay_set), split(load_prompts())[1]
     ratio = config.replay or (1.0 if config.kl else 0.0)  # --kl alone: one replay record per character record
     drawn = draw(train_prompts, round(ratio * len(train_records)), config.seed)
     wanted = list(dict.fromkeys(drawn)) + (probe_prompts if valid_records else [])
     known = {a["prompt"]: a for a in answers_for(config.model, model_path, sha256, load_chat, log, wanted)}
     replay_system = NEUTRAL_SYSTEM_PROMPT if config.replay_prompt == "neutral" else system_prompt
-    replay = records([known[q] for q in drawn], replay_system)
+    replay = records([known[q] for q in drawn], replay_system, config.replay_answer)
     probe = Probe(valid=list(valid_records), retention=records([known[q] for q in probe_prompts], system_prompt)) \
         if valid_records else None
     mixed = mix(train_records, replay, config.seed) if config.replay else list(train_records)
