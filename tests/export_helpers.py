@@ -32,7 +32,7 @@ def train_tiny_run(base: Path, tiny_model: Path, name: str = "hatter", **overrid
 
     cfg = {"model": str(tiny_model), "iters": 6, "lr": 2e-2, "schedule": "constant", "warmup": 0, "batch_size": 4,
            "val_every": 0, "save_every": 0, "rank": 8, "alpha": 16.0, "seed": 0,
-           "targets": "q_proj,k_proj,v_proj,o_proj", "kl": 0.0}  # pinned: the export mechanics, not the product default
+           "targets": "q_proj,k_proj,v_proj,o_proj", "kl": 0.0, "replay": 0.0}  # pinned: the export mechanics, not the product default
     cfg.update(overrides)
     return train(TrainConfig(**cfg), write_dataset(base / f"{name}-data"), out=str(base / name), log=lambda m: None)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import wonderland.export as export_mod
-from tests.export_helpers import shared_tiny_run
+from tests.export_helpers import shared_tiny_run, train_tiny_run
 from wonderland.cli import main
 from wonderland.errors import UserError
 from wonderland.export import export
@@ -122,6 +122,20 @@ def test_default_output_folder_is_inside_the_run(run):
     result = export(run, "peft", log=lambda m: None)
     assert result.path == run.path / "exports" / "peft"
     shutil.rmtree(result.path.parent)
+
+
+def test_a_chosen_checkpoint_is_exported_and_a_missing_one_is_refused(tmp_path, tiny_model, capsys):
+    run = train_tiny_run(tmp_path, tiny_model, name="ckpt", save_every=2)
+    assert run.kept_steps() == [2, 4]  # the final step is the served adapter itself
+    result = export(run, "peft", checkpoint=2, log=lambda m: None)
+    assert result.path == run.path / "exports" / "step-000002" / "peft"
+    chosen = (run.checkpoints / "step-000002" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (result.path / "adapter_model.safetensors").read_bytes() == chosen
+    assert chosen != (run.adapter / "adapter_model.safetensors").read_bytes()  # not the served adapter
+    assert json.loads((result.path / "wonderland-export.json").read_text())["checkpoint"] == 2
+    assert main(["export", "--run", str(run.path), "--format", "peft", "--checkpoint", "3"]) == 2
+    assert "has no checkpoint at step 3 (kept: 2, 4)" in capsys.readouterr().err
+    assert not (run.path / "exports" / "step-000003").exists()
 
 
 def test_modelfile_parser_rejects_what_ollama_rejects():

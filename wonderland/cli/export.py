@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ollama-from", default="auto", choices=OLLAMA_ROUTES,
                    help="ollama: 'gguf' = FROM the merged GGUF (auto for llama architectures), 'adapter' = FROM the "
                         "base model + ADAPTER (safetensors; unreliable in current Ollama) (default: auto)")
+    p.add_argument("--checkpoint", type=int, metavar="STEP",
+                   help="export this checkpoint's adapter (default: the served one, the probe's best)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     p.add_argument("--verify", action="store_true",
                    help="load every artefact (llama.cpp for GGUF) and compare its greedy replies and logits with the "
@@ -31,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     results, _, verify_json = export_many(args.run, args.format, args.out, gguf_type=args.gguf_type,
                                           ollama_from=args.ollama_from, overwrite=args.overwrite,
-                                          verify=args.verify, log=lambda m: print(m, file=sys.stderr))
+                                          verify=args.verify, checkpoint=args.checkpoint, log=lambda m: print(m, file=sys.stderr))
     print("\n\n".join(describe(r) for r in results))
     if verify_json:
         print(f"Verified: every artefact meets the target ({verify_json})")

@@ -67,8 +67,13 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
 
 
-def default_out(run: RunDir, fmt: str, gguf_type: str) -> Path:
-    return run.path / "exports" / (f"gguf-{gguf_type}" if fmt == "gguf" else fmt)
+def exports_root(run: RunDir, checkpoint: int | None = None) -> Path:
+    """``<run>/exports`` (the served adapter's) or ``<run>/exports/step-NNNNNN`` (a chosen checkpoint's)."""
+    return run.path / "exports" / (f"step-{checkpoint:06d}" if checkpoint is not None else "")
+
+
+def default_out(run: RunDir, fmt: str, gguf_type: str, checkpoint: int | None = None) -> Path:
+    return exports_root(run, checkpoint) / (f"gguf-{gguf_type}" if fmt == "gguf" else fmt)
 
 
 @dataclass
@@ -91,7 +96,7 @@ def plan(src: RunSource, fmt: str, out: str | Path | None = None, *, gguf_type: 
         raise UserError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})")
     if ollama_from not in OLLAMA_ROUTES:
         raise UserError(f"--ollama-from must be one of {', '.join(OLLAMA_ROUTES)} (got {ollama_from!r})")
-    final = Path(out).expanduser().resolve() if out else default_out(src.run, fmt, gguf_type)
+    final = Path(out).expanduser().resolve() if out else default_out(src.run, fmt, gguf_type, src.checkpoint)
     _check_out(final, src, overwrite)
     route = _ollama_route(src, ollama_from) if fmt == "ollama" else ""
     if fmt == "gguf" or route == "gguf":
@@ -107,7 +112,7 @@ def write(p: Plan, log: Callable[[str], None] = print) -> ExportResult:
         result = _WRITERS[p.fmt](src, tmp, gguf_type=p.gguf_type, route=p.route, final=p.final, log=log)
         uses_gguf = p.fmt == "gguf" or p.route == "gguf"
         atomic_write_json(tmp / "wonderland-export.json", {
-            "run": src.run.name, "format": p.fmt, "gguf_type": p.gguf_type if uses_gguf else None,
+            "run": src.run.name, "checkpoint": src.checkpoint, "format": p.fmt, "gguf_type": p.gguf_type if uses_gguf else None,
             "ollama_from": p.route or None, "character": src.info.get("character"), "system_prompt": src.system_prompt,
             "base_model": src.info["model"], "adapter_format": src.adapter_format,
         })
@@ -121,22 +126,25 @@ def write(p: Plan, log: Callable[[str], None] = print) -> ExportResult:
 
 
 def export(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None, *, gguf_type: str = "f16",
-           ollama_from: str = "auto", overwrite: bool = False, log: Callable[[str], None] = print) -> ExportResult:
-    """Export a finished run in ``fmt`` to ``out``; returns what was written and what to run next."""
+           ollama_from: str = "auto", overwrite: bool = False, checkpoint: int | None = None,
+           log: Callable[[str], None] = print) -> ExportResult:
+    """Export a finished run (its served adapter, or checkpoint ``checkpoint``'s) in ``fmt`` to
+    ``out``; returns what was written and what to run next."""
     run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
-    src = run_source(run)
+    src = run_source(run, checkpoint)
     return write(plan(src, fmt, out, gguf_type=gguf_type, ollama_from=ollama_from, overwrite=overwrite), log)
 
 
 def export_many(run_ref: str | Path | RunDir, fmt: str, out: str | Path | None = None, *, gguf_type: str = "f16",
                 ollama_from: str = "auto", overwrite: bool = False, verify: bool = False,
+                checkpoint: int | None = None,
                 log: Callable[[str], None] = print) -> tuple[list[ExportResult], dict | None, Path | None]:
     """``fmt`` or ``all`` (every format, GGUF as f16 and q8_0, each in its own folder under ``out``
     or ``<run>/exports``), then with ``verify`` every artefact checked against the live adapter:
     (results, report, verify.json path). All outputs are checked before the first is written; a
     report below the Target raises a UserError naming the artefacts after verify.json is written."""
     run = run_ref if isinstance(run_ref, RunDir) else resolve_run(run_ref)
-    src = run_source(run)
+    src = run_source(run, checkpoint)
     jobs = ALL if fmt == "all" else [(fmt, gguf_type)]
     plans = [plan(src, f, _out_for(run, fmt == "all", f, t, out), gguf_type=t, ollama_from=ollama_from,
                   overwrite=overwrite) for f, t in jobs]
@@ -176,7 +184,7 @@ def _verify(src: RunSource, results: list[ExportResult], plans: list[Plan], fmt:
     from wonderland.export.verify import check, table, verify_exports
 
     report = verify_exports(src, lambda scratch: artefact_scorers(src, results, scratch), log)
-    where = (Path(out).expanduser().resolve() if out else src.run.path / "exports") if fmt == "all" else plans[0].final
+    where = (Path(out).expanduser().resolve() if out else exports_root(src.run, src.checkpoint)) if fmt == "all" else plans[0].final
     atomic_write_json(where / "verify.json", report)
     log(table(report))
     check(report, where / "verify.json")
@@ -190,7 +198,7 @@ def _check_out(final: Path, src: RunSource, overwrite: bool) -> None:
     for protected, what in ((src.run.path, "the run"), (src.base_path.resolve(), "the base model")):
         if final == protected or final in protected.parents or (protected in final.parents and what == "the base model"):
             raise UserError(f"--out {final} would overwrite {what}; choose a folder outside it")
-    if final == src.run.adapter or src.run.adapter in final.parents or src.run.checkpoints in final.parents:
+    if final == src.run.adapter or src.run.adapter in final.parents or final == src.adapter or src.run.checkpoints in final.parents:
         raise UserError(f"--out {final} is inside the run's adapter or checkpoints; choose another folder")
     if final.exists() and not final.is_dir():
         raise UserError(f"--out {final} is a file; give a folder")
@@ -229,7 +237,7 @@ def _n_params(model_dir: Path) -> int:
 
 
 def _estimate_bytes(src: RunSource, fmt: str, gguf_type: str, route: str) -> int:
-    adapter = sum(p.stat().st_size for p in src.run.adapter.rglob("*") if p.is_file())
+    adapter = sum(p.stat().st_size for p in src.adapter.rglob("*") if p.is_file())
     if fmt in ("peft", "mlx") or route == "adapter":
         return 2 * adapter
     n = _n_params(src.base_path)
@@ -259,13 +267,13 @@ def _write_peft(src: RunSource, tmp: Path, final: Path, **_) -> ExportResult:
 
 def _write_mlx(src: RunSource, tmp: Path, final: Path, **_) -> ExportResult:
     if src.adapter_format == "mlx-lm":
-        for f in src.run.adapter.iterdir():
+        for f in src.adapter.iterdir():
             if f.is_file():
                 shutil.copy2(f, tmp / f.name)
     else:
         from wonderland.backends.torch_peft.adapters import peft_to_mlx
 
-        peft_to_mlx(src.run.adapter, tmp, base_model_path=src.base_path)
+        peft_to_mlx(src.adapter, tmp, base_model_path=src.base_path)
     return ExportResult("mlx", tmp, [], [f"mlx_lm.generate --model {src.base_path} --adapter-path {final} --prompt 'Who are you?'"])
 
 

@@ -26,6 +26,12 @@ class RunSource:
     run: RunDir
     info: dict
     base_path: Path  # local HF folder of the base model
+    checkpoint: int | None = None  # None: the served adapter (the best checkpoint's)
+
+    @property
+    def adapter(self) -> Path:
+        """The adapter folder exported: ``adapter/`` or the chosen checkpoint's."""
+        return self.run.adapter_at(self.checkpoint)
 
     @property
     def adapter_format(self) -> str:
@@ -40,8 +46,9 @@ class RunSource:
         return self.info.get("system_prompt") or ""
 
 
-def run_source(run: RunDir) -> RunSource:
-    """The run's info and base model folder; a UserError when there is no finished adapter."""
+def run_source(run: RunDir, checkpoint: int | None = None) -> RunSource:
+    """The run's info and base model folder; a UserError when there is no finished adapter (or no
+    checkpoint ``checkpoint``)."""
     from wonderland.models import resolve_model
 
     info = run.read()
@@ -51,21 +58,22 @@ def run_source(run: RunDir) -> RunSource:
     base = Path(info["model"]["path"])
     if not (base / "config.json").exists():  # a run copied from another machine: find its base here
         base = resolve_model(info["model"]["id"], log=lambda m: None)
-    return RunSource(run, info, base)
+    run.adapter_at(checkpoint)  # a UserError naming the kept steps when it does not exist
+    return RunSource(run, info, base, checkpoint)
 
 
 @contextmanager
 def peft_adapter(src: RunSource, scratch: Path) -> Iterator[Path]:
     """A folder holding the run's adapter in PEFT format (converted into ``scratch`` if needed)."""
     if src.adapter_format == "peft":
-        yield src.run.adapter
+        yield src.adapter
         return
     from wonderland.backends.torch_peft.adapters import mlx_to_peft
 
     out = scratch / "peft-adapter"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        mlx_to_peft(src.run.adapter, out, src.base_path)
+        mlx_to_peft(src.adapter, out, src.base_path)
         yield out
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -227,7 +227,7 @@ def base_gguf_for(src: RunSource, scratch: Path) -> Path:
 def live_scorer(src: RunSource) -> Scorer:
     from wonderland.generate import load_run
 
-    chat = load_run(src.run, device="cpu").model
+    chat = load_run(src.run, device="cpu", checkpoint=src.checkpoint).model
     if src.info.get("backend") == "mlx" and hasattr(chat, "_lora"):
         return mlx_scorer(chat.model)
     return torch_scorer(chat.model, pad_id(chat.tokenizer))
