@@ -69,6 +69,9 @@ class TrainConfig:
     threads: int = _f(0, "CPU threads for torch (0 = torch's default)", label="CPU threads", bounds=(0, 4096))
     dtype: str = _f("auto", "weights dtype: auto (bf16 on CUDA, float32 elsewhere), float32, bfloat16, float16",
                     label="dtype")
+    quantize: str = _f("none", "quantize the frozen base (QLoRA): none, 4 or 8 bits (MLX: mlx-lm's affine quantization, "
+                               "group size 64), nf4 (torch on CUDA: bitsandbytes 4-bit NF4)",
+                       label="quantize base", choices=("none", "4", "8", "nf4"))
     replay: float = _f(0.25, "replay records per character record: general prompts answered by the base model itself "
                             "(adapter off), mixed in so the model keeps its other abilities (0 = off)",
                        label="replay ratio", bounds=(0.0, 10.0))
@@ -170,6 +173,8 @@ def field_value(f: dataclasses.Field, value: Any) -> tuple[Any, str | None]:
         if "bounds" in f.metadata and not _in_bounds(number, f.metadata["bounds"]):
             return number, f"must be {_range_text(f.metadata['bounds'])} (got {number!r})"
         return number, None
+    if typ is str and "choices" in f.metadata and type(value) is int:  # YAML's `quantize: 4`
+        value = str(value)
     if not isinstance(value, typ):
         return value, f"must be {typ.__name__} (got {value!r})"
     if "choices" in f.metadata and value not in f.metadata["choices"]:

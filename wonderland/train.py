@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from wonderland import __version__, replay
+from wonderland import __version__, quantize, replay
 from wonderland.backends import TrainJob, get_backend, resolve_backend_name
 from wonderland.backends.common import Diverged
 from wonderland.config import TrainConfig
@@ -102,6 +102,7 @@ def train(
     backend_name = resolve_backend_name(config.backend, log=log)
     config = _kl_for_backend(config, backend_name, log)
     backend = get_backend(backend_name, log=log)
+    quantize.check(config.quantize, backend_name, config.device)
     model_path = resolve_model(config.model, log=log)
     data_dir = Path(data_dir).expanduser().resolve()
     if resume_from is not None and not allow_config_change:
@@ -169,7 +170,7 @@ def _resumed_run(resume: str, config: TrainConfig) -> tuple[RunDir, dict, Path]:
 # What a resume may not change without --allow-config-change: the settings that decide what is
 # learned (torchtune checks the same on resume). lr, schedule, warmup, a larger --iters and the
 # val/save/sample cadence may change.
-LEARNED = ("seed", "model", "rank", "alpha", "targets", "layers", "dropout", "batch_size", "max_seq_len")
+LEARNED = ("seed", "model", "quantize", "rank", "alpha", "targets", "layers", "dropout", "batch_size", "max_seq_len")
 
 
 def check_resume(ckpt: Path, info: dict, config: TrainConfig, backend_name: str, data_sha256: str) -> None:
