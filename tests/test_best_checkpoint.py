@@ -104,6 +104,53 @@ def test_kl_term_is_zero_at_the_base_and_grows_when_the_adapter_moves(tiny_model
     assert (count, tokens) == (4, 10) and float(total) == pytest.approx(2.0 + 0.5 * float(kl.detach()) * 4 / n)
 
 
+def test_kl_on_labelled_logits_and_the_teacher_cache_equal_the_full_computation(tiny_model):
+    """The fast KL (LM head only where labels are, teacher log-probs kept per record) is the same
+    number and the same gradient as KL over every position's full logits."""
+    import torch
+    from peft import get_peft_model
+
+    from tests.helpers import chat_records
+    from wonderland.backends.torch_peft.backend import load_base, lora_config
+    from wonderland.backends.torch_peft.batching import collate
+    from wonderland.backends.torch_peft.guard import Teacher, kl_sum
+    from wonderland.config import TrainConfig
+
+    cpu = torch.device("cpu")
+    tok, base = load_base(tiny_model, cpu, torch.float64)
+    model = get_peft_model(base, lora_config(TrainConfig(), base.config.num_hidden_layers))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = chat_records(4, seed=2)
+
+    def full_kl():
+        ids, labels, mask = collate(batch, tok.pad_token_id, cpu)
+        keep = labels[:, 1:] != -100
+        with torch.no_grad(), model.disable_adapter():
+            ref = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float(), -1)
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float(), -1)
+        return torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="sum")
+
+    def grads(kl):
+        model.zero_grad()
+        kl.backward()
+        return torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
+
+    want = full_kl()
+    g_want = grads(want)
+    teacher = Teacher(model, batch)
+    assert teacher.keep_cache
+    for _ in range(2):  # first call fills the cache, the second reads it
+        got, _ = kl_sum(model, batch, tok.pad_token_id, cpu, teacher, [0, 1, 2, 3])
+        assert float(got) == pytest.approx(float(want), rel=1e-9) and torch.allclose(grads(got), g_want, atol=1e-12)
+    assert sorted(teacher.cache) == [0, 1, 2, 3]
+    got, _ = kl_sum(model, batch[2:], tok.pad_token_id, cpu, teacher, [2, 3])  # cached rows, another batch
+    fresh, _ = kl_sum(model, batch[2:], tok.pad_token_id, cpu)
+    assert float(got) == pytest.approx(float(fresh), rel=1e-9) and float(fresh) > 1e-6
+
+
 def test_the_api_serves_a_checkpoint_as_run_at_step(probed_run, wl_home):
     import shutil
 

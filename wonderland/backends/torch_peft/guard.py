@@ -19,14 +19,48 @@ def adapter_off(model, off: bool):
     return model.disable_adapter() if off else nullcontext()
 
 
-def kl_sum(model, batch: Sequence[Encoded], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int]:
+TEACHER_CACHE_BYTES = 256 << 20  # keep the adapter-off log-probs of the KL records when they fit in this
+
+
+def labelled_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Float32 logits at the ``keep`` positions (B, T-1), rows in (record, position) order: the LM
+    head runs only on positions some record needs (``logits_to_keep``), not on every token."""
+    pos = keep.any(0).nonzero().squeeze(1)  # (P,) positions where any record has a label
+    return model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits[keep[:, pos]].float()  # (N, V)
+
+
+class Teacher:
+    """The adapter-off model's next-token log-probs on the KL records. They never change during a
+    run, so each record's are computed once and kept when the whole set fits in
+    :data:`TEACHER_CACHE_BYTES` (else recomputed every step, as the arithmetic is the same)."""
+
+    def __init__(self, model, records: Sequence[Encoded]) -> None:
+        labelled = sum(sum(x != IGNORE for x in e.labels[1:]) for e in records)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.model, self.keep_cache = model, labelled * vocab * 4 <= TEACHER_CACHE_BYTES
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def logprobs(self, idx: Sequence[int], ids, mask, keep) -> torch.Tensor:
+        """(N, V) log-probs for the batch of records ``idx`` (collated as ``ids``/``mask``/``keep``)."""
+        if not all(i in self.cache for i in idx):
+            with torch.no_grad(), self.model.disable_adapter():
+                ref = torch.log_softmax(labelled_logits(self.model, ids, mask, keep), -1)
+            if not self.keep_cache:
+                return ref
+            self.cache.update(zip(idx, ref.split(keep.sum(1).tolist())))
+        return torch.cat([self.cache[i] for i in idx])
+
+
+def kl_sum(model, batch: Sequence[Encoded], pad_id: int, device: torch.device, teacher: Teacher | None = None,
+           idx: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
     """Summed KL(base || adapted) of the next-token distributions at the labelled positions of
-    ``batch`` (the base = the same model with the adapter off, no gradient), and their count."""
+    ``batch`` (the base = the same model with the adapter off, no gradient; from ``teacher``'s
+    cache when given, ``idx`` naming the records), and their count."""
     ids, labels, mask = collate(batch, pad_id, device)
     keep = labels[:, 1:] != IGNORE  # (B, T-1): the answer tokens
-    with torch.no_grad(), model.disable_adapter():
-        ref = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float(), -1)
-    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float(), -1)
+    teacher = teacher or Teacher(model, [])
+    ref = teacher.logprobs(list(idx) if idx is not None else [-1 - i for i in range(len(batch))], ids, mask, keep)
+    logp = torch.log_softmax(labelled_logits(model, ids, mask, keep), -1)
     return torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="sum"), int(keep.sum())
 
 
@@ -36,12 +70,13 @@ def with_kl(loss: Callable, model, replay_set: list[Encoded], weight: float, bat
     trainer divides the returned sum by the step's target tokens, so the KL sum is scaled by
     n / n_kl to stay a per-token mean; the reported step loss includes it."""
     step = [start]  # the KL batch follows the step, as the data order does (a resume continues it)
+    teacher = Teacher(model, replay_set)
 
     def combined(batch):
         loss_sum, n, tokens = loss(batch)
         idx = batch_indices(step[0], len(replay_set), min(batch_size, len(replay_set)), seed + 1)
         step[0] += 1
-        kl, n_kl = kl_sum(model, [replay_set[i] for i in idx], pad_id, device)
+        kl, n_kl = kl_sum(model, [replay_set[i] for i in idx], pad_id, device, teacher, idx)
         return loss_sum + weight * kl * (max(n, 1) / max(n_kl, 1)), n, tokens
     return combined
 
