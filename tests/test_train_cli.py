@@ -100,6 +100,28 @@ def test_stop_then_resume_continues_from_the_checkpoint(dataset, tiny_model, tmp
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_stop_on_a_save_step_writes_its_checkpoint_once(dataset, tiny_model, tmp_path, monkeypatch):
+    """Stop requested during step 2, a save step: its checkpoint is written once (one Checkpoint
+    event, one write), and the Stopped event names that checkpoint."""
+    from wonderland.backends.torch_peft.backend import TorchBackend
+    from wonderland.train import train
+
+    writes = []
+    save = TorchBackend._save_checkpoint
+    monkeypatch.setattr(TorchBackend, "_save_checkpoint", lambda self, job, model, opt, step:
+                        writes.append(step) or save(self, job, model, opt, step))
+    config = TrainConfig(model=str(tiny_model), iters=4, batch_size=2, warmup=0, val_every=2, save_every=2,
+                         kl=0.0, replay=0.0)
+    stop = StopFlag()
+    run = train(config, dataset, out=str(tmp_path / "run"), should_stop=stop, log=lambda m: None,
+                subscribers=[lambda r: r["event"] == "step" and r["step"] == 2 and stop.set()])
+    assert run.read()["status"] == "stopped" and writes == [2]
+    records = read_metrics(run.metrics)
+    checkpoints = [r for r in records if r["event"] == "checkpoint"]
+    assert [r["step"] for r in checkpoints] == [2]
+    assert [r["checkpoint"] for r in records if r["event"] == "stopped"] == [checkpoints[0]["path"]]
+
+
 def test_resume_matches_an_uninterrupted_run(dataset, tiny_model, tmp_path):
     """Exact resume: the adapter after stop+resume equals the one from a straight run."""
     from safetensors.torch import load_file

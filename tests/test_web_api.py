@@ -498,6 +498,28 @@ def test_an_unreadable_run_is_listed_with_its_error(client, wl_home):
     assert r.status_code == 400 and "corrupt run.json" in r.json["error"]
 
 
+@pytest.mark.parametrize("text,kind", [("[1, 2]", "list"), ('"finished"', "string"), ("3", "number"), ("null", "null")])
+def test_a_run_json_that_is_not_an_object_is_a_clear_error_and_listed_as_broken(client, wl_home, capsys, text, kind):
+    from wonderland.cli import main
+    from wonderland.errors import UserError
+    from wonderland.runs import RunDir
+
+    (wl_home / "runs" / "odd").mkdir(parents=True)
+    (wl_home / "runs" / "odd" / "run.json").write_text(text)
+    with pytest.raises(UserError) as e:
+        RunDir(wl_home / "runs" / "odd").read()
+    message = str(e.value)
+    assert str(wl_home / "runs" / "odd" / "run.json") in message and f"a JSON {kind}, not an object" in message
+    assert "delete the run folder" in message and "\n" not in message
+    (item,) = client.get("/api/runs").json["runs"]
+    assert (item["name"], item["status"], item["error"]) == ("odd", "unreadable", message)
+    r = client.get("/api/runs/odd")
+    assert r.status_code == 400 and r.json["error"] == message
+    assert main(["runs", "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["name"] == "odd" and row["status"] == f"unreadable ({message})"
+
+
 def test_runs_duration_is_training_time_summed_over_sessions(client, wl_home):
     """One elapsed time: each session's last step's elapsed_s, summed over stop / resume (the Train
     page counts the same way), not run.json's timings (setup included)."""

@@ -121,11 +121,18 @@ class RunDir:
 
     def _read_json(self) -> dict[str, Any]:
         try:
-            return json.loads(self.run_json.read_text(encoding="utf-8"))
+            info = json.loads(self.run_json.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise UserError(f"{self.path} is not a run (no run.json); list runs with `wonderland runs`") from None
         except json.JSONDecodeError as e:
-            raise UserError(f"{self.run_json}: corrupt run.json ({e.msg} at line {e.lineno})") from None
+            raise UserError(f"{self.run_json}: corrupt run.json ({e.msg} at line {e.lineno}); "
+                            f"fix the file or delete the run folder") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{self.run_json}: corrupt run.json (not UTF-8 text); fix the file or delete the run folder") from None
+        if not isinstance(info, dict):
+            raise UserError(f"{self.run_json}: corrupt run.json (a JSON {_json_kind(info)}, not an object); "
+                            f"fix the file or delete the run folder")
+        return info
 
     def write(self, info: dict[str, Any]) -> None:
         atomic_write_json(self.run_json, info)
@@ -170,6 +177,10 @@ class RunLock:
     def release(self) -> None:
         """Let go of the run. The lock file stays (a process waiting on it shares its inode)."""
         self._lock.release()
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 def now_iso() -> str:

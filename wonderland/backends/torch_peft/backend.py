@@ -197,6 +197,7 @@ class _Reporter(trainer.TrainingCallback):
         self.ledger = Ledger.resumed(job.run, start)
         self.nll = guard.scorer(s.model, s.tokenizer, job.config.max_seq_len, s.device)
         self.divergence = DivergenceGuard()  # non-finite or diverging loss: the run fails, good checkpoints stay
+        self.saved: tuple[int, Path] | None = None  # the last checkpoint written: (step, folder)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t_start
@@ -206,9 +207,12 @@ class _Reporter(trainer.TrainingCallback):
         self.divergence.check_weights(step, finite)
 
     def save(self, step: int) -> Path:
-        """A checkpoint, only of finite weights."""
+        """A checkpoint, only of finite weights; once per step (a stop on a save step reuses it)."""
+        if self.saved is not None and self.saved[0] == step:
+            return self.saved[1]
         self.check_weights(step)
-        return self.backend._save_checkpoint(self.job, self.s.model, self.s.optimizer, step)
+        self.saved = (step, self.backend._save_checkpoint(self.job, self.s.model, self.s.optimizer, step))
+        return self.saved[1]
 
     def on_step(self, r: trainer.StepReport) -> None:
         cfg, step = self.job.config, r.step
