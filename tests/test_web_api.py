@@ -441,6 +441,26 @@ def test_train_stream_stop_replay_resume_compare_delete(client, wl_home, tiny_mo
     assert not (wl_home / "runs" / "t1").exists() and client.get("/api/runs").json["runs"] == []
 
 
+def test_replay_answers_being_made_are_in_the_web_log(client, wl_home, tiny_model, tmp_path, monkeypatch):
+    """A model without packaged replay answers: the answers made before training are announced, with
+    progress lines, in the job's log (the Train form's log), not only on the server's stderr."""
+    from wonderland import replay
+
+    monkeypatch.setenv("WONDERLAND_MODELS", str(tmp_path / "models"))  # no cached answers
+    monkeypatch.setattr(replay, "MAX_TOKENS", 2)  # short answers: the plumbing is under test, not the answers
+    write_dataset(wl_home)
+    config = {"model": str(tiny_model), "iters": 1, "batch_size": 2, "val_every": 0, "save_every": 0, "kl": 0,
+              "replay": 0, "max_seq_len": 64}
+    assert client.post("/api/train", json={"dataset": "tiny", "name": "answers", "config": config}).status_code == 202
+    frames = list(sse_frames(client.get("/api/runs/answers/events", buffered=False)))
+    assert frames[-1][1] == "end" and frames[-1][2]["state"] == "finished", frames[-1]
+    logged = [f[2]["message"] for f in frames if f[1] == "log"]
+    n_probe = len(replay.split(replay.load_prompts())[1])
+    assert any(m.startswith(f"Answering {n_probe} replay prompts") for m in logged), logged
+    progress = [m.split(" made")[0] for m in logged if m.startswith("replay answers: ")]
+    assert progress == [f"replay answers: {k}" for k in range(10, n_probe + 1, 10)] != []  # a line per 10 answers
+
+
 def test_compare_bad_inputs(client, wl_home):
     run = wl_home / "runs" / "r1"
     (run / "adapter").mkdir(parents=True)

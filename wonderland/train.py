@@ -116,7 +116,7 @@ def train(
         _mark_running(run, info, config)
         mixed, replay_records, probe = replay.guard(config, model_path, info["model"]["sha256"], train_records,
                                                     valid_records, stats["system_prompt"],
-                                                    lambda: backend.load(model_path), log)
+                                                    lambda: _AnswerProgress(backend.load(model_path), log), log)
         session = _Session(run, config, subscribers, log, _start_seq(run, resume_from, config))
         job = TrainJob(config=config, model_path=model_path, train_records=mixed, valid_records=valid_records,
                        run=run, emit=session.bus.emit, should_stop=should_stop, resume_from=resume_from,
@@ -125,6 +125,28 @@ def train(
     finally:
         lock.release()
     return run
+
+
+REPLAY_PROGRESS_EVERY = 10  # replay answers made per progress line in the log
+
+
+class _AnswerProgress:
+    """The base model as replay.guard uses it to make replay answers (one ``stream`` per answer):
+    the same model, with a line in ``log`` every :data:`REPLAY_PROGRESS_EVERY` answers, so the web
+    log shows progress while they are made (replay's progress bar goes to stderr only)."""
+
+    def __init__(self, chat, log: Callable[[str], None]) -> None:
+        self._chat, self._log, self._done, self._t0 = chat, log, 0, time.perf_counter()
+
+    def __getattr__(self, name: str):
+        return getattr(self._chat, name)
+
+    def stream(self, *args, **kwargs):
+        yield from self._chat.stream(*args, **kwargs)
+        self._done += 1
+        if self._done % REPLAY_PROGRESS_EVERY == 0:
+            each = (time.perf_counter() - self._t0) / self._done
+            self._log(f"replay answers: {self._done} made ({each:.1f} s each)")
 
 
 def _mark_running(run: RunDir, info: dict, config: TrainConfig) -> None:
