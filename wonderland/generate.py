@@ -65,7 +65,7 @@ class ModelCache:
     entries or more than ``max_bytes`` of weights (0 = no byte limit). Each key has its own lock, so
     loads of different models run side by side while a second caller of the same key waits for the
     first's load and shares it. Keys are tuples whose first item says what they hold: ``("base",
-    backend, path, device)`` or ``("run", run path, updated, device, checkpoint)``."""
+    backend, path, device, quantize)`` or ``("run", run path, updated, device, checkpoint)``."""
 
     def __init__(self, max_models: int = 4, max_bytes: int = 0) -> None:
         self.max_models, self.max_bytes = max_models, max_bytes
@@ -165,12 +165,13 @@ def _weights_bytes(model_path: Path) -> int:
         sum(f.stat().st_size for f in Path(model_path).glob("*.bin"))
 
 
-def load_base(model_path: Path, backend_name: str = "torch", device: str = "auto") -> ChatModel:
+def load_base(model_path: Path, backend_name: str = "torch", device: str = "auto", quantize: str = "none") -> ChatModel:
     """A base model with no adapter, loaded once per process and shared: runs attach their adapters
-    to it by name (torch), the OpenAI API's base ids and the Base/Prompted arms use it directly."""
+    to it by name (torch), the OpenAI API's base ids and the Base/Prompted arms use it directly.
+    ``quantize``: a run's ``--quantize`` (the same base quantized is another entry)."""
     model_path = Path(model_path).resolve()
-    key = ("base", backend_name, str(model_path), device)
-    return MODELS.get(key, lambda: (get_backend(backend_name).load(model_path, None, device=device),
+    key = ("base", backend_name, str(model_path), device, quantize)
+    return MODELS.get(key, lambda: (get_backend(backend_name).load(model_path, None, device=device, quantize=quantize),
                                     _weights_bytes(model_path)))
 
 
@@ -195,15 +196,16 @@ def _load_run(run: RunDir, info: dict, device: str, checkpoint: int | None, key:
     if not model_path.exists():  # a run copied from another machine: find its base here
         model_path = resolve_model(info["model"]["id"])
     backend_name, adapter = info.get("backend", "torch"), run.adapter_at(checkpoint)
-    if backend_name == "mlx" and not _mlx_installed():
-        backend_name, adapter = "torch", _peft_copy_of_mlx_adapter(run, model_path)
+    quantize = (info.get("config") or {}).get("quantize", "none")  # the base the adapter was trained on
+    if backend_name == "mlx" and not _mlx_installed():  # torch has no MLX quantization: the float base
+        backend_name, adapter, quantize = "torch", _peft_copy_of_mlx_adapter(run, model_path), "none"
     size = sum(f.stat().st_size for f in Path(adapter).glob("*.safetensors"))
     if backend_name != "torch":  # MLX's LoRA layers replace the base's: no sharing, a copy per run
-        model = get_backend(backend_name).load(model_path, adapter, device=device)
+        model = get_backend(backend_name).load(model_path, adapter, device=device, quantize=quantize)
         return LoadedRun(run, info, model), size + _weights_bytes(model_path)
-    base = load_base(model_path, "torch", device)
+    base = load_base(model_path, "torch", device, quantize)
     loaded = LoadedRun(run, info, base.with_adapter("|".join(map(str, key[1:])), Path(adapter)))
-    loaded.base_key = ("base", "torch", str(Path(model_path).resolve()), device)
+    loaded.base_key = ("base", "torch", str(Path(model_path).resolve()), device, quantize)
     return loaded, size
 
 

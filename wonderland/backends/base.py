@@ -62,5 +62,7 @@ class Backend(Protocol):
         """Train until ``job.config.iters`` or ``job.should_stop()``; emit events; save the adapter to
         ``job.run.adapter`` when finished and a checkpoint when stopped."""
 
-    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto") -> ChatModel:
-        """Load the base model (and adapter, if given) for generation and scoring."""
+    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto",
+             quantize: str = "none") -> ChatModel:
+        """Load the base model (and adapter, if given) for generation and scoring; ``quantize`` is the
+        run's ``--quantize`` (the base as its adapter was trained on)."""

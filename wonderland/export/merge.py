@@ -80,16 +80,49 @@ def peft_adapter(src: RunSource, scratch: Path) -> Iterator[Path]:
 
 
 def merged_model(src: RunSource, adapter_dir: Path):
-    """(model, tokenizer): the base in float32 with the adapter merged into its weights."""
+    """(model, tokenizer): the base in float32 with the adapter merged into its weights; the base of a
+    run trained on a quantized MLX base (``--quantize 4|8``) is that base de-quantized first."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(src.base_path)
     base = AutoModelForCausalLM.from_pretrained(src.base_path, dtype=torch.float32)
+    _use_dequantized_base(src, base)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     model.eval()
     return model, tokenizer
+
+
+def mlx_quantize(src: RunSource) -> str:
+    """The run's ``--quantize`` when it trained on a base quantized by MLX (``4`` or ``8``), else ``none``."""
+    quantize = (src.info.get("config") or {}).get("quantize", "none")
+    return quantize if src.info.get("backend") == "mlx" and quantize in ("4", "8") else "none"
+
+
+def _use_dequantized_base(src: RunSource, base) -> None:
+    """Replace the float base's weights by the de-quantized weights of the quantized base the run
+    trained on (mlx-lm fuse's ``--dequantize``), so the merge adds the adapter to what it learned on."""
+    quantize = mlx_quantize(src)
+    if quantize == "none":
+        return
+    try:
+        from wonderland.backends.mlx_lora.backend import load_base
+        from wonderland.backends.mlx_lora.quantized import dequantized_weights
+    except ImportError:
+        raise UserError(f"run {src.run.name} trained on a {quantize}-bit MLX base; exporting it merged de-quantizes "
+                        f"that base with MLX: pip install 'wonderland[mlx]'") from None
+    import torch
+
+    weights = dequantized_weights(load_base(src.base_path, "float32", quantize)[0])
+    state = base.state_dict()
+    unknown = sorted(set(weights) - set(state))
+    if unknown:
+        raise UserError(f"run {src.run.name}: the quantized base's weights {', '.join(unknown[:3])} have no "
+                        f"counterpart in {src.base_path}; export --format peft or mlx instead")
+    with torch.no_grad():
+        for name, value in weights.items():  # a tied LM head shares the embedding's tensor
+            state[name].copy_(torch.from_numpy(value))
 
 
 def save_merged(model, tokenizer, out: Path) -> None:

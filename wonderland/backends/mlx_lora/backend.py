@@ -12,6 +12,7 @@ gradient clipping). The final adapter is what mlx-lm writes (``adapters.safetens
 
 On Linux CPU the package loads OpenBLAS first (:mod:`.blas`); bf16/fp16 are slow on CPU, so
 weights are cast to float32 there.
+``--quantize 4|8`` quantizes the frozen base on load with mlx-lm's own quantization (:mod:`.quantized`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from wonderland.backends.common import DivergenceGuard, batch_indices, check_key
 from wonderland.backends.mlx_lora.batching import collate, mean_loss
 from wonderland.backends.mlx_lora.blas import BLAS
 from wonderland.backends.mlx_lora.chat import MLXChatModel
+from wonderland.backends.mlx_lora.quantized import for_inference, quantization_config, quantize_base, use_cpu_kernels
 from wonderland.chat_format import encode_chat
 from wonderland.config import GenerationConfig, TrainConfig
 from wonderland.errors import UserError
@@ -68,10 +70,12 @@ def _config_overrides(model_path: Path) -> dict:
     return out
 
 
-def load_base(model_path: Path, dtype: str = "auto"):
-    """mlx-lm model + TokenizerWrapper, float32 on CPU (bf16/fp16 matmuls are slow there)."""
+def load_base(model_path: Path, dtype: str = "auto", quantize: str = "none"):
+    """mlx-lm model + TokenizerWrapper, float32 on CPU (bf16/fp16 matmuls are slow there), quantized
+    for ``--quantize 4|8`` (:mod:`.quantized`). Loaded lazily and evaluated once at the end, so a
+    base quantized on load never holds all its float weights at once."""
     try:
-        model, tokenizer = mlx_load(str(model_path), model_config=_config_overrides(model_path))
+        model, tokenizer = mlx_load(str(model_path), model_config=_config_overrides(model_path), lazy=True)
     except ValueError as e:  # e.g. "Model type x not supported."
         raise UserError(f"mlx-lm cannot load {model_path}: {e}; use --backend torch for this model") from None
     target = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}.get(dtype)
@@ -79,6 +83,9 @@ def load_base(model_path: Path, dtype: str = "auto"):
         target = mx.float32
     if target is not None:
         model.set_dtype(target)
+    quantize_base(model, quantize, model_path)
+    use_cpu_kernels(model)
+    mx.eval(model.parameters())
     return model, tokenizer
 
 
@@ -99,8 +106,10 @@ def adapter_config(cfg: TrainConfig, model, model_path: Path) -> dict:
     """The adapter_config.json mlx-lm writes (the fields ``mlx_lm.load(adapter_path=)`` reads,
     plus the training settings, as ``mlx_lm.lora`` records them)."""
     n_layers = len(model.layers)
+    quantization = quantization_config(model)  # the base's, when quantized (mlx-lm's config.json key)
     return {
         "model": str(model_path),
+        **({"quantization": quantization} if quantization else {}),
         "fine_tune_type": "lora",
         "num_layers": cfg.layers if 0 < cfg.layers < n_layers else n_layers,
         "lora_parameters": lora_parameters(cfg, model),
@@ -231,7 +240,7 @@ class MLXBackend:
     def train(self, job: TrainJob) -> TrainResult:
         cfg, emit = job.config, job.emit
         mx.random.seed(cfg.seed)
-        model, tokenizer = load_base(job.model_path, cfg.dtype)
+        model, tokenizer = load_base(job.model_path, cfg.dtype, cfg.quantize)
         model.freeze()
         acfg = adapter_config(cfg, model, job.model_path)
         linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"])
@@ -310,9 +319,12 @@ class MLXBackend:
         model.train()
         job.emit(Sample(step=step, total_steps=job.config.iters, prompt=job.config.sample_prompt, reply=reply))
 
-    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto") -> "MLXChatModel":
-        """``device`` is accepted for the protocol; MLX runs on its default device (Metal, else CPU)."""
-        model, tokenizer = load_base(Path(model_path))
+    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto",
+             quantize: str = "none") -> "MLXChatModel":
+        """``device`` is accepted for the protocol; MLX runs on its default device (Metal, else CPU).
+        ``quantize``: the run's ``--quantize``, so its adapter sits on the base it was trained on."""
+        model, tokenizer = load_base(Path(model_path), quantize=quantize)
+        for_inference(model)  # CPU: the quantized base de-quantized once (see .quantized)
         if adapter_path is not None:
             from mlx_lm.tuner.utils import load_adapters
 

@@ -328,7 +328,8 @@ class TorchBackend:
         model.train()
         job.emit(Sample(step=step, total_steps=job.config.iters, prompt=job.config.sample_prompt, reply=reply))
 
-    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto") -> "TorchChatModel":
+    def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto",
+             quantize: str = "none") -> "TorchChatModel":
         dev = pick_device(device)
         tokenizer, model = load_base(Path(model_path), dev, pick_dtype("auto", dev))
         if adapter_path is not None:
