@@ -48,3 +48,29 @@ def test_a_quantization_the_backend_cannot_do_exits_2_with_one_line(capsys, data
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and needle in err[-1] and "Traceback" not in "\n".join(err)
     assert not out.exists()
+
+
+def test_nf4_is_the_qlora_recipe_and_needs_cuda_and_bitsandbytes(monkeypatch, tiny_model):
+    import sys
+    import types
+
+    import torch
+
+    from wonderland.backends.torch_peft import quantized
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(UserError, match="needs a CUDA GPU and bitsandbytes .pip install bitsandbytes."):
+        quantized.nf4_config()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", types.ModuleType("bitsandbytes"))
+    config = quantized.nf4_config()
+    assert config.load_in_4bit and not config.load_in_8bit and config.bnb_4bit_quant_type == "nf4"
+    assert config.bnb_4bit_use_double_quant and config.bnb_4bit_compute_dtype == torch.bfloat16
+    with pytest.raises(UserError, match="needs a CUDA GPU"):
+        quantized.load_nf4(tiny_model, torch.device("cpu"))
+    # an nf4 run served where there is no CUDA: its adapter on the float base
+    assert quantized.serving_quantize("nf4", torch.device("cpu")) == "none"
+    assert quantized.serving_quantize("nf4", torch.device("cuda")) == "nf4"
+    from wonderland.backends import get_backend
+
+    chat = get_backend("torch").load(tiny_model, device="cpu", quantize="nf4")
+    assert not chat.has_adapter

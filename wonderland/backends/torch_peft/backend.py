@@ -19,7 +19,7 @@ from transformers.utils import logging as hf_logging
 
 from wonderland.backends.base import TrainJob, TrainResult
 from wonderland.backends.common import DivergenceGuard, batch_indices, check_keys, finish_checkpoint, lr_at, serve_best
-from wonderland.backends.torch_peft import distributed, guard, trainer
+from wonderland.backends.torch_peft import distributed, guard, quantized, trainer
 from wonderland.backends.torch_peft.batching import batch_loss, collate, summed_loss
 from wonderland.backends.torch_peft.chat import TorchChatModel
 from wonderland.backends.torch_peft.fast import training as torch_fast
@@ -53,10 +53,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_base(model_path: Path, device: torch.device, dtype: torch.dtype):
+def load_base(model_path: Path, device: torch.device, dtype: torch.dtype, quantize: str = "none"):
+    """Tokenizer and base model on ``device``; ``quantize="nf4"``: bitsandbytes NF4 (:mod:`.quantized`)."""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if quantize == "nf4":
+        return tokenizer, quantized.load_nf4(model_path, device)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     return tokenizer, model
 
@@ -118,10 +121,12 @@ def setup(job: TrainJob) -> _Session:
     world, device = distributed.setup(pick_device(cfg.device))  # one process per GPU under torchrun
     if cfg.batch_size < world.size:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be at least the process count ({world.size})")
-    tokenizer, base = load_base(job.model_path, device, pick_dtype(cfg.dtype, device))
+    tokenizer, base = load_base(job.model_path, device, pick_dtype(cfg.dtype, device), cfg.quantize)
+    if cfg.quantize == "nf4":  # plain PEFT + bitsandbytes: no fast path (see .quantized)
+        base = quantized.prepare_for_training(base)
     model = get_peft_model(base, lora_config(cfg, base.config.num_hidden_layers))
     params = [p for p in model.parameters() if p.requires_grad]
-    fast = torch_fast.prepare_model(model, device) if torch_fast.enabled(device) else None  # CUDA levers
+    fast = torch_fast.prepare_model(model, device) if torch_fast.enabled(device) and cfg.quantize == "none" else None
     optimizer = (torch_fast.make_optimizer(params, cfg.lr, cfg.weight_decay, fast) if fast
                  else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
@@ -285,6 +290,8 @@ class TorchBackend:
     def _announce(self, job: TrainJob, s: _Session, start: int) -> None:
         fast = s.fast
         speedups = (fast.applied + ([f"not fused_layers: {fast.fused_reason}"] if fast.fused_reason else [])) if fast else []
+        if job.config.quantize == "nf4":
+            speedups = [quantized.FAST_PATH_NOTE]
         job.emit(Started(step=start, total_steps=job.config.iters, run=job.run.name, backend=self.name,
                          model=str(job.model_path), device=str(s.device), train_records=len(s.train_set),
                          valid_records=len(s.valid_set), trainable_params=sum(p.numel() for p in s.params),
@@ -331,7 +338,7 @@ class TorchBackend:
     def load(self, model_path: Path, adapter_path: Path | None = None, device: str = "auto",
              quantize: str = "none") -> "TorchChatModel":
         dev = pick_device(device)
-        tokenizer, model = load_base(Path(model_path), dev, pick_dtype("auto", dev))
+        tokenizer, model = load_base(Path(model_path), dev, pick_dtype("auto", dev), quantized.serving_quantize(quantize, dev))
         if adapter_path is not None:
             model = PeftModel.from_pretrained(model, str(adapter_path))
         model.eval()
