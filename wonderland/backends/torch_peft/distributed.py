@@ -171,9 +171,10 @@ def run_worker(config, data_dir: str | None, resume: str | None) -> None:
     run folder of their own (rank 0 writes it) and no events."""
     import tempfile
 
+    from wonderland import replay
     from wonderland.backends import TrainJob, get_backend
     from wonderland.events import StopFlag
-    from wonderland.models import resolve_model
+    from wonderland.models import resolve_model, weights_sha256
     from wonderland.runs import RunDir, resolve_run
     from wonderland.train import load_data
 
@@ -183,14 +184,18 @@ def run_worker(config, data_dir: str | None, resume: str | None) -> None:
         resume_from = run.latest_checkpoint()
         data_dir = data_dir or run.read()["data"]["path"]
     train_records, valid_records, stats = load_data(data_dir)
+    model_path, backend = resolve_model(config.model, log=lambda m: None), get_backend("torch", log=lambda m: None)
+    # the records rank 0 trains on: the character's with --replay's records mixed in, as train() mixes
+    # them (the probe and its answers are rank 0's; there is no KL term under torchrun)
+    mixed, _, _ = replay.guard(config, model_path, weights_sha256(model_path), train_records, [], stats["system_prompt"],
+                               lambda: backend.load(model_path), lambda m: None)
     stop = StopFlag()
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set("interrupted"))  # rank 0 decides; all stop together
     with tempfile.TemporaryDirectory(prefix="wonderland-rank") as tmp:
-        job = TrainJob(config=config, model_path=resolve_model(config.model, log=lambda m: None),
-                       train_records=train_records, valid_records=valid_records, run=RunDir(Path(tmp)),
-                       emit=lambda event: None, should_stop=stop, resume_from=resume_from,
+        job = TrainJob(config=config, model_path=model_path, train_records=mixed, valid_records=valid_records,
+                       run=RunDir(Path(tmp)), emit=lambda event: None, should_stop=stop, resume_from=resume_from,
                        system_prompt=stats["system_prompt"])
         try:
-            get_backend("torch", log=lambda m: None).train(job)
+            backend.train(job)
         finally:
             shutdown()
