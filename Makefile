@@ -53,10 +53,16 @@ $(LLAMA_CPP):
 
 # Debian packages the tests need: chromium (browser tests), OpenBLAS (fast MLX on Linux CPU),
 # Node.js + npm (llama.cpp through node-llama-cpp).
-system-deps:
-	@if [ "$(shell uname -s)" = Linux ] && { ! command -v chromium >/dev/null || ! command -v npm >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 -a ! -e /usr/lib/aarch64-linux-gnu/libopenblas.so.0 ]; }; then \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q chromium libopenblas0-pthread nodejs npm; \
+system-deps:                     ## only the missing ones (a nodejs that brings its own npm conflicts with Debian's npm)
+	@if [ "$(shell uname -s)" = Linux ]; then \
+	  PKGS=""; \
+	  command -v chromium >/dev/null || PKGS="$$PKGS chromium"; \
+	  command -v npm >/dev/null || PKGS="$$PKGS nodejs npm"; \
+	  [ -e /usr/lib/x86_64-linux-gnu/libopenblas.so.0 -o -e /usr/lib/aarch64-linux-gnu/libopenblas.so.0 ] || PKGS="$$PKGS libopenblas0-pthread"; \
+	  if [ -n "$$PKGS" ]; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -q && $$SUDO apt-get install -y -q $$PKGS; \
+	  fi; \
 	fi
 
 clean:
