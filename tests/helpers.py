@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 
 SYSTEM = "You are the Hatter from Alice's Adventures in Wonderland."
+# Training options for tests that do not test the retention guard: no KL term, no replay records.
+# The defaults (--kl 1 --replay 0.25) make every tiny training several times slower; tests of the
+# guard (KL, replay, exact resume with KL) keep them.
+NO_GUARD = {"kl": 0.0, "replay": 0.0}
+NO_GUARD_ARGS = ("--kl", "0", "--replay", "0")
 LINES = [
     ("What time is it?", "It's always six o'clock now: always tea-time."),
     ("Who are you?", "I'm the Hatter, and this is my tea-party."),

@@ -166,7 +166,7 @@ def test_trained_mlx_run_serves_through_torch(tiny_model, tmp_path):
     (data / "train.jsonl").write_text((json.dumps(record) + "\n") * 4)
     run = tmp_path / "run"
     assert main(["train", "--backend", "mlx", "--data", str(data), "--model", str(tiny_model), "--out", str(run),
-                 "--iters", "3", "--batch-size", "2", "--lr", "0.05", "--warmup", "0", "--layers", "1"]) == 0
+                 "--iters", "3", "--batch-size", "2", "--lr", "0.05", "--warmup", "0", "--layers", "1", "--replay", "0"]) == 0
     peft_dir = mlx_to_peft(run / "adapter", tmp_path / "peft")  # base model path from the adapter config
     on_mlx, on_torch = mlx_logits(tiny_model, run / "adapter"), torch_logits(tiny_model, peft_dir)
     assert np.abs(on_mlx - mlx_logits(tiny_model)).max() > 10 * ATOL

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import write_dataset
+from tests.helpers import NO_GUARD, NO_GUARD_ARGS, write_dataset
 from wonderland.cli import main
 from wonderland.events import read_metrics
 
@@ -82,7 +82,7 @@ def test_output_not_writable(capsys, dataset, tiny_model, tmp_path):
 def test_existing_run_is_never_overwritten_without_the_flag(capsys, dataset, tiny_model, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--data", str(dataset), "--model", str(tiny_model), "--out", str(out), "--iters", "2",
-            "--batch-size", "2", "--val-every", "0", "--save-every", "0"]
+            "--batch-size", "2", "--val-every", "0", "--save-every", "0", *NO_GUARD_ARGS]
     assert main(args) == 0
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     capsys.readouterr()
@@ -99,7 +99,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_trained(dataset, tiny_mod
     from wonderland.train import train
 
     out = tmp_path / "run"
-    config = TrainConfig(model=str(tiny_model), iters=2, batch_size=2, val_every=0, save_every=0)
+    config = TrainConfig(model=str(tiny_model), iters=2, batch_size=2, val_every=0, save_every=0, **NO_GUARD)
     train(config, dataset, out=str(out), log=lambda m: None)
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_dataset
+from tests.helpers import NO_GUARD, NO_GUARD_ARGS, write_dataset
 from wonderland.cli import main
 from wonderland.errors import UserError
 from wonderland.events import read_metrics, rewind_metrics
@@ -38,15 +38,17 @@ def _checkpointed_with_tail(metrics: Path) -> bool:
     return bool(ckpts) and bool(steps) and steps[-1] >= ckpts[-1] + 2
 
 
-@pytest.fixture
-def killed_run(tmp_path, tiny_model, wl_home) -> Path:
+@pytest.fixture(scope="module")
+def killed_template(tmp_path_factory, tiny_model) -> Path:
     """A CLI training process killed with SIGKILL two or more steps after a checkpoint, plus a torn
-    last line in metrics.jsonl (a write cut off mid-line)."""
-    out = wl_home / "runs" / "crashed"
-    data = write_dataset(tmp_path / "data")
+    last line in metrics.jsonl (a write cut off mid-line); killed once per module."""
+    home = tmp_path_factory.mktemp("crash-home")
+    out = home / "runs" / "crashed"
+    data = write_dataset(home / "data-crashed")
     cmd = [sys.executable, "-m", "wonderland", "train", "--data", str(data), "--model", str(tiny_model), "--name",
-           "crashed", "--iters", "5000", "--batch-size", "2", "--save-every", "3", "--val-every", "0", "--warmup", "0"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "WONDERLAND_HOME": str(wl_home)},
+           "crashed", "--iters", "5000", "--batch-size", "2", "--save-every", "3", "--val-every", "0", "--warmup", "0",
+           *NO_GUARD_ARGS]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "WONDERLAND_HOME": str(home)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: _checkpointed_with_tail(out / "metrics.jsonl"))
@@ -56,6 +58,14 @@ def killed_run(tmp_path, tiny_model, wl_home) -> Path:
     with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"event": "step", "seq": 99999, "st')
     return out
+
+
+@pytest.fixture
+def killed_run(killed_template, wl_home) -> Path:
+    """The killed run, copied into this test's $WONDERLAND_HOME (tests read, mark and resume it)."""
+    import shutil
+
+    return Path(shutil.copytree(killed_template, wl_home / "runs" / "crashed"))
 
 
 def test_a_killed_run_reads_as_interrupted_everywhere_and_is_written_so(killed_run, capsys):
@@ -107,7 +117,7 @@ def test_a_run_in_training_reads_as_running_and_cannot_be_resumed_twice(tmp_path
             except UserError as e:
                 seen["resume"] = str(e)
 
-    config = TrainConfig(model=str(tiny_model), iters=3, batch_size=2, warmup=0, val_every=0, save_every=1)
+    config = TrainConfig(model=str(tiny_model), iters=3, batch_size=2, warmup=0, val_every=0, save_every=1, **NO_GUARD)
     train(config, write_dataset(tmp_path / "data"), out=str(out), subscribers=[at_step_2], log=lambda m: None)
     assert seen["status"] == "running"
     assert "being trained" in seen["resume"]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.helpers import write_dataset
+from tests.helpers import NO_GUARD, NO_GUARD_ARGS, write_dataset
 from wonderland.backends.common import Diverged, DivergenceGuard
 from wonderland.events import read_metrics
 from wonderland.runs import RunDir
@@ -69,7 +69,7 @@ def _train(tmp_path, tiny_model, **kw):
     from wonderland.config import TrainConfig
     from wonderland.train import train
 
-    config = TrainConfig(model=str(tiny_model), batch_size=2, warmup=0, val_every=0, **kw)
+    config = TrainConfig(model=str(tiny_model), batch_size=2, warmup=0, val_every=0, **{**NO_GUARD, **kw})
     out = tmp_path / "run"
     with pytest.raises(Diverged) as failed:
         train(config, write_dataset(tmp_path / "data"), out=str(out), log=lambda m: None)
@@ -123,7 +123,7 @@ def test_the_cli_says_why_in_one_line_and_exits_2(tmp_path, tiny_model, monkeypa
     _loss_times(monkeypatch, {2: math.inf})
     data = write_dataset(tmp_path / "data")
     code = main(["train", "--data", str(data), "--model", str(tiny_model), "--out", str(tmp_path / "run"),
-                 "--iters", "5", "--batch-size", "2", "--warmup", "0", "--val-every", "0"])
+                 "--iters", "5", "--batch-size", "2", "--warmup", "0", "--val-every", "0", *NO_GUARD_ARGS])
     assert code == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if "non-finite" in ln]
     assert len(err) == 1 and "lower --lr" in err[0]

@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from tests.helpers import NO_GUARD_ARGS
 from wonderland.cli import main
 from wonderland.events import read_metrics
 
@@ -19,7 +20,7 @@ def test_book_to_adapter_learns_the_hatter(alice_path, embedded_model, tmp_path,
 
     assert main(["train", "--data", str(data), "--out", str(out), "--iters", "8", "--batch-size", "4",
                  "--lr", "2e-3", "--schedule", "constant", "--warmup", "2", "--max-seq-len", "128",
-                 "--val-every", "0", "--save-every", "0"]) == 0
+                 "--val-every", "0", "--save-every", "0", *NO_GUARD_ARGS]) == 0
     assert sorted(p.name for p in out.iterdir()) == [".lock", "adapter", "metrics.jsonl", "run.json"]
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if r["event"] == "step"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import train_tiny_run
+from tests.helpers import NO_GUARD_ARGS, train_tiny_run
 from wonderland.cli import main
 from wonderland.config import GenerationConfig
 from wonderland.errors import UserError
@@ -47,7 +47,7 @@ def write_dataset(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
     return train_tiny_run(tiny_model, tmp_path_factory.mktemp("eval-run"), "--iters", "2", "--lr", "1e-2",
-                          "--val-every", "1", "--warmup", "0", write=write_dataset)
+                          "--val-every", "1", "--warmup", "0", *NO_GUARD_ARGS, write=write_dataset)
 
 
 def test_eval_cli_writes_report(tiny_run, tmp_path, capsys):

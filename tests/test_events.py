@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_dataset
+from tests.helpers import NO_GUARD, write_dataset
 from wonderland.events import EventBus, MetricsWriter, Step, read_metrics
 
 
@@ -108,7 +108,7 @@ def test_training_survives_a_broken_subscriber(tmp_path, tiny_model):
     def broken(record):
         raise ValueError("a buggy progress display")
 
-    config = TrainConfig(model=str(tiny_model), iters=3, batch_size=2, warmup=0, val_every=0, save_every=0)
+    config = TrainConfig(model=str(tiny_model), iters=3, batch_size=2, warmup=0, val_every=0, save_every=0, **NO_GUARD)
     run = train(config, write_dataset(tmp_path / "data"), out=str(tmp_path / "run"), subscribers=[broken],
                 log=lambda m: None)
     assert run.read()["status"] == "finished"
@@ -128,7 +128,7 @@ def test_a_metrics_write_failure_fails_the_run_with_the_reason(tmp_path, tiny_mo
         real(self, record)
 
     monkeypatch.setattr(MetricsWriter, "__call__", disk_full_at_step_2)
-    config = TrainConfig(model=str(tiny_model), iters=5, batch_size=2, warmup=0, val_every=0, save_every=0)
+    config = TrainConfig(model=str(tiny_model), iters=5, batch_size=2, warmup=0, val_every=0, save_every=0, **NO_GUARD)
     out = tmp_path / "run"
     with pytest.raises(Exception, match="No space left on device"):
         train(config, write_dataset(tmp_path / "data"), out=str(out), log=lambda m: None)

@@ -20,7 +20,7 @@ from wonderland.config import TrainConfig
 
 # Import the backend before anything imports mlx: it loads OpenBLAS for MLX first (~10x faster on CPU).
 import wonderland.backends.mlx_lora.backend  # noqa: E402,F401,I001
-from tests.helpers import SAMPLED, assert_adapter_switches_per_call, write_dataset  # noqa: E402
+from tests.helpers import NO_GUARD, NO_GUARD_ARGS, SAMPLED, assert_adapter_switches_per_call, write_dataset  # noqa: E402
 from wonderland.events import StopFlag, read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def dataset(tmp_path) -> Path:
 def mlx_args(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--backend", "mlx", "--data", str(dataset), "--model", str(model), "--out", str(out),
             "--iters", "4", "--batch-size", "2", "--lr", "1e-2", "--val-every", "2", "--save-every", "2",
-            "--warmup", "0", "--schedule", "constant", *extra]
+            "--warmup", "0", "--schedule", "constant", *NO_GUARD_ARGS, *extra]
 
 
 def test_mlx_train_writes_mlx_lm_adapter_and_metrics(dataset, tiny_model, tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_mlx_stop_then_resume_matches_an_uninterrupted_run(dataset, tiny_model, 
     from wonderland.train import train
 
     config = TrainConfig(model=str(tiny_model), backend="mlx", iters=5, batch_size=2, lr=1e-2, warmup=2,
-                         val_every=0, save_every=0)
+                         val_every=0, save_every=0, **NO_GUARD)
     straight = train(config, dataset, out=str(tmp_path / "a"), log=lambda m: None)
     stop = StopFlag()
     stopped = train(config, dataset, out=str(tmp_path / "b"), should_stop=stop, log=lambda m: None,

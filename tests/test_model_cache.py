@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from tests.helpers import write_dataset
+from tests.helpers import NO_GUARD, write_dataset
 from wonderland.generate import ModelCache
 
 
@@ -75,7 +75,8 @@ def two_runs(tmp_path, tiny_model, monkeypatch):
     dataset = write_dataset(tmp_path / "data")
     runs = []
     for name, seed in (("first", 0), ("second", 1)):
-        config = TrainConfig(model=str(tiny_model), iters=2, batch_size=2, lr=0.05, seed=seed, val_every=0, save_every=0)
+        config = TrainConfig(model=str(tiny_model), iters=2, batch_size=2, lr=0.05, seed=seed, val_every=0, save_every=0,
+                             **NO_GUARD)
         runs.append(train(config, dataset, name=name, log=lambda m: None))
     return runs, dataset
 

@@ -10,24 +10,34 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_dataset
+from tests.helpers import NO_GUARD, write_dataset
 from wonderland.cli import main
 from wonderland.events import StopFlag
 
 
-@pytest.fixture
-def stopped_run(tmp_path, tiny_model) -> Path:
-    """A run of 6 steps stopped after step 2 (checkpoint step-000002)."""
+@pytest.fixture(scope="module")
+def stopped_template(tmp_path_factory, tiny_model) -> Path:
+    """A run of 6 steps stopped after step 2 (checkpoint step-000002), trained once per module."""
     from wonderland.config import TrainConfig
     from wonderland.train import train
 
-    out = tmp_path / "run"
-    config = TrainConfig(model=str(tiny_model), iters=6, batch_size=2, warmup=0, val_every=0, save_every=0, seed=0)
+    root = tmp_path_factory.mktemp("stopped")
+    out = root / "run"
+    config = TrainConfig(model=str(tiny_model), iters=6, batch_size=2, warmup=0, val_every=0, save_every=0, seed=0,
+                         **NO_GUARD)
     stop = StopFlag()
-    train(config, write_dataset(tmp_path / "data"), out=str(out), should_stop=stop, log=lambda m: None,
+    train(config, write_dataset(root / "data"), out=str(out), should_stop=stop, log=lambda m: None,
           subscribers=[lambda r: r["event"] == "step" and r["step"] == 2 and stop.set()])
     assert (out / "checkpoints" / "step-000002" / "trainer_state.json").exists()
     return out
+
+
+@pytest.fixture
+def stopped_run(stopped_template, tmp_path) -> Path:
+    """A fresh copy of the stopped run for each test (tests resume, tamper with and rewrite it)."""
+    import shutil
+
+    return Path(shutil.copytree(stopped_template, tmp_path / "run"))
 
 
 def _snapshot(run: Path) -> tuple[bytes, bytes]:

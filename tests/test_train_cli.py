@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SAMPLED, SYSTEM, assert_adapter_switches_per_call, write_dataset
+from tests.helpers import NO_GUARD, NO_GUARD_ARGS, SAMPLED, SYSTEM, assert_adapter_switches_per_call, write_dataset
 from wonderland.cli import main
 from wonderland.config import TrainConfig
 from wonderland.events import StopFlag, read_metrics
@@ -20,12 +20,25 @@ def dataset(tmp_path) -> Path:
 
 def train_args(dataset: Path, model: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(dataset), "--model", str(model), "--out", str(out), "--iters", "4",
-            "--batch-size", "2", "--lr", "1e-2", "--val-every", "2", "--save-every", "2", "--warmup", "0", "--schedule", "constant", *extra]
+            "--batch-size", "2", "--lr", "1e-2", "--val-every", "2", "--save-every", "2", "--warmup", "0", "--schedule", "constant",
+            *NO_GUARD_ARGS, *extra]
 
 
-def test_train_writes_run_folder_and_metrics(dataset, tiny_model, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(train_args(dataset, tiny_model, out)) == 0
+@pytest.fixture(scope="module")
+def cli_run(tiny_model, tmp_path_factory) -> tuple[Path, Path, str]:
+    """One CLI run of :func:`train_args` for the tests that only read it: (dataset, run, its stdout)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("cli-run")
+    dataset, out, printed = write_dataset(root / "data"), root / "run", io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(train_args(dataset, tiny_model, out)) == 0
+    return dataset, out, printed.getvalue()
+
+
+def test_train_writes_run_folder_and_metrics(cli_run, tiny_model):
+    dataset, out, printed = cli_run
     assert sorted(p.name for p in out.iterdir()) == [".lock", "adapter", "checkpoints", "metrics.jsonl", "run.json"]
     assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     # every validation point gets a checkpoint (the last one too); best.json names the one served as adapter/
@@ -54,16 +67,15 @@ def test_train_writes_run_folder_and_metrics(dataset, tiny_model, tmp_path, caps
     assert info["system_prompt"] == SYSTEM and info["adapter_format"] == "peft" and info["backend"] == "torch"
     assert {"torch", "transformers", "peft", "wonderland"} <= info["versions"].keys()
     assert info["result"]["step"] == 4 and math.isfinite(info["result"]["val_loss"])
-    assert "Adapter saved to" in capsys.readouterr().out
+    assert "Adapter saved to" in printed
 
 
-def test_adapter_reloads_and_changes_the_output(dataset, tiny_model, tmp_path):
+def test_adapter_reloads_and_changes_the_output(cli_run, tiny_model):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "run"
-    assert main(train_args(dataset, tiny_model, out)) == 0
+    _, out, _ = cli_run
     ids = torch.tensor([[1, 504, 3055, 314, 357, 47]])
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     with torch.no_grad():
@@ -81,7 +93,8 @@ def test_stop_then_resume_continues_from_the_checkpoint(dataset, tiny_model, tmp
     from wonderland.train import train
 
     out = tmp_path / "run"
-    config = TrainConfig(model=str(tiny_model), iters=6, batch_size=2, lr=1e-2, warmup=0, val_every=0, save_every=0)
+    config = TrainConfig(model=str(tiny_model), iters=6, batch_size=2, lr=1e-2, warmup=0, val_every=0, save_every=0,
+                         **NO_GUARD)
     stop = StopFlag()
     run = train(config, dataset, out=str(out), should_stop=stop, log=lambda m: None,
                 subscribers=[lambda r: r["event"] == "step" and r["step"] == 3 and stop.set()])
@@ -110,8 +123,7 @@ def test_a_stop_on_a_save_step_writes_its_checkpoint_once(dataset, tiny_model, t
     save = TorchBackend._save_checkpoint
     monkeypatch.setattr(TorchBackend, "_save_checkpoint", lambda self, job, model, opt, step:
                         writes.append(step) or save(self, job, model, opt, step))
-    config = TrainConfig(model=str(tiny_model), iters=4, batch_size=2, warmup=0, val_every=2, save_every=2,
-                         kl=0.0, replay=0.0)
+    config = TrainConfig(model=str(tiny_model), iters=4, batch_size=2, warmup=0, val_every=2, save_every=2, **NO_GUARD)
     stop = StopFlag()
     run = train(config, dataset, out=str(tmp_path / "run"), should_stop=stop, log=lambda m: None,
                 subscribers=[lambda r: r["event"] == "step" and r["step"] == 2 and stop.set()])
@@ -142,10 +154,8 @@ def test_resume_matches_an_uninterrupted_run(dataset, tiny_model, tmp_path):
         assert (a[k] - b[k]).abs().max() < 1e-5, k
 
 
-def test_chat_compare_prints_three_labelled_arms(dataset, tiny_model, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(train_args(dataset, tiny_model, out)) == 0
-    capsys.readouterr()
+def test_chat_compare_prints_three_labelled_arms(cli_run, capsys):
+    _, out, _ = cli_run
     assert main(["chat", "--run", str(out), "--prompt", "What time is it?", "--compare", "--max-tokens", "8"]) == 0
     text = capsys.readouterr().out
     assert ">>> What time is it?" in text
@@ -161,8 +171,8 @@ def test_base_arm_never_uses_the_adapter(dataset, tiny_model, tmp_path):
 
     out = tmp_path / "run"
     # a strong adapter (high lr, rank 16 on every projection), so the trained scores move clearly
-    assert main(train_args(dataset, tiny_model, out, "--lr", "0.1", "--iters", "12", "--rank", "16",
-                           "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")) == 0
+    assert main(train_args(dataset, tiny_model, out, "--lr", "0.1", "--iters", "12", "--rank", "16", "--val-every", "0",
+                           "--save-every", "0", "--targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")) == 0
     loaded = load_run(str(out))
     plain = get_backend("torch").load(tiny_model)
     records = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()]
@@ -186,7 +196,7 @@ def test_runs_lists_finished_runs(dataset, tiny_model, capsys):
     assert main(["runs"]) == 0
     assert "No runs in" in capsys.readouterr().out
     args = ["train", "--data", str(dataset), "--model", str(tiny_model), "--name", "hatter-test", "--iters", "2",
-            "--batch-size", "2", "--val-every", "0", "--save-every", "0"]
+            "--batch-size", "2", "--val-every", "0", "--save-every", "0", *NO_GUARD_ARGS]
     assert main(args) == 0
     capsys.readouterr()
     assert main(["runs", "--json"]) == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import NO_GUARD
 from wonderland.config import GenerationConfig
 from wonderland.events import read_metrics
 from wonderland.generate import load_run
@@ -344,7 +345,7 @@ def read_until(frames, predicate):
 def test_train_stream_stop_replay_resume_compare_delete(client, wl_home, tiny_model):
     write_dataset(wl_home)
     config = {"model": str(tiny_model), "iters": 400, "batch_size": 2, "val_every": 2, "save_every": 0,
-              "max_seq_len": 64, "threads": 1}
+              "max_seq_len": 64, "threads": 1, **NO_GUARD}
     r = client.post("/api/train", json={"dataset": "tiny", "name": "t1", "config": config})
     assert r.status_code == 202 and r.json["run"] == "t1" and r.json["config"]["iters"] == 400
 

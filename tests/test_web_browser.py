@@ -18,9 +18,11 @@ import pytest
 from playwright.sync_api import sync_playwright
 
 try:  # tests/ as a package or as a plain folder on sys.path (pytest's rootdir/prepend modes)
+    from tests.helpers import NO_GUARD
     from tests.test_web_api import png_bytes
     from tests.test_web_ollama import FakeOllama
 except ImportError:
+    from helpers import NO_GUARD
     from test_web_api import png_bytes
     from test_web_ollama import FakeOllama
 from wonderland.events import read_metrics
@@ -125,10 +127,11 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         page.click("#presets button[data-preset=smoke]")
         page.click("details.group summary:has-text('monitoring')")  # collapsed by default
         page.click("details.group summary:has-text('advanced')")
-        # kl 0: the KL guard would first have the random tiny model answer one replay prompt per train
-        # record (~80 of them, minutes on 2 cores); this test is about the page, not the guard
+        # kl 0, replay 0: the guard would first have the random tiny model answer replay prompts (one
+        # per train record for the KL, ~80, or a quarter of them for the replay: minutes on 2 cores);
+        # this test is about the page, not the guard
         for name, value in {"model": str(tiny_model), "iters": "40", "batch_size": "2", "val_every": "5",
-                            "save_every": "0", "max_seq_len": "96", "threads": "1", "kl": "0"}.items():
+                            "save_every": "0", "max_seq_len": "96", "threads": "1", "kl": "0", "replay": "0"}.items():
             page.fill(f"[name='cfg.{name}']", value)
         assert page.locator("#presets button.on").inner_text() == "custom"
         page.fill("#train-form [name=name]", "browser-run")
@@ -267,7 +270,7 @@ def test_train_page_keeps_the_running_runs_values_buttons_and_name_message(brows
         assert "Started" not in page.inner_text("#train-msg")
 
         config = {"model": str(tiny_model), "iters": 37, "batch_size": 2, "lr": 0.0042, "val_every": 0, "save_every": 0,
-                  "max_seq_len": 96, "threads": 1}
+                  "max_seq_len": 96, "threads": 1, **NO_GUARD}
         r = app.test_client().post("/api/train", json={"dataset": "tiny", "name": "held", "config": config})
         assert r.status_code == 202, r.json
         page.reload()

@@ -20,8 +20,10 @@ import time
 from wonderland.events import read_metrics
 
 try:  # tests/ as a package or as a plain folder on sys.path
+    from tests.helpers import NO_GUARD
     from tests.test_web_api import write_dataset
 except ImportError:
+    from helpers import NO_GUARD
     from test_web_api import write_dataset
 
 LISTENERS = 100
@@ -78,7 +80,7 @@ def test_hundred_sse_listeners_receive_every_event(wl_home, tiny_model):
         threading.Thread(target=lambda: log.extend(server.stdout), daemon=True).start()
         port = int(first.split("http://127.0.0.1:")[1].split("/")[0])
         config = {"model": str(tiny_model), "iters": 100_000, "batch_size": 2, "val_every": 5, "save_every": 0,
-                  "max_seq_len": 64, "threads": 1}
+                  "max_seq_len": 64, "threads": 1, **NO_GUARD}
         status, body = request(port, "POST", "/api/train", {"dataset": "tiny", "name": "load", "config": config})
         assert status == 202, body
 
@@ -147,7 +149,7 @@ def test_a_client_that_drops_and_reconnects_with_last_event_id_misses_nothing(wl
     with BackgroundServer(create_app()) as url:
         port = int(url.rsplit(":", 1)[1])
         config = {"model": str(tiny_model), "iters": 100_000, "batch_size": 2, "val_every": 3, "save_every": 0,
-                  "max_seq_len": 64, "threads": 1}
+                  "max_seq_len": 64, "threads": 1, **NO_GUARD}
         assert request(port, "POST", "/api/train", {"dataset": "tiny", "name": "drop", "config": config})[0] == 202
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=DEADLINE_S)
         conn.request("GET", "/api/runs/drop/events")
