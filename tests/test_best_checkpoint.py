@@ -151,6 +151,38 @@ def test_kl_on_labelled_logits_and_the_teacher_cache_equal_the_full_computation(
     assert float(got) == pytest.approx(float(fresh), rel=1e-9) and float(fresh) > 1e-6
 
 
+def test_the_probe_and_validation_loss_on_labelled_logits_equal_the_full_loss(tiny_model):
+    """Validation and the probe's scorer run the LM head only where labels are: the same summed NLL
+    and token count as the plain loss over every position's logits, adapter on and off."""
+    import torch
+    from peft import get_peft_model
+
+    from tests.helpers import chat_records
+    from wonderland.backends.torch_peft.backend import load_base, lora_config
+    from wonderland.backends.torch_peft.batching import collate, summed_loss
+    from wonderland.backends.torch_peft.guard import adapter_off, labelled_nll
+    from wonderland.config import TrainConfig
+
+    cpu = torch.device("cpu")
+    tok, base = load_base(tiny_model, cpu, torch.float64)
+    model = get_peft_model(base, lora_config(TrainConfig(), base.config.num_hidden_layers)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = collate(chat_records(5, seed=4), tok.pad_token_id, cpu)
+    results = []
+    for off in (False, True):
+        with torch.no_grad(), adapter_off(model, off):
+            want, got = summed_loss(model, *batch), labelled_nll(model, *batch)
+        assert got[1] == want[1] > 0 and float(got[0]) == pytest.approx(float(want[0]), rel=1e-6)  # logits cast to float32
+        results.append(float(got[0]))
+    assert results[0] != results[1]  # the adapter was on, then off
+    unlabelled = (batch[0], torch.full_like(batch[1], -100), batch[2])
+    loss, n = labelled_nll(model, *unlabelled)
+    assert float(loss) == 0.0 and n == 0
+
+
 def test_the_api_serves_a_checkpoint_as_run_at_step(probed_run, wl_home):
     import shutil
 

@@ -20,7 +20,7 @@ from transformers.utils import logging as hf_logging
 from wonderland.backends.base import TrainJob, TrainResult
 from wonderland.backends.common import DivergenceGuard, batch_indices, check_keys, finish_checkpoint, lr_at, serve_best
 from wonderland.backends.torch_peft import distributed, guard, quantized, trainer
-from wonderland.backends.torch_peft.batching import batch_loss, collate, summed_loss
+from wonderland.backends.torch_peft.batching import batch_loss, collate
 from wonderland.backends.torch_peft.chat import TorchChatModel
 from wonderland.backends.torch_peft.fast import training as torch_fast
 from wonderland.chat_format import encode_chat
@@ -185,7 +185,7 @@ def validate(s: _Session) -> float:
         batches_ = list(batches_)[: cfg.val_batches]
     with torch.no_grad():
         for i in batches_:
-            loss, n = summed_loss(model, *collate(s.valid_set[i : i + cfg.batch_size], s.pad, s.device))
+            loss, n = guard.labelled_nll(model, *collate(s.valid_set[i : i + cfg.batch_size], s.pad, s.device))
             total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)

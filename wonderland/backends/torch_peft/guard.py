@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 import torch
 
 from wonderland.backends.common import batch_indices
-from wonderland.backends.torch_peft.batching import collate, summed_loss
+from wonderland.backends.torch_peft.batching import collate
 from wonderland.chat_format import IGNORE, Encoded, encode_chat
 
 PROBE_BATCH = 8  # records per forward pass when the probe scores a set
@@ -27,6 +27,19 @@ def labelled_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Te
     head runs only on positions some record needs (``logits_to_keep``), not on every token."""
     pos = keep.any(0).nonzero().squeeze(1)  # (P,) positions where any record has a label
     return model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits[keep[:, pos]].float()  # (N, V)
+
+
+def labelled_nll(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """What :func:`~wonderland.backends.torch_peft.batching.summed_loss` gives (summed NLL of the
+    labelled next tokens, their count) with the LM head run only where some record has a label
+    (:func:`labelled_logits`): scoring needs no logits of the prompts, and on a large vocabulary
+    they are most of the work."""
+    keep = labels[:, 1:] != IGNORE
+    n = int(keep.sum())
+    if not n:
+        return torch.zeros((), device=ids.device), 0
+    logits = labelled_logits(model, ids, mask, keep)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:][keep], reduction="sum"), n
 
 
 class Teacher:
@@ -96,7 +109,7 @@ def scorer(model, tokenizer, max_seq_len: int, device: torch.device) -> Callable
         model.eval()
         with torch.no_grad(), adapter_off(model, not adapter):
             for i in range(0, len(encs), PROBE_BATCH):
-                loss, n = summed_loss(model, *collate(encs[i : i + PROBE_BATCH], pad, device))
+                loss, n = labelled_nll(model, *collate(encs[i : i + PROBE_BATCH], pad, device))
                 total, count = total + float(loss), count + n
         model.train(was_training)
         return total, count
