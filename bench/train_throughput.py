@@ -1,13 +1,17 @@
-"""LoRA training throughput on one GPU: plain HF+PEFT vs Liger vs Unsloth vs wonderland's fast path.
+"""LoRA training throughput on one GPU: plain HF+PEFT vs Liger vs Unsloth vs wonderland's fast path (and QLoRA).
 
 Every trainer runs in its own subprocess (Liger and torch.compile patch transformers globally)
-on the same random-initialised Llama-3.2-shaped model, the same LoRA (r=16, alpha=32, dropout 0,
-q,k,v,o,gate,up,down), the same data and AdamW lr 1e-4, no gradient checkpointing. Each prints
-one JSON line; the parent adds ratios to the plain baseline.
+on the same random-initialised Llama-shaped model (``1b``, ``3b``: Llama-3.2 shapes, tied
+embeddings; ``8b``: Llama-3.1-8B shapes, hidden 4096, MLP 14336, 32 layers, 32 heads, 8 KV heads,
+head_dim 128, untied embeddings; vocab 128256 for all; issue 18 runs 8b at ``--batch 4``), the
+same LoRA (r=16, alpha=32, dropout 0, q,k,v,o,gate,up,down), the same data and AdamW lr 1e-4, no
+gradient checkpointing (except ``wl_nf4``, below). Each prints one JSON line; the parent adds
+ratios to the plain baseline.
 
     python bench/train_throughput.py                       # 1B and 3B, default trainers
     python bench/train_throughput.py --sizes 1b --trainers hf,wl --steps 10
     python bench/train_throughput.py --sizes 1b --trainers unsloth,wl,hf --logdir $OUT  # Unsloth on PYTHONPATH
+    python bench/train_throughput.py --sizes 8b --batch 4 --trainers wl_nf4,unsloth_4bit,wl,unsloth  # QLoRA rows
     python bench/train_throughput.py --chat .benchdata/hatter_tokens.json   # + packed chat data
     python bench/train_throughput.py --prepare-chat DATA_DIR OUT.json       # tokenize (CPU, here)
     python bench/train_throughput.py --check               # fused loss/grad vs plain on the GPU
@@ -19,8 +23,20 @@ random-init model saved to a temporary folder with a stand-in tokenizer of the r
 no 4-bit, then ``FastLanguageModel.get_peft_model`` with the same LoRA, no gradient checkpointing, and
 the same bare loop), ``wl`` (wonderland's default fast path, torch_fast.FastOptions(), through the
 trainer's own per-step code: ``prepare_batch`` lays the records out on the host, ``prepared_loss``
-computes the loss) and its variants in WL_VARIANTS (one lever changed each). ``--timeline`` adds
-where the GPU idles and who launched the copies (bench/timeline.py) to each line.
+computes the loss) and its variants in WL_VARIANTS (one lever changed each).
+
+QLoRA (4-bit NF4 base): ``wl_nf4`` is wonderland's ``--quantize nf4`` path through the product's
+own functions (wonderland/backends/torch_peft/quantized.py): ``load_nf4`` of the random init saved
+to a folder (BitsAndBytesConfig nf4, double quantization, bf16 compute), ``prepare_for_training``
+(peft.prepare_model_for_kbit_training: float32 norms and embeddings, gradient checkpointing ON, as
+the product trains), the same LoRA through PEFT, ``torch.optim.AdamW`` and the trainer's plain loss
+(``batching.batch_loss``: padded batch, full logits); no fused kernels. ``unsloth_4bit`` is the
+``unsloth`` trainer with ``load_in_4bit=True`` (Unsloth's own NF4 load and kernels; no gradient
+checkpointing, like ``unsloth``). The random init is saved once per size (``--model-cache``) and
+reused by unsloth, unsloth_4bit and wl_nf4. wl_nf4's process gets the bundle's bitsandbytes alone on
+its PYTHONPATH. MFU counts a 4-bit weight by its unpacked shape, and no recomputation.
+
+``--timeline`` adds where the GPU idles and who launched the copies (bench/timeline.py) to each line.
 
 Tokens are counted the same way for every trainer: real (non-padding) input tokens per step.
 MFU counts 4 FLOPs per frozen weight per token (forward + input gradient; frozen weights get no
@@ -29,8 +45,10 @@ over the H100 SXM dense bf16 peak of 989 TFLOP/s. Peak memory is torch.cuda.max_
 from just before the first training step (the model's weights included, loading transients not).
 
 When ``unsloth`` ran in the same invocation, every line of that size gets ``vs_unsloth`` and
-``peak_vs_unsloth`` (measured), and a last ``summary`` line repeats them; only when Unsloth was not
-measured (not asked for, or it failed) is the issue's reference number used, as
+``peak_vs_unsloth`` (measured; for wl_nf4 against ``unsloth_4bit`` when that ran, ``vs_unsloth_of``
+says which), when ``unsloth_4bit`` ran also ``vs_unsloth_4bit``, and a last ``summary`` line repeats
+them; only when Unsloth was not measured (not asked for, or it failed) is the issue's reference
+number used (bf16 trainers only), as
 ``vs_unsloth_reference_not_measured``. Unsloth is not installed by the project: bench/unsloth_bundle.sh
 unpacks it (and what it imports that the GPU machine lacks) into .wheels/unsloth/ for PYTHONPATH.
 """
@@ -38,24 +56,30 @@ unpacks it (and what it imports that the GPU machine lacks) into .wheels/unsloth
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_FLOPS = 989e12  # H100 SXM bf16 dense, datasheet
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SHAPES = {  # Llama-3.2 1B / 3B, tied embeddings
+SHAPES = {  # Llama-3.2 1B / 3B (tied embeddings), Llama-3.1 8B (untied)
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, head_dim=64),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, head_dim=128),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),  # smoke test of this script on a CPU
 }
+QUANTIZED = {"wl_nf4", "unsloth_4bit"}  # 4-bit NF4 base (QLoRA): compared with each other
 # Issue 7's reference numbers (H100 80GB, torch 2.11, transformers 5.17): NOT measured by this script.
 UNSLOTH_REFERENCE = {"1b": {"tokens_per_s": 73_550, "peak_gib": 11.0}, "3b": {"tokens_per_s": 31_800, "peak_gib": 24.5}}
 
@@ -84,9 +108,9 @@ def base_model(size: str, device: str = "cuda", seed: int = 0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=True,
-                      rope_theta=500000.0, rms_norm_eps=1e-5, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                      **SHAPES[size])  # no pad_token_id: it would zero an embedding row (padding_idx)
+    cfg = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      bos_token_id=BOS_ID, eos_token_id=EOS_ID,  # no pad_token_id: it would zero an embedding row
+                      **{"tie_word_embeddings": True, **SHAPES[size]})
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
@@ -100,9 +124,13 @@ def base_model(size: str, device: str = "cuda", seed: int = 0):
 
 
 def build_model(size: str, device: str = "cuda", seed: int = 0):
+    return with_lora(base_model(size, device, seed))
+
+
+def with_lora(model):
+    """The benchmark's LoRA (r 16, alpha 32, dropout 0, the seven projections) through plain PEFT."""
     from peft import LoraConfig, get_peft_model
 
-    model = base_model(size, device, seed)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
@@ -138,35 +166,69 @@ def save_random_model(size: str, folder: Path, device: str = "cuda") -> Path:
     return folder
 
 
-def unsloth_model(args):
-    """Unsloth's LoRA model of the shared random init: FastLanguageModel.from_pretrained (bf16, no
-    4/8-bit, no gradient checkpointing) + FastLanguageModel.get_peft_model with the same LoRA."""
-    import shutil
-    import tempfile
+@contextlib.contextmanager
+def model_folder(args):
+    """The shared random init as a Hugging Face folder: the parent's per-size --model-cache folder
+    (saved by the first trainer that needs it, reused by the next), else a temporary one."""
+    import torch
 
+    cache = Path(args.model_cache) if args.model_cache else None
+    folder = cache or Path(tempfile.mkdtemp(prefix="wl-model-"))
+    try:
+        if not (folder / SAVED).exists():
+            save_random_model(args.size, folder, args.device)
+            (folder / SAVED).write_text("ok")
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        yield folder
+    finally:
+        if cache is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+SAVED = ".saved"  # written last: the folder holds the whole model
+
+
+def unsloth_model(args, load_in_4bit: bool = False):
+    """Unsloth's LoRA model of the shared random init: FastLanguageModel.from_pretrained (bf16, or
+    load_in_4bit: Unsloth's own bitsandbytes NF4 load; no gradient checkpointing) +
+    FastLanguageModel.get_peft_model with the same LoRA."""
     import torch
     from unsloth import FastLanguageModel
 
-    folder = Path(tempfile.mkdtemp(prefix="wl-unsloth-"))
-    try:
-        save_random_model(args.size, folder, args.device)
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+    with model_folder(args) as folder:
         model, _ = FastLanguageModel.from_pretrained(
-            str(folder), max_seq_length=args.seq, dtype=torch.bfloat16, load_in_4bit=False, load_in_8bit=False,
+            str(folder), max_seq_length=args.seq, dtype=torch.bfloat16, load_in_4bit=load_in_4bit, load_in_8bit=False,
             full_finetuning=False, fix_tokenizer=False, use_gradient_checkpointing=False,
             **({} if args.device == "cuda" else {"device_map": {"": args.device}}))
-        model = FastLanguageModel.get_peft_model(
-            model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS, bias="none",
-            use_gradient_checkpointing=False, random_state=0)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return model
+    return FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0, target_modules=TARGETS, bias="none",
+        use_gradient_checkpointing=False, random_state=0)
+
+
+def nf4_model(args):
+    """wonderland's ``--quantize nf4`` model of the shared random init, through the product's own code
+    (wonderland/backends/torch_peft/quantized.py, as TorchBackend's setup calls it): load_nf4 (NF4,
+    double quantization, bf16 compute), prepare_for_training (peft.prepare_model_for_kbit_training:
+    float32 norms/embeddings, gradient checkpointing ON, input gradients), then the same LoRA."""
+    import torch
+
+    from wonderland.backends.torch_peft import quantized
+
+    with model_folder(args) as folder:
+        base = quantized.load_nf4(folder, torch.device(args.device))
+    return with_lora(quantized.prepare_for_training(base))
+
+
+def weight_numel(p) -> int:
+    """Elements of a weight matrix; a bitsandbytes 4-bit weight counts its unpacked shape."""
+    qs = getattr(p, "quant_state", None)
+    return qs.shape.numel() if qs is not None else p.numel()
 
 
 def flops_per_step(model, lengths: list[int]) -> float:
     cfg = model.get_base_model().config
-    frozen = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2)
+    frozen = sum(weight_numel(p) for n, p in model.named_parameters() if not p.requires_grad and p.dim() == 2)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d_attn = cfg.num_attention_heads * cfg.head_dim
     tokens = sum(lengths)
@@ -200,7 +262,7 @@ def chat_batches(path: str, steps: int, batch: int, seed: int = 1):
 
 
 def worker(args) -> dict:
-    if args.trainer == "unsloth":  # before transformers/peft are imported: Unsloth patches them on import
+    if args.trainer.startswith("unsloth"):  # before transformers/peft are imported: Unsloth patches them on import
         for k, v in UNSLOTH_ENV.items():
             os.environ.setdefault(k, v)
         import unsloth  # noqa: F401
@@ -216,12 +278,14 @@ def worker(args) -> dict:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama()  # rope, rms_norm, swiglu, fused linear CE (class-wide patch)
-    if trainer == "unsloth":
-        t_load = time.perf_counter()
-        model = unsloth_model(args)
-        load_s = time.perf_counter() - t_load
+    t_load = time.perf_counter()
+    if trainer.startswith("unsloth"):
+        model = unsloth_model(args, load_in_4bit=trainer == "unsloth_4bit")
+    elif trainer == "wl_nf4":
+        model = nf4_model(args)
     else:
         model = build_model(args.size, args.device)
+    load_s = time.perf_counter() - t_load
     params = [p for p in model.parameters() if p.requires_grad]
     steps = args.warmup + args.steps
     if args.chat:
@@ -229,7 +293,19 @@ def worker(args) -> dict:
     else:
         data = random_batches(steps, args.batch, args.seq, model.config.vocab_size)
 
-    if trainer.startswith("wl"):
+    if trainer == "wl_nf4":  # what TorchBackend.train does per step for --quantize nf4 (no fast path)
+        from wonderland.backends.torch_peft.batching import batch_loss
+        from wonderland.chat_format import Encoded
+
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        if not args.chat:
+            data = [[Encoded(row.tolist(), row.tolist()) for row in b] for b in data]
+
+        def step_fn(b):  # padded batch, full logits (batching.batch_loss): summed loss, labelled, real tokens
+            loss, n, tokens = batch_loss(model, b, PAD_ID, dev)
+            return loss / n, tokens, [len(e.input_ids) for e in b]
+        levers = ["nf4", "double_quant", "bf16_compute", "prepare_model_for_kbit_training", "gradient_checkpointing"]
+    elif trainer.startswith("wl"):
         opts = tf.FastOptions(**WL_VARIANTS[trainer])
         tf.prepare_model(model, dev, opts)
         opt = tf.make_optimizer(params, 1e-4, 0.0, opts)
@@ -291,10 +367,11 @@ def worker(args) -> dict:
         from timeline import profile_steps
 
         timeline = profile_steps(train_step, data[-2:])
-    if trainer == "unsloth":
+    if trainer.startswith("unsloth"):
         from importlib import metadata
 
-        levers = [f"unsloth {metadata.version('unsloth')}", f"load+patch {load_s:.1f}s"]
+        levers = [f"unsloth {metadata.version('unsloth')}"] + (["load_in_4bit"] if trainer == "unsloth_4bit" else [])
+    levers = levers + [f"load {load_s:.1f}s"]
     return {"profile_ms_per_step": prof, "timeline": timeline, "trainer": trainer, "size": args.size, "data": "chat" if args.chat else f"random {args.batch}x{args.seq}",
             "tokens_per_s": round(tok / dt), "mfu": round(flops / dt / PEAK_FLOPS, 4),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
@@ -497,8 +574,9 @@ def e2e(args) -> list[dict]:
     os.environ["WONDERLAND_HOME"] = str(work / "home")
     size = args.sizes.split(",")[0]
     tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, rope_theta=500000.0, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **SHAPES[size])
+    cfg = LlamaConfig(vocab_size=len(tok), rope_theta=500000.0, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      **{"tie_word_embeddings": True, **SHAPES[size]})
     torch.manual_seed(0)
     with torch.device(args.device):
         LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(work / "model")
@@ -553,6 +631,19 @@ def prepare_chat(data_dir: str, out: str) -> None:
     print(json.dumps({"records": len(recs), "tokens_min": lens[0], "tokens_median": lens[len(lens) // 2], "tokens_max": lens[-1]}))
 
 
+def bitsandbytes_only(bundle: str, folder: Path) -> Path | None:
+    """A PYTHONPATH folder holding only the bundle's bitsandbytes (package + dist-info, as links), for
+    wl_nf4: wonderland's nf4 path needs bitsandbytes but nothing else of Unsloth's bundle."""
+    found = [p for p in Path(bundle).glob("bitsandbytes*") if p.name == "bitsandbytes" or p.name.endswith(".dist-info")]
+    if not found:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in found:
+        if not (folder / p.name).exists():
+            (folder / p.name).symlink_to(p.resolve())
+    return folder
+
+
 def versions(unsloth_path: str | None = None) -> dict:
     from importlib import metadata
 
@@ -572,18 +663,27 @@ def versions(unsloth_path: str | None = None) -> dict:
 
 
 def add_ratios(r: dict, results: dict, runs: list, size: str, chat) -> None:
-    """Ratios to the plain HF baseline and to Unsloth measured in this invocation; the issue's
-    reference Unsloth number only when Unsloth was not measured here (not asked for, or it failed)."""
+    """Ratios to the plain HF baseline and to Unsloth measured in this invocation (``vs_unsloth``:
+    to ``unsloth_4bit`` for wl_nf4 when that ran, else to bf16 ``unsloth``; ``vs_unsloth_of`` names
+    which; ``vs_unsloth_4bit`` on every line when Unsloth's QLoRA ran); the issue's reference
+    Unsloth number only for bf16 trainers when Unsloth was not measured here (not asked for, or it failed)."""
     if "tokens_per_s" not in r:
         return
-    for name, key in (("hf", "vs_hf"), ("unsloth", "vs_unsloth")):
+
+    def measured(name):
         base = results.get((size, name, chat))
-        if name != r["trainer"] and base and "tokens_per_s" in base:
+        return base if name != r["trainer"] and base and "tokens_per_s" in base else None
+    unsloth = "unsloth_4bit" if r["trainer"] == "wl_nf4" and measured("unsloth_4bit") else "unsloth"
+    for name, key in (("hf", "vs_hf"), (unsloth, "vs_unsloth"), ("unsloth_4bit", "vs_unsloth_4bit")):
+        if base := measured(name):
             r[key] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
             if r.get("peak_gib") and base.get("peak_gib"):
                 r["peak_" + key] = round(r["peak_gib"] / base["peak_gib"], 2)
+            if key == "vs_unsloth":
+                r["vs_unsloth_of"] = name
     unsloth_pending = (size, "unsloth", chat) in {(s, t, c) for s, t, c in runs} and (size, "unsloth", chat) not in results
-    if not chat and "vs_unsloth" not in r and not unsloth_pending and r["trainer"] != "unsloth" and size in UNSLOTH_REFERENCE:
+    if (not chat and "vs_unsloth" not in r and not unsloth_pending and not r["trainer"].startswith("unsloth")
+            and r["trainer"] not in QUANTIZED and size in UNSLOTH_REFERENCE):
         r["vs_unsloth_reference_not_measured"] = round(r["tokens_per_s"] / UNSLOTH_REFERENCE[size]["tokens_per_s"], 2)
     elif "vs_unsloth" in r:
         r.pop("vs_unsloth_reference_not_measured", None)
@@ -613,6 +713,8 @@ def main() -> int:
     p.add_argument("--deadline", type=int, default=0, help="seconds for the whole invocation: later trainers get what is left")
     p.add_argument("--unsloth-path", help="folder put first on PYTHONPATH for the unsloth trainer only (default .wheels/unsloth if present)")
     p.add_argument("--logdir", help="write each trainer subprocess's command, stdout and stderr to LOGDIR/SIZE-TRAINER.log")
+    p.add_argument("--model-cache", help="folder for the random init saved once per size for the trainers that load "
+                   "from disk (unsloth, unsloth_4bit, wl_nf4); deleted after the size (default: a temporary folder)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trainer", help=argparse.SUPPRESS)
     p.add_argument("--size", help=argparse.SUPPRESS)
@@ -637,16 +739,23 @@ def main() -> int:
         runs += [(args.sizes.split(",")[0], t, args.chat) for t in args.chat_trainers.split(",") if t]
     results: dict[tuple, dict] = {}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    # Only Unsloth's process sees its bundle (datasets, trl, bitsandbytes...: peft would import bitsandbytes too).
+    # Only Unsloth's process sees its bundle (datasets, trl, bitsandbytes...: peft would import bitsandbytes too);
+    # wl_nf4's sees bitsandbytes alone from it (links in a temporary folder).
     env_unsloth = {**env, "PYTHONPATH": os.pathsep.join([unsloth_path, env["PYTHONPATH"]]) if unsloth_path else env["PYTHONPATH"]}
+    cache_root = Path(args.model_cache or tempfile.mkdtemp(prefix="wl-bench-models-"))
+    bnb = bitsandbytes_only(unsloth_path, cache_root / "bnb-path") if unsloth_path else None
+    env_nf4 = {**env, "PYTHONPATH": os.pathsep.join([str(bnb), env["PYTHONPATH"]]) if bnb else env["PYTHONPATH"]}
+    envs = {"unsloth": env_unsloth, "unsloth_4bit": env_unsloth, "wl_nf4": env_nf4}
     logdir = Path(args.logdir) if args.logdir else None
     if logdir:
         logdir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    for size, trainer, chat in runs:
+    for i, (size, trainer, chat) in enumerate(runs):
+        if i and runs[i - 1][0] != size:  # the previous size's saved model is not needed any more
+            shutil.rmtree(cache_root / runs[i - 1][0], ignore_errors=True)
         cmd = [sys.executable, __file__, "--worker", "--trainer", trainer, "--size", size, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile", "--profile-top", str(args.profile_top)] if args.profile else []) + (["--timeline"] if args.timeline else []) + (["--chat", chat] if chat else [])
+               "--chat-batch", str(args.chat_batch), "--device", args.device] + (["--profile", "--profile-top", str(args.profile_top)] if args.profile else []) + (["--timeline"] if args.timeline else []) + (["--chat", chat] if chat else []) + ["--model-cache", str(cache_root / size)]
         timeout = args.timeout
         if args.deadline:  # what is left of the whole invocation's time
             timeout = min(timeout, int(args.deadline - (time.perf_counter() - t_start)))
@@ -664,7 +773,7 @@ def main() -> int:
             if sink:
                 sink.write(f"$ {' '.join(cmd)}\n")
                 sink.flush()
-            proc = subprocess.run(cmd, text=True, timeout=timeout, env=env_unsloth if trainer == "unsloth" else env,
+            proc = subprocess.run(cmd, text=True, timeout=timeout, env=envs.get(trainer, env),
                                   stdout=sink or subprocess.PIPE, stderr=subprocess.STDOUT if sink else subprocess.PIPE)
             rc, timed_out = proc.returncode, False
         except subprocess.TimeoutExpired as e:
@@ -687,17 +796,26 @@ def main() -> int:
         results[(size, trainer, chat)] = r
         add_ratios(r, results, runs, size, chat)
         print(json.dumps(r), flush=True)
+    if runs:
+        shutil.rmtree(cache_root / runs[-1][0], ignore_errors=True)
+    if not args.model_cache:
+        shutil.rmtree(cache_root, ignore_errors=True)
     for size in dict.fromkeys(s for s, _, _ in runs):  # one summary per size (random data), all ratios known now
         rs = {t: results[(s, t, c)] for s, t, c in runs if s == size and c is None}
         for r in rs.values():
             add_ratios(r, results, runs, size, None)
         measured = "tokens_per_s" in rs.get("unsloth", {})
-        key = "vs_unsloth" if measured else "vs_unsloth_reference_not_measured"
-        print(json.dumps({"summary": size, "unsloth_measured_same_run": measured,
-                          "tokens_per_s": {t: r.get("tokens_per_s", r.get("error")) for t, r in rs.items()},
-                          "peak_gib": {t: r.get("peak_gib") for t, r in rs.items()},
-                          key: {t: r.get(key) for t, r in rs.items()},
-                          "peak_vs_unsloth": {t: r.get("peak_vs_unsloth") for t, r in rs.items()} if measured else None}), flush=True)
+        measured_4bit = "tokens_per_s" in rs.get("unsloth_4bit", {})
+        key = "vs_unsloth" if measured or measured_4bit else "vs_unsloth_reference_not_measured"
+        line = {"summary": size, "unsloth_measured_same_run": measured, "unsloth_4bit_measured_same_run": measured_4bit,
+                "tokens_per_s": {t: r.get("tokens_per_s", r.get("error")) for t, r in rs.items()},
+                "peak_gib": {t: r.get("peak_gib") for t, r in rs.items()},
+                key: {t: r.get(key) for t, r in rs.items()}, "vs_unsloth_of": {t: r.get("vs_unsloth_of") for t, r in rs.items()},
+                "peak_vs_unsloth": {t: r.get("peak_vs_unsloth") for t, r in rs.items()} if key == "vs_unsloth" else None}
+        if measured_4bit:
+            line["vs_unsloth_4bit"] = {t: r.get("vs_unsloth_4bit") for t, r in rs.items()}
+            line["peak_vs_unsloth_4bit"] = {t: r.get("peak_vs_unsloth_4bit") for t, r in rs.items()}
+        print(json.dumps(line), flush=True)
     return 0
 
 
