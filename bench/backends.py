@@ -2,11 +2,12 @@
 
 Each backend runs in its own subprocess (fair peak-memory numbers, and MLX's OpenBLAS preload must
 happen before mlx is imported) through ``wonderland.train.train`` with identical settings: the
-embedded SmolLM2-135M-Instruct, the Hatter dataset, LoRA r=8 alpha=16 on q,k,v,o of every layer,
-batch 4, max 256 tokens, AdamW lr 1e-3 cosine. Prints one JSON object.
+embedded SmolLM2-135M-Instruct, the Hatter dataset, TrainConfig's defaults (see ``settings()``) with
+warmup 2 and validation only at the end. Prints one JSON object.
 
     python bench/backends.py                                  # both backends, 20 steps each
     python bench/backends.py --backends mlx --iters 30
+    python bench/backends.py --backends mlx,mlx:4 --iters 40  # + MLX on the base quantized to 4 bits (issue 18)
     python bench/backends.py --data DIR --model PATH          # any dataset / HF folder
     python bench/backends.py --mlx-bundled-blas               # + MLX with the wheel's own BLAS (slow)
     python bench/backends.py --blas-probe                     # Linux: MLX matmul GFLOP/s per BLAS setup
@@ -40,8 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child(backend: str, data: str, model: str, iters: int, out: str, threads: int) -> dict:
-    """Train and decode with one backend in this process; return the measurements."""
+def child(backend: str, data: str, model: str, iters: int, out: str, threads: int, quantize: str = "none") -> dict:
+    """Train and decode with one backend (its base quantized as ``quantize``) in this process; return the measurements."""
     from wonderland.config import GenerationConfig, TrainConfig
     from wonderland.events import read_metrics
     from wonderland.train import train
@@ -50,7 +51,8 @@ def child(backend: str, data: str, model: str, iters: int, out: str, threads: in
         import torch
 
         torch.set_num_threads(threads)  # for decoding too (TrainConfig.threads covers training)
-    cfg = TrainConfig(model=model, backend=backend, iters=iters, val_every=0, save_every=0, warmup=2, threads=threads)
+    cfg = TrainConfig(model=model, backend=backend, iters=iters, val_every=0, save_every=0, warmup=2, threads=threads,
+                      quantize=quantize)
     t0 = time.perf_counter()
     run = train(cfg, data, out=out, log=lambda m: None)
     wall = time.perf_counter() - t0
@@ -76,6 +78,7 @@ def child(backend: str, data: str, model: str, iters: int, out: str, threads: in
     n_new = len(AutoTokenizer.from_pretrained(info["model"]["path"])(text, add_special_tokens=False)["input_ids"])
     return {
         "backend": backend,
+        "quantize": quantize,
         "device": started["device"],
         "steps": len(steps),
         "train_tokens_per_s": round(statistics.median(r["tokens_per_second"] for r in steps[1:]), 1),
@@ -115,6 +118,16 @@ def blas_probe() -> dict:
     return out
 
 
+def settings() -> str:
+    """What every run trains with: TrainConfig's defaults, warmup 2, no validation points."""
+    from wonderland.config import TrainConfig
+
+    d = TrainConfig()
+    return (f"TrainConfig defaults: LoRA r={d.rank} alpha={d.alpha:g} on {d.targets}, all layers, batch {d.batch_size}, "
+            f"max_seq_len {d.max_seq_len}, lr {d.lr:g} {d.schedule}, replay {d.replay:g}, KL {d.kl:g} (torch only); "
+            f"warmup 2, validation only at the end")
+
+
 def hatter_dataset(folder: Path) -> Path:
     from wonderland.data import build_dataset
 
@@ -124,7 +137,8 @@ def hatter_dataset(folder: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--backends", default="torch,mlx")
+    p.add_argument("--backends", default="torch,mlx",
+                   help="comma-separated; BACKEND:Q trains on the base quantized as --quantize Q (mlx:4, mlx:8, torch:nf4)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--data", help="dataset folder (default: the Hatter dataset built from the default book)")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -135,9 +149,10 @@ def main() -> int:
     p.add_argument("--blas-probe", action="store_true", help="only measure MLX matmul GFLOP/s per BLAS setup")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.data, args.model, args.iters, args.out, args.threads)))
+        print(json.dumps(child(args.child, args.data, args.model, args.iters, args.out, args.threads, args.quantize)))
         return 0
     if args.blas_probe:
         print(json.dumps({"mlx_matmul_gflops_float32_1024": blas_probe()}, indent=2))
@@ -145,14 +160,14 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="wl-bench-") as tmp:
         data = args.data or str(hatter_dataset(Path(tmp) / "data"))
-        runs = [(b, args.iters, {}) for b in args.backends.split(",")]
+        runs = [(*(b.split(":", 1) + ["none"])[:2], args.iters, {}) for b in args.backends.split(",")]
         if args.mlx_bundled_blas:
-            runs.append(("mlx", args.bundled_iters, {"WONDERLAND_MLX_BLAS": "bundled"}))
+            runs.append(("mlx", "none", args.bundled_iters, {"WONDERLAND_MLX_BLAS": "bundled"}))
         results = []
-        for backend, iters, env in runs:
+        for backend, quantize, iters, env in runs:
             out = Path(tmp) / f"run-{len(results)}"
             cmd = [sys.executable, __file__, "--child", backend, "--data", data, "--model", args.model,
-                   "--iters", str(iters), "--out", str(out), "--threads", str(args.threads)]
+                   "--iters", str(iters), "--out", str(out), "--threads", str(args.threads), "--quantize", quantize]
             if args.threads:
                 env = {**env, "OPENBLAS_NUM_THREADS": str(args.threads)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=REPO)
@@ -172,7 +187,7 @@ def main() -> int:
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "model": args.model,
         "train_records": n_train,
-        "settings": "LoRA r=8 alpha=16 q,k,v,o all layers, batch 4, max_seq_len 256, lr 1e-3 cosine, warmup 2",
+        "settings": settings(),
         "threads": args.threads or "library default",
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "results": results,

@@ -134,6 +134,11 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
                             "save_every": "0", "max_seq_len": "96", "threads": "1", "kl": "0", "replay": "0"}.items():
             page.fill(f"[name='cfg.{name}']", value)
         assert page.locator("#presets button.on").inner_text() == "custom"
+        # the pre-flight memory estimate follows the form: the tiny model's, a fraction of a GB
+        # (the embedded model's first: ~4 GB at the default batch; then the tiny model's, under 1 GB)
+        wait_until(page, "Number(document.querySelector('#train-estimate').dataset.totalGb || 9) < 1")
+        assert page.inner_text("#train-estimate").startswith("Memory: ~")
+        assert page.eval_on_selector("#train-estimate", "e => e.dataset.fits") == "1"
         page.fill("#train-form [name=name]", "browser-run")
         page.click("#train-btn")
         wait_until(page, "Number(document.querySelector('#loss-chart').dataset.points || 0) >= 4")

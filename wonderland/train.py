@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from wonderland import __version__, quantize, replay
+from wonderland import __version__, preflight, quantize, replay
 from wonderland.backends import TrainJob, get_backend, resolve_backend_name
 from wonderland.backends.common import Diverged
 from wonderland.config import TrainConfig
@@ -104,6 +104,7 @@ def train(
     backend = get_backend(backend_name, log=log)
     quantize.check(config.quantize, backend_name, config.device)
     model_path = resolve_model(config.model, log=log)
+    preflight.report(config, model_path, backend_name, log)  # will it fit? a warning, never a refusal
     data_dir = Path(data_dir).expanduser().resolve()
     if resume_from is not None and not allow_config_change:
         check_resume(resume_from, info, config, backend_name, _hash_files([data_dir / "train.jsonl", data_dir / "valid.jsonl"]))

@@ -69,6 +69,30 @@ def _config(*layers: dict[str, Any]) -> TrainConfig:
         raise ApiError(400, str(e)) from None
 
 
+@bp.post("/api/train/estimate")
+def estimate():
+    """The form's pre-flight memory estimate: ``{"preset"?, "config"?}`` -> ``{"estimate": {...}}``, or
+    ``{"estimate": null, "reason": ...}`` when there is none (model not here yet, a setting the backend refuses)."""
+    from wonderland import preflight, quantize
+    from wonderland.backends import resolve_backend_name
+
+    body = json_body()
+    name = PRESET_ALIASES.get(body.get("preset") or "", body.get("preset") or "")
+    config = _config(PRESETS.get(name, {}), _overrides(body.get("config")))
+    model_path = preflight.cached_model(config.model)
+    if model_path is None:
+        return jsonify(estimate=None, reason=f"no estimate until {config.model} is on this machine (the first run fetches it)")
+    try:
+        backend_name = resolve_backend_name(config.backend, log=lambda m: None)
+        quantize.check(config.quantize, backend_name, config.device)
+        est = preflight.estimate(config, model_path, backend_name)
+    except UserError as e:
+        return jsonify(estimate=None, reason=str(e))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        return jsonify(estimate=None, reason=f"no estimate for this model ({type(e).__name__}: {e})")
+    return jsonify(estimate={**est.to_dict(), "warning": est.warning(naming=lambda f: form_name(f, TrainConfig))})
+
+
 @bp.post("/api/train")
 def start():
     """Start a run: ``{"dataset", "preset"?, "config"?, "name"?}``, or resume one: ``{"resume", "iters"?}``."""

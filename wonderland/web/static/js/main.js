@@ -4,6 +4,7 @@ import * as train from "./train.js";
 import * as compare from "./compare.js";
 import * as runs from "./runs.js";
 import * as evaluation from "./evaluation.js";
+import * as estimate from "./estimate.js";
 import { $, $$ } from "./util.js";
 
 const PAGES = { dataset, train, compare, runs, eval: evaluation };
@@ -20,6 +21,7 @@ async function start() {
   // uPlot is a classic deferred script; module scripts run after it, but be safe.
   if (!window.uPlot) await new Promise((resolve) => window.addEventListener("load", resolve, { once: true }));
   for (const page of Object.values(PAGES)) await page.init();
+  estimate.init();  // the Train form's memory estimate (after the form is built)
   window.addEventListener("hashchange", route);
   route();
   document.body.dataset.ready = "1";
