@@ -11,7 +11,9 @@ optionally with ``"checkpoint": STEP`` to answer with that checkpoint instead of
 Each variant builds its dataset, trains, and answers the selection prompts
 (``wonderland/eval/prompts-selection.txt``, 3 samples each, seed + index as in ``wonderland eval``) and
 the selection retention set with the trained arm; the base and prompted arms are answered once (they
-do not depend on training). The report prompts (``prompts.txt``, ``retention.txt``) are never used here.
+do not depend on training). ``--set report`` answers the report prompts (``prompts.txt``,
+``retention.txt``) instead: only for a setting already chosen on the selection prompts (the report of
+a default on the GPU, as ``bench/persona.py`` does on the CPU).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 EVAL = Path(__file__).resolve().parents[1] / "wonderland" / "eval"
 SAMPLES = 3
+# --set: the prompts settings are chosen on, and the report prompts (only to report a chosen setting)
+PROMPT_SETS = {"selection": ("prompts-selection.txt", "retention-selection.txt"), "report": ("prompts.txt", "retention.txt")}
 
 
 def _answer(loaded, arms: list[str], prompts: list[str], retention: list, samples: int) -> dict:
@@ -70,7 +74,8 @@ def prepare_replay(device: str) -> None:
                        log=lambda m: print(m, file=sys.stderr))
 
 
-def run_variant(variant: dict, out: str, book: str | None, threads: int, device: str, arms: list[str]) -> str:
+def run_variant(variant: dict, out: str, book: str | None, threads: int, device: str, arms: list[str],
+                prompt_set: str = "selection") -> str:
     import torch
 
     from wonderland.config import TrainConfig, merge_config
@@ -99,8 +104,8 @@ def run_variant(variant: dict, out: str, book: str | None, threads: int, device:
         if arm.name in arms:
             nll, n = loaded.model.loss([{"messages": loaded.messages_for(arm, r["messages"])} for r in valid], adapter=arm.adapter)
             held_out[arm.name] = nll / n
-    answers = _answer(loaded, arms, load_prompts(EVAL / "prompts-selection.txt"),
-                      load_retention(EVAL / "retention-selection.txt"), SAMPLES)
+    prompts, retention = PROMPT_SETS[prompt_set]
+    answers = _answer(loaded, arms, load_prompts(EVAL / prompts), load_retention(EVAL / retention), SAMPLES)
     info = run.read()
     result = {"name": variant["name"], "variant": variant, "train_s": round(train_s, 1), "eval_s": round(time.time() - t0 - train_s, 1),
               "held_out_loss": held_out, "result": info.get("result", {}), **answers}
@@ -119,7 +124,7 @@ def cmd_run(args) -> int:
     import multiprocessing
 
     with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_variant, v, args.out, args.book, args.threads, args.device, arms) for v, arms in jobs]
+        futures = [pool.submit(run_variant, v, args.out, args.book, args.threads, args.device, arms, args.set) for v, arms in jobs]
         for f in futures:
             print(f"done {f.result()}", file=sys.stderr, flush=True)
     return 0
@@ -176,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--set", default="selection", choices=sorted(PROMPT_SETS),
+                   help="selection (choose settings here) or report (the held-out prompts, for a chosen setting only)")
     r.add_argument("--trained-only", action="store_true", help="skip the base and prompted arms (answered before)")
     s = sub.add_parser("score")
     s.add_argument("dir")
