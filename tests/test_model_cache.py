@@ -109,6 +109,19 @@ def test_runs_on_one_base_share_its_weights_and_score_as_if_loaded_alone(two_run
     assert a.model.loss(records) != b.model.loss(records)
 
 
+def test_a_run_under_a_dotted_path_loads(tmp_path, tiny_model, monkeypatch):
+    """The default home is ~/.cache/wonderland: a run's path has dots, PEFT's adapter name may not."""
+    from wonderland import generate
+    from wonderland.config import TrainConfig
+    from wonderland.train import train
+
+    monkeypatch.setattr(generate, "MODELS", ModelCache(max_models=10))
+    config = TrainConfig(model=str(tiny_model), iters=1, batch_size=2, val_every=0, save_every=0, **NO_GUARD)
+    run = train(config, write_dataset(tmp_path / "data"), out=str(tmp_path / ".cache" / "run.v1"), log=lambda m: None)
+    loaded = generate.load_run(run, device="cpu")
+    assert "." not in loaded.model.adapter_name and loaded.model.adapter_name in loaded.model.model.peft_config
+
+
 def test_deleting_a_run_in_the_web_app_evicts_it(two_runs, monkeypatch):
     from wonderland import generate
     from wonderland.web import create_app

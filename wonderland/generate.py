@@ -10,6 +10,7 @@ in what the product claims matters:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -204,9 +205,15 @@ def _load_run(run: RunDir, info: dict, device: str, checkpoint: int | None, key:
         model = get_backend(backend_name).load(model_path, adapter, device=device, quantize=quantize)
         return LoadedRun(run, info, model), size + _weights_bytes(model_path)
     base = load_base(model_path, "torch", device, quantize)
-    loaded = LoadedRun(run, info, base.with_adapter("|".join(map(str, key[1:])), Path(adapter)))
+    loaded = LoadedRun(run, info, base.with_adapter(adapter_name(key), Path(adapter)))
     loaded.base_key = ("base", "torch", str(Path(model_path).resolve()), device, quantize)
     return loaded, size
+
+
+def adapter_name(key: tuple) -> str:
+    """The PEFT adapter name of a cached run key: a digest, as torch module names cannot hold the
+    dots of a run's path (``~/.cache/...``) or its timestamp."""
+    return "run_" + hashlib.sha1("|".join(map(str, key[1:])).encode()).hexdigest()[:16]
 
 
 def evict_run(run_path: str | Path) -> int:
