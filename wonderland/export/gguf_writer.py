@@ -6,7 +6,8 @@ llama.cpp's ``convert_hf_to_gguf.py`` / ``convert_lora_to_gguf.py``:
 * tensor names from ``gguf.get_tensor_name_map`` (``blk.N.attn_q.weight`` ...);
 * q/k projection rows permuted from Hugging Face's rotate-half RoPE layout to llama.cpp's
   interleaved layout (transformers' GGUF loader undoes exactly this permutation);
-* 1-D tensors (norms) always float32; ``q8_0`` falls back to f16 for rows not divisible by 32;
+* 1-D tensors (norms) always float32; ``q8_0`` falls back to f16 for rows not divisible by 32 and
+  keeps the embedding / output matrices at f16 (:data:`Q8_0_KEEP_F16`);
 * a byte-level BPE tokenizer (``tokenizer.ggml.model = gpt2``) with tokens, token types, merges,
   special token ids and the chat template: the pieces mlx-lm's own GGUF export leaves out
   (``mlx_lm fuse --export-gguf`` writes no merges and no chat template for this model);
@@ -139,12 +140,17 @@ def add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------- the model
+# q8_0 keeps these at f16 (llama-quantize's --token-embedding-type / --output-tensor-type f16): on a
+# model with tied embeddings token_embd is also the LM head, whose rounding moves every logit
+Q8_0_KEEP_F16 = ("token_embd.weight", "output.weight")
+
+
 def _tensor_data(gguf, name: str, data: np.ndarray, gguf_type: str) -> tuple[np.ndarray, Any]:
     """(payload, raw_dtype) for one tensor in the requested file type."""
     q = gguf.GGMLQuantizationType
     if data.ndim == 1 or gguf_type == "f32":
         return data.astype(np.float32), q.F32
-    if gguf_type == "q8_0" and data.shape[-1] % 32 == 0:
+    if gguf_type == "q8_0" and data.shape[-1] % 32 == 0 and name not in Q8_0_KEEP_F16:
         return gguf.quants.quantize(data.astype(np.float32), q.Q8_0), q.Q8_0
     return data.astype(np.float16), q.F16
 
