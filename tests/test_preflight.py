@@ -3,6 +3,7 @@ web endpoint, and the estimate against a measured peak (MLX's allocator on CPU, 
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -108,8 +109,12 @@ def test_the_estimate_is_within_25_percent_of_the_measured_mlx_peak(tiny_model, 
     config = TrainConfig(model=str(tiny_model), backend="mlx", quantize=quantize, iters=2, batch_size=2, max_seq_len=192,
                          val_every=0, save_every=0, warmup=0, replay=0, kl=0)
     est = preflight.estimate(config, tiny_model, "mlx")
+    import mlx.core as mx
+
+    gc.collect()
+    held = mx.get_active_memory()  # what earlier tests of this process keep alive (cached models): in the peak too
     run = train(config, long_records(tmp_path / "data"), out=str(tmp_path / "run"), log=lambda m: None)
     steps = [r for r in read_metrics(run.metrics) if r["event"] == "step"]
     assert all(r["tokens"] == config.batch_size * config.max_seq_len for r in steps)  # the estimate's worst case
-    measured = max(r["peak_memory_gb"] for r in steps) * 1e9  # MLX's allocator: the estimate less its runtime
+    measured = max(r["peak_memory_gb"] for r in steps) * 1e9 - held  # MLX's allocator: the estimate less its runtime
     assert 0.75 < (est.total - est.runtime) / measured < 1.25, (est.to_dict(), measured)

@@ -104,10 +104,10 @@ def train(
     backend = get_backend(backend_name, log=log)
     quantize.check(config.quantize, backend_name, config.device)
     model_path = resolve_model(config.model, log=log)
-    preflight.report(config, model_path, backend_name, log)  # will it fit? a warning, never a refusal
     data_dir = Path(data_dir).expanduser().resolve()
     if resume_from is not None and not allow_config_change:
         check_resume(resume_from, info, config, backend_name, _hash_files([data_dir / "train.jsonl", data_dir / "valid.jsonl"]))
+    preflight.report(config, model_path, backend_name, log)  # will it fit? a warning, never a refusal
     if resume_from is None:
         character = stats.get("character") or "character"
         run = new_run_dir(name, out, character, overwrite)

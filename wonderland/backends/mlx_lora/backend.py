@@ -240,6 +240,7 @@ class MLXBackend:
     def train(self, job: TrainJob) -> TrainResult:
         cfg, emit = job.config, job.emit
         mx.random.seed(cfg.seed)
+        mx.reset_peak_memory()  # the Step events' peak is this run's, not the process's (a server trains many)
         model, tokenizer = load_base(job.model_path, cfg.dtype, cfg.quantize)
         model.freeze()
         acfg = adapter_config(cfg, model, job.model_path)
