@@ -8,6 +8,9 @@ warmup 2 and validation only at the end. Prints one JSON object.
     python bench/backends.py                                  # both backends, 20 steps each
     python bench/backends.py --backends mlx --iters 30
     python bench/backends.py --backends mlx,mlx:4 --iters 40  # + MLX on the base quantized to 4 bits (issue 18)
+    python bench/backends.py --backends mlx,mlx:none:on,mlx:4,mlx:4:off --iters 40 --threads 1
+                                                              # BACKEND:QUANTIZE:GRAD_CHECKPOINT (auto/on/off)
+    python bench/backends.py --backends mlx,mlx:4 --iters 3 --long-records   # every batch 4 x 256 tokens
     python bench/backends.py --data DIR --model PATH          # any dataset / HF folder
     python bench/backends.py --mlx-bundled-blas               # + MLX with the wheel's own BLAS (slow)
     python bench/backends.py --blas-probe                     # Linux: MLX matmul GFLOP/s per BLAS setup
@@ -21,7 +24,9 @@ median over steps 2..N: step 1 includes compilation / warm-up), ``first_step_s``
 (setup + all steps + final eval), ``peak_rss_gb`` after training (process maximum resident set),
 ``framework_peak_gb`` (torch CUDA allocator / MLX allocator peak as the Step events report it; on
 CPU torch reports RSS there), ``decode_tokens_per_s`` (greedy, 64 new tokens with the adapter on,
-prompt processing included), final ``loss`` / ``val_loss``.
+prompt processing included), final ``loss`` / ``val_loss``, ``loss_last5`` (the mean of the last 5 steps'
+losses: less noisy than the last one), and the pre-flight estimate of the run (``estimate_gb``, less its
+runtime term on MLX, whose peak counts only its allocations) with ``estimate_ratio`` = estimate / framework peak.
 """
 
 from __future__ import annotations
@@ -41,10 +46,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child(backend: str, data: str, model: str, iters: int, out: str, threads: int, quantize: str = "none") -> dict:
-    """Train and decode with one backend (its base quantized as ``quantize``) in this process; return the measurements."""
+def child(backend: str, data: str, model: str, iters: int, out: str, threads: int, quantize: str = "none",
+          grad_checkpoint: str = "auto", shape: tuple[int, int] | None = None) -> dict:
+    """Train and decode with one backend (its base quantized as ``quantize``, ``grad_checkpoint`` as given,
+    ``shape`` = (batch, max_seq_len) or TrainConfig's) in this process; return the measurements."""
+    from wonderland import preflight
     from wonderland.config import GenerationConfig, TrainConfig
     from wonderland.events import read_metrics
+    from wonderland.models import resolve_model
     from wonderland.train import train
 
     if threads and backend == "torch":
@@ -52,7 +61,10 @@ def child(backend: str, data: str, model: str, iters: int, out: str, threads: in
 
         torch.set_num_threads(threads)  # for decoding too (TrainConfig.threads covers training)
     cfg = TrainConfig(model=model, backend=backend, iters=iters, val_every=0, save_every=0, warmup=2, threads=threads,
-                      quantize=quantize)
+                      quantize=quantize, grad_checkpoint=grad_checkpoint,
+                      **(dict(batch_size=shape[0], max_seq_len=shape[1]) if shape else {}))
+    est = preflight.estimate(cfg, resolve_model(model, log=lambda m: None), backend)
+    estimated = est.total - (est.runtime if backend == "mlx" else 0.0)
     t0 = time.perf_counter()
     run = train(cfg, data, out=out, log=lambda m: None)
     wall = time.perf_counter() - t0
@@ -76,20 +88,26 @@ def child(backend: str, data: str, model: str, iters: int, out: str, threads: in
     from transformers import AutoTokenizer
 
     n_new = len(AutoTokenizer.from_pretrained(info["model"]["path"])(text, add_special_tokens=False)["input_ids"])
+    peak = max(r["peak_memory_gb"] for r in steps)
     return {
         "backend": backend,
         "quantize": quantize,
+        "grad_checkpoint": info["result"].get("grad_checkpoint", grad_checkpoint),
         "device": started["device"],
         "steps": len(steps),
         "train_tokens_per_s": round(statistics.median(r["tokens_per_second"] for r in steps[1:]), 1),
         "first_step_s": round(steps[0]["elapsed_s"], 2),
         "train_wall_s": round(wall, 1),
         "peak_rss_gb": round(rss_gb, 2),
-        "framework_peak_gb": round(max(r["peak_memory_gb"] for r in steps), 3),
+        "framework_peak_gb": round(peak, 3),
+        "estimate_gb": round(estimated / 1e9, 3),
+        "estimate_ratio": round(estimated / 1e9 / peak, 3),
+        "tokens_per_step_max": max(r["tokens"] for r in steps),
         "decode_tokens_per_s": round(n_new / decode_s, 1),
         "decode_new_tokens": n_new,
         "loss": round(info["result"]["loss"], 3),
         "val_loss": round(info["result"]["val_loss"], 3) if info["result"].get("val_loss") is not None else None,
+        "loss_last5": round(statistics.mean(r["loss"] for r in steps[-5:]), 4),
     }
 
 
@@ -128,6 +146,14 @@ def settings() -> str:
             f"warmup 2, validation only at the end")
 
 
+def long_records(folder: Path) -> Path:
+    """bench/preflight.py's records, long enough to be cut at any --max-seq-len up to ~500 tokens."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from preflight import long_dataset
+
+    return long_dataset(folder)
+
+
 def hatter_dataset(folder: Path) -> Path:
     from wonderland.data import build_dataset
 
@@ -138,7 +164,8 @@ def hatter_dataset(folder: Path) -> Path:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backends", default="torch,mlx",
-                   help="comma-separated; BACKEND:Q trains on the base quantized as --quantize Q (mlx:4, mlx:8, torch:nf4)")
+                   help="comma-separated; BACKEND:Q trains on the base quantized as --quantize Q (mlx:4, mlx:8, torch:nf4), "
+                        "BACKEND:Q:G also with --grad-checkpoint G (auto, on, off)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--data", help="dataset folder (default: the Hatter dataset built from the default book)")
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -147,27 +174,36 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads per backend: torch.set_num_threads / OPENBLAS_NUM_THREADS (0 = library default)")
     p.add_argument("--blas-probe", action="store_true", help="only measure MLX matmul GFLOP/s per BLAS setup")
+    p.add_argument("--long-records", action="store_true",
+                   help="train on bench/preflight.py's long records: every batch --batch-size x --max-seq-len tokens")
+    p.add_argument("--batch-size", type=int, default=0, help="with --max-seq-len: this shape (default TrainConfig's)")
+    p.add_argument("--max-seq-len", type=int, default=0)
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
+    p.add_argument("--grad-checkpoint", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.data, args.model, args.iters, args.out, args.threads, args.quantize)))
+        shape = (args.batch_size, args.max_seq_len) if args.batch_size and args.max_seq_len else None
+        print(json.dumps(child(args.child, args.data, args.model, args.iters, args.out, args.threads, args.quantize,
+                               args.grad_checkpoint, shape)))
         return 0
     if args.blas_probe:
         print(json.dumps({"mlx_matmul_gflops_float32_1024": blas_probe()}, indent=2))
         return 0
 
     with tempfile.TemporaryDirectory(prefix="wl-bench-") as tmp:
-        data = args.data or str(hatter_dataset(Path(tmp) / "data"))
-        runs = [(*(b.split(":", 1) + ["none"])[:2], args.iters, {}) for b in args.backends.split(",")]
+        data = args.data or str(long_records(Path(tmp) / "data") if args.long_records else hatter_dataset(Path(tmp) / "data"))
+        runs = [(*(b.split(":", 2) + ["none", "auto"])[:3], args.iters, {}) for b in args.backends.split(",")]
         if args.mlx_bundled_blas:
-            runs.append(("mlx", "none", args.bundled_iters, {"WONDERLAND_MLX_BLAS": "bundled"}))
+            runs.append(("mlx", "none", "auto", args.bundled_iters, {"WONDERLAND_MLX_BLAS": "bundled"}))
         results = []
-        for backend, quantize, iters, env in runs:
+        for backend, quantize, grad_checkpoint, iters, env in runs:
             out = Path(tmp) / f"run-{len(results)}"
             cmd = [sys.executable, __file__, "--child", backend, "--data", data, "--model", args.model,
-                   "--iters", str(iters), "--out", str(out), "--threads", str(args.threads), "--quantize", quantize]
+                   "--iters", str(iters), "--out", str(out), "--threads", str(args.threads), "--quantize", quantize,
+                   "--grad-checkpoint", grad_checkpoint, "--batch-size", str(args.batch_size),
+                   "--max-seq-len", str(args.max_seq_len)]
             if args.threads:
                 env = {**env, "OPENBLAS_NUM_THREADS": str(args.threads)}
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=REPO)
@@ -188,6 +224,8 @@ def main() -> int:
         "model": args.model,
         "train_records": n_train,
         "settings": settings(),
+        "shape": f"batch {args.batch_size} x max_seq_len {args.max_seq_len}" if args.batch_size and args.max_seq_len else "defaults",
+        "data": "bench/preflight.py long records" if args.long_records else (args.data or "Hatter dataset"),
         "threads": args.threads or "library default",
         "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "results": results,

@@ -72,6 +72,11 @@ class TrainConfig:
     quantize: str = _f("none", "quantize the frozen base (QLoRA): none, 4 or 8 bits (MLX: mlx-lm's affine quantization, "
                                "group size 64), nf4 (torch on CUDA: bitsandbytes 4-bit NF4)",
                        label="quantize base", choices=("none", "4", "8", "nf4"))
+    grad_checkpoint: str = _f("auto", "gradient checkpointing: keep only each decoder layer's input and rebuild its "
+                                      "activations in the backward pass, the LM head's logits chunk by chunk (less "
+                                      "memory, ~1 more forward pass of compute); auto = on for a quantized base, off "
+                                      "otherwise (MLX backend; torch's nf4 path always checkpoints)",
+                              label="gradient checkpointing", choices=("auto", "on", "off"))
     replay: float = _f(0.25, "replay records per character record: general prompts answered by the base model itself "
                             "(adapter off), mixed in so the model keeps its other abilities (0 = off)",
                        label="replay ratio", bounds=(0.0, 10.0))

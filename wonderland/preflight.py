@@ -50,6 +50,8 @@ class Profile:
     logits: float  # float32 copies of the (tokens x vocab) logits alive at the peak
     runtime: float  # bytes of the framework itself
     checkpointed: bool = False  # gradient checkpointing: one layer's activations + every layer's input
+    logit_rows: int = 0  # rows of the logits alive at once when the loss chunks them (0 = every token)
+    dequant: float = 0.0  # x (vocab x hidden) elements: de-quantized weights alive at once (MLX CPU, quantized)
 
 
 @dataclass
@@ -165,7 +167,9 @@ def activation_bytes(d: dict[str, int], config: TrainConfig, p: Profile, kl: boo
         layers = d["layers"] * d["hidden"] + per_layer
     else:
         layers = d["layers"] * per_layer
-    return tokens * layers * p.elem_bytes + p.logits * tokens * d["vocab"] * 4
+    rows = min(tokens, p.logit_rows) if p.logit_rows else tokens
+    return (tokens * layers * p.elem_bytes + p.logits * rows * d["vocab"] * 4
+            + p.dequant * d["vocab"] * d["hidden"] * p.elem_bytes)
 
 
 def _numel(shape) -> int:
@@ -205,10 +209,10 @@ def elem_bytes(config: TrainConfig, backend_name: str, kind: str, named: dict) -
     return 2 if kind == "cuda" else 4
 
 
-def profile(config: TrainConfig, backend_name: str, kind: str, elem: int) -> Profile:
+def profile(config: TrainConfig, backend_name: str, kind: str, elem: int, quantized: bool = False) -> Profile:
     """The activation profile of this backend / device / path (numbers: bench/README.md, "QLoRA, issue 18")."""
-    if backend_name == "mlx":  # mlx-lm's model code: scores materialised, full logits
-        return Profile(elem, layer=1.0, attention=2.0, logits=3.0, runtime=0.1 * GB)
+    if backend_name == "mlx":
+        return _mlx_profile(config, kind, elem, quantized)
     if kind == "cuda" and config.quantize == "nf4":  # plain PEFT + bitsandbytes, gradient checkpointing, HF logits
         return Profile(2, layer=1.0, attention=0.0, logits=2.5, runtime=0.5 * GB, checkpointed=True)
     from wonderland.backends.torch_peft.fast.training import enabled
@@ -219,6 +223,21 @@ def profile(config: TrainConfig, backend_name: str, kind: str, elem: int) -> Pro
             Profile(elem, layer=1.0, attention=0.0, logits=2.5, runtime=0.5 * GB)
     # CPU (RSS) and MPS: SDPA's fused CPU kernel keeps no attention scores (measured: bench/README.md)
     return Profile(elem, layer=1.0, attention=0.0, logits=3.0, runtime=0.5 * GB)
+
+
+def _mlx_profile(config: TrainConfig, kind: str, elem: int, quantized: bool) -> Profile:
+    """mlx-lm's model code (attention scores materialised), the LM head on the labelled tokens only
+    (the estimate counts every token: its worst case); checkpointed (``--grad-checkpoint``, ``auto``: a
+    quantized base), each layer's input kept, one layer rebuilt at a time and the head in chunks. On the
+    CPU a quantized layer multiplies by its de-quantized weight (the widest: the tied head)."""
+    from wonderland.backends.mlx_lora.batching import CHUNK
+    from wonderland.backends.mlx_lora.memory import wanted
+
+    dequant = 1.0 if quantized and kind == "cpu" else 0.0
+    if wanted(config.grad_checkpoint, quantized):
+        return Profile(elem, layer=1.0, attention=2.0, logits=3.0, runtime=0.1 * GB, checkpointed=True,
+                       logit_rows=CHUNK, dequant=dequant)
+    return Profile(elem, layer=1.0, attention=2.0, logits=3.0, runtime=0.1 * GB, dequant=dequant)
 
 
 def _torch_device(kind: str):
@@ -277,7 +296,7 @@ def estimate(config: TrainConfig, model_path: Path, backend_name: str) -> Estima
 
 def _terms(config: TrainConfig, backend_name: str, kind: str, named: dict, cfg: dict, free, where: str) -> Estimate:
     elem = elem_bytes(config, backend_name, kind, named)
-    p = profile(config, backend_name, kind, elem)
+    p = profile(config, backend_name, kind, elem, quantized="quantization" in cfg or config.quantize in MLX_BITS)
     lora = lora_weights(named, cfg, config)
     return Estimate(weights=weight_bytes(named, cfg, config.quantize, elem), lora=4.0 * lora, optimizer=12.0 * lora,
                     activations=activation_bytes(dims(cfg), config, p, kl=backend_name == "torch" and config.kl > 0),

@@ -20,7 +20,7 @@ bp = Blueprint("train_api", __name__)
 
 # Form sections, in page order; fields not listed land in "advanced".
 FORM_GROUPS = {
-    "model": ("model", "backend", "device", "dtype", "quantize", "threads"),
+    "model": ("model", "backend", "device", "dtype", "quantize", "grad_checkpoint", "threads"),
     "schedule": ("iters", "batch_size", "lr", "schedule", "warmup", "weight_decay", "grad_clip", "max_seq_len", "seed"),
     "lora": ("rank", "alpha", "dropout", "layers", "targets"),
     "monitoring": ("val_every", "val_batches", "save_every", "sample_every", "sample_prompt"),

@@ -12,11 +12,14 @@ gradient clipping). The final adapter is what mlx-lm writes (``adapters.safetens
 
 On Linux CPU the package loads OpenBLAS first (:mod:`.blas`); bf16/fp16 are slow on CPU, so
 weights are cast to float32 there.
-``--quantize 4|8`` quantizes the frozen base on load with mlx-lm's own quantization (:mod:`.quantized`).
+``--quantize 4|8`` quantizes the frozen base on load with mlx-lm's own quantization (:mod:`.quantized`);
+``--grad-checkpoint`` (``auto``: on for a quantized base) checkpoints the decoder layers and chunks the
+loss's LM head (:mod:`.memory`, :mod:`.batching`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -33,10 +36,12 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 
 from wonderland.backends.base import TrainJob, TrainResult
 from wonderland.backends.common import DivergenceGuard, batch_indices, check_keys, finish_checkpoint
-from wonderland.backends.mlx_lora.batching import collate, mean_loss
+from wonderland.backends.mlx_lora.batching import CHUNK, collate, mean_loss
 from wonderland.backends.mlx_lora.blas import BLAS
 from wonderland.backends.mlx_lora.chat import MLXChatModel
-from wonderland.backends.mlx_lora.quantized import for_inference, quantization_config, quantize_base, use_cpu_kernels
+from wonderland.backends.mlx_lora.memory import checkpoint_layers, wanted
+from wonderland.backends.mlx_lora.quantized import (for_inference, quantization_config, quantize_base, quantized_bits,
+                                                    use_cpu_kernels)
 from wonderland.chat_format import encode_chat
 from wonderland.config import GenerationConfig, TrainConfig
 from wonderland.errors import UserError
@@ -124,6 +129,19 @@ def adapter_config(cfg: TrainConfig, model, model_path: Path) -> dict:
         "mask_prompt": True,
         "seed": cfg.seed,
     }
+
+
+def training_model(cfg: TrainConfig, model_path: Path):
+    """The base (frozen, quantized for ``--quantize``) with LoRA layers, its adapter config, and whether its
+    decoder layers checkpoint (``--grad-checkpoint``; ``auto``: a quantized base does)."""
+    model, tokenizer = load_base(model_path, cfg.dtype, cfg.quantize)
+    model.freeze()
+    acfg = adapter_config(cfg, model, model_path)
+    linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"])
+    checkpointed = wanted(cfg.grad_checkpoint, quantized_bits(model) is not None)
+    if checkpointed:
+        checkpoint_layers(model)
+    return model, tokenizer, acfg, checkpointed
 
 
 def lr_schedule(cfg: TrainConfig):
@@ -241,10 +259,7 @@ class MLXBackend:
         cfg, emit = job.config, job.emit
         mx.random.seed(cfg.seed)
         mx.reset_peak_memory()  # the Step events' peak is this run's, not the process's (a server trains many)
-        model, tokenizer = load_base(job.model_path, cfg.dtype, cfg.quantize)
-        model.freeze()
-        acfg = adapter_config(cfg, model, job.model_path)
-        linear_to_lora_layers(model, acfg["num_layers"], acfg["lora_parameters"])
+        model, tokenizer, acfg, checkpointed = training_model(cfg, job.model_path)
         hf_tok = tokenizer._tokenizer
         train_set = [encode_chat(hf_tok, r["messages"], cfg.max_seq_len) for r in job.train_records]
         valid_set = [encode_chat(hf_tok, r["messages"], cfg.max_seq_len) for r in job.valid_records]
@@ -273,7 +288,8 @@ class MLXBackend:
                 # val_dataset=None: mlx-lm would evaluate at its own cadence (step 1, every K, before
                 # the last step); the callback evaluates at ours instead.
                 mlx_train(model=model, optimizer=optimizer, train_dataset=train_set, val_dataset=None, args=args,
-                          loss=mean_loss, iterate_batches=batches, training_callback=reporter)
+                          loss=functools.partial(mean_loss, chunk=CHUNK if checkpointed else 0),
+                          iterate_batches=batches, training_callback=reporter)
             if valid_set:
                 reporter.validate(cfg.iters)
             reporter.check_weights(cfg.iters)  # a non-finite final adapter is never written
@@ -287,7 +303,7 @@ class MLXBackend:
             raise
         atomic_write_json(tmp / ADAPTER_CONFIG, acfg)  # mlx-lm already wrote adapters.safetensors
         atomic_replace_dir(tmp, job.run.adapter)
-        return TrainResult("finished", cfg.iters, reporter.loss, reporter.val_loss, extra={"device": device_name()})
+        return TrainResult("finished", cfg.iters, reporter.loss, reporter.val_loss, extra={"device": device_name(), "grad_checkpoint": checkpointed})
 
     # --- checkpoints: the adapter as mlx-lm writes it + optimizer state; data position = step
     def _save_checkpoint(self, job: TrainJob, model, optimizer, acfg: dict, step: int) -> Path:

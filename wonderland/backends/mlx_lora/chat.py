@@ -54,11 +54,11 @@ class MLXChatModel:
     def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
         total, count = 0.0, 0
         for r in records:
-            ids, mask = collate([encode_chat(self.tokenizer._tokenizer, r["messages"], max_seq_len)])
+            batch = collate([encode_chat(self.tokenizer._tokenizer, r["messages"], max_seq_len)])
             with self._lock:
                 self._set_adapter(adapter)
                 try:
-                    nll, n = summed_nll(self.model, ids, mask)
+                    nll, n = summed_nll(self.model, *batch)
                     mx.eval(nll, n)
                 finally:
                     self._set_adapter(True)
