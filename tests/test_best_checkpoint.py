@@ -101,7 +101,7 @@ def test_kl_term_is_zero_at_the_base_and_grows_when_the_adapter_moves(tiny_model
     plain = lambda b: (torch.tensor(2.0), 4, 10)  # noqa: E731
     combined = with_kl(plain, model, batch, 0.5, 3, 0, tok.pad_token_id, torch.device("cpu"))
     total, count, tokens = combined(batch)
-    assert (count, tokens) == (4, 10) and float(total) == pytest.approx(2.0 + 0.5 * float(kl.detach()) * 4 / n)
+    assert (count, tokens) == (4, 10) and float(total.detach()) == pytest.approx(2.0 + 0.5 * float(kl.detach()) * 4 / n)
 
 
 def test_kl_on_labelled_logits_and_the_teacher_cache_equal_the_full_computation(tiny_model):
@@ -144,7 +144,7 @@ def test_kl_on_labelled_logits_and_the_teacher_cache_equal_the_full_computation(
     assert teacher.keep_cache
     for _ in range(2):  # first call fills the cache, the second reads it
         got, _ = kl_sum(model, batch, tok.pad_token_id, cpu, teacher, [0, 1, 2, 3])
-        assert float(got) == pytest.approx(float(want), rel=1e-9) and torch.allclose(grads(got), g_want, atol=1e-12)
+        assert float(got.detach()) == pytest.approx(float(want), rel=1e-9) and torch.allclose(grads(got), g_want, atol=1e-12)
     assert sorted(teacher.cache) == [0, 1, 2, 3]
     got, _ = kl_sum(model, batch[2:], tok.pad_token_id, cpu, teacher, [2, 3])  # cached rows, another batch
     fresh, _ = kl_sum(model, batch[2:], tok.pad_token_id, cpu)
@@ -200,3 +200,48 @@ def test_the_api_serves_a_checkpoint_as_run_at_step(probed_run, wl_home):
     assert missing.status_code == 404 and "no checkpoint at step 99" in missing.get_json()["error"]["message"]
     bad = client.post("/v1/chat/completions", json={**body, "model": "hat@best"})
     assert bad.status_code == 400 and bad.get_json()["error"]["param"] == "model"
+
+
+def test_the_kl_and_the_nll_through_the_fused_layers_equal_peft_s(tiny_model):
+    """On the fast path the adapted side of the KL runs through the fused layers (packed records,
+    longest first): the same logits, in the same (record, position) order, and the same KL and LoRA
+    gradients as PEFT's modules; and the same summed NLL (validation and the probe, adapter on)."""
+    import torch
+    from peft import get_peft_model
+
+    from tests.helpers import chat_records
+    from wonderland.backends.torch_peft.backend import load_base, lora_config
+    from wonderland.backends.torch_peft.fast import training as torch_fast
+    from wonderland.backends.torch_peft.guard import kl_sum, student_logits
+    from wonderland.config import TrainConfig
+
+    cpu = torch.device("cpu")
+    tok, base = load_base(tiny_model, cpu, torch.float32)
+    model = get_peft_model(base, lora_config(TrainConfig(), base.config.num_hidden_layers))
+    fast = torch_fast.prepare_model(model, cpu)
+    assert "fused_layers" in fast.applied
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = chat_records(5, seed=3, lo=10, hi=60)  # lengths differ: packing re-orders the records
+    assert sorted(map(len, (r.input_ids for r in batch)), reverse=True) != [len(r.input_ids) for r in batch]
+
+    (fused, t_fused), (plain, t_plain) = (student_logits(model, batch, tok.pad_token_id, cpu, f) for f in (fast, None))
+    assert torch.equal(t_fused, t_plain) and fused.shape == plain.shape
+    assert (fused - plain).abs().max() < 1e-4 * plain.abs().max()
+
+    def kl_and_grads(f):
+        model.zero_grad()
+        kl, n = kl_sum(model, batch, tok.pad_token_id, cpu, fast=f)
+        kl.backward()
+        return float(kl), n, torch.cat([p.grad.flatten() for n_, p in model.named_parameters() if "lora_" in n_])
+
+    (kl_f, n_f, g_f), (kl_p, n_p, g_p) = kl_and_grads(fast), kl_and_grads(None)
+    assert n_f == n_p == len(t_plain) and kl_p > 1e-4
+    assert kl_f == pytest.approx(kl_p, rel=1e-3) and torch.allclose(g_f, g_p, rtol=1e-2, atol=1e-5 * g_p.abs().max())
+    from wonderland.backends.torch_peft.guard import summed_nll
+
+    with torch.no_grad():
+        (nll_f, n_f), (nll_p, n_p) = (summed_nll(model, batch, tok.pad_token_id, cpu, f) for f in (fast, None))
+    assert n_f == n_p == len(t_plain) and float(nll_f) == pytest.approx(float(nll_p), rel=1e-4)  # validation, probe

@@ -238,3 +238,56 @@ def test_mlx_run_is_served_through_torch_where_mlx_is_missing(dataset, tiny_mode
                    {"role": "user", "content": "What time is it?"}]
     reply = "".join(torch_model.stream(loaded_msgs, GenerationConfig(temperature=0, max_tokens=8)))
     assert proc.stdout.strip() == f"TorchChatModel {reply!r}"
+
+
+def test_checkpointed_layers_and_chunked_head_give_the_plain_loss_and_gradients(tiny_model):
+    """--grad-checkpoint (issue 18): per-layer mx.checkpoint and the LM head in chunks under mx.checkpoint
+    compute the loss and LoRA gradients of the model's own full logits, on the labelled tokens only."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+
+    from tests.helpers import chat_records
+    from wonderland.backends.mlx_lora.backend import training_model
+    from wonderland.backends.mlx_lora.batching import collate, mean_loss
+
+    batch = collate(chat_records(3, seed=1, lo=30, hi=60))
+
+    def full_logits(model, ids, positions, weights):  # the reference: every position through the head
+        logits = model(ids[:, :-1]).astype(mx.float32)
+        nll = nn.losses.cross_entropy(logits, ids[:, 1:]).reshape(-1)[positions]
+        return (nll * weights).sum() / weights.sum(), weights.sum()
+
+    results = {}
+    for name, setting, loss in [("full", "off", full_logits), ("gathered", "off", mean_loss),
+                                ("checkpointed", "on", lambda m, *b: mean_loss(m, *b, chunk=16))]:
+        mx.random.seed(0)
+        model, _, _, checkpointed = training_model(TrainConfig(grad_checkpoint=setting), tiny_model)
+        assert checkpointed == (setting == "on")
+        assert all(type(layer).__name__.startswith("Checkpointed") == checkpointed for layer in model.layers)
+        mx.random.seed(1)
+        model.update(tree_map(lambda a: 0.05 * mx.random.normal(a.shape), model.trainable_parameters()))  # B != 0
+        model.train()
+        (value, n), grads = nn.value_and_grad(model, loss)(model, *batch)
+        results[name] = value.item(), dict(tree_flatten(grads))
+    ref_loss, ref_grads = results["full"]
+    for name, (value, grads) in results.items():
+        assert value == pytest.approx(ref_loss, rel=1e-5), name
+        for key, g in ref_grads.items():
+            assert mx.abs(grads[key] - g).max().item() <= 1e-4 * max(mx.abs(g).max().item(), 1e-6), (name, key)
+
+
+def test_grad_checkpoint_on_trains_a_float_run_and_samples_with_a_kv_cache(dataset, tiny_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(mlx_args(dataset, tiny_model, out, "--grad-checkpoint", "on", "--sample-every", "2")) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["grad_checkpoint"] == "on" and info["result"]["grad_checkpoint"] is True
+    events = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in events if r["event"] == "sample"] == [2, 4]
+    losses = [r["loss"] for r in events if r["event"] == "step"]
+    assert all(math.isfinite(v) for v in losses)
+    plain = tmp_path / "plain"
+    assert main(mlx_args(dataset, tiny_model, plain, "--grad-checkpoint", "off")) == 0  # same run, not checkpointed
+    assert json.loads((plain / "run.json").read_text())["result"]["grad_checkpoint"] is False
+    plain_losses = [r["loss"] for r in read_metrics(plain / "metrics.jsonl") if r["event"] == "step"]
+    assert plain_losses == pytest.approx(losses, rel=1e-3)

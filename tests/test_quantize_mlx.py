@@ -89,6 +89,7 @@ def test_a_quantized_run_records_it_and_serves_on_the_same_quantized_base(datase
     assert main(train_args(dataset, tiny_model, out, "--quantize", "8")) == 0
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "finished" and info["config"]["quantize"] == "8"
+    assert info["config"]["grad_checkpoint"] == "auto" and info["result"]["grad_checkpoint"] is True  # auto: quantized
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["quantization"] == {"group_size": 64, "bits": 8}
 
     records = records_of(dataset)

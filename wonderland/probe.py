@@ -60,10 +60,13 @@ class Probe:
     def __post_init__(self) -> None:
         self.generic = self.generic or generic_records(self.valid)
 
-    def score(self, nll: Scorer) -> dict:
+    def score(self, nll: Scorer, val_loss: float | None = None) -> dict:
         """One probe row: ``val_loss``, ``persona_margin``, ``retention_drift`` (the latter two None
-        when their records are missing)."""
-        row: dict = {"val_loss": _per_token(*nll(self.valid, True)) if self.valid else None,
+        when their records are missing). ``val_loss``: the valid set's, when validation just scored it
+        (not scored twice)."""
+        if val_loss is None and self.valid:
+            val_loss = _per_token(*nll(self.valid, True))
+        row: dict = {"val_loss": val_loss if self.valid else None,
                      "persona_margin": None, "retention_drift": None}
         if self.valid:
             row["persona_margin"] = _per_token(*nll(self.generic, True)) - row["val_loss"]

@@ -158,7 +158,7 @@ def step_loss(s: _Session, start: int = 0):
         loss = distributed.wrap_loss(s.model, lambda m, b: batch_loss(m, b, s.pad, s.device), s.world, s.device)
     if not s.replay_set:
         return loss
-    return guard.with_kl(loss, s.model, s.replay_set, s.cfg.kl, s.cfg.batch_size, s.cfg.seed, s.pad, s.device, start)
+    return guard.with_kl(loss, s.model, s.replay_set, s.cfg.kl, s.cfg.batch_size, s.cfg.seed, s.pad, s.device, start, s.fast)
 
 
 def batches(s: _Session):
@@ -185,7 +185,7 @@ def validate(s: _Session) -> float:
         batches_ = list(batches_)[: cfg.val_batches]
     with torch.no_grad():
         for i in batches_:
-            loss, n = guard.labelled_nll(model, *collate(s.valid_set[i : i + cfg.batch_size], s.pad, s.device))
+            loss, n = guard.summed_nll(model, s.valid_set[i : i + cfg.batch_size], s.pad, s.device, s.fast)
             total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)
@@ -200,7 +200,7 @@ class _Reporter(trainer.TrainingCallback):
         self.val_loss: float | None = None
         self.t_start = time.perf_counter()
         self.ledger = Ledger.resumed(job.run, start)
-        self.nll = guard.scorer(s.model, s.tokenizer, job.config.max_seq_len, s.device)
+        self.nll = guard.scorer(s.model, s.tokenizer, job.config.max_seq_len, s.device, s.fast)
         self.divergence = DivergenceGuard()  # non-finite or diverging loss: the run fails, good checkpoints stay
         self.saved: tuple[int, Path] | None = None  # the last checkpoint written: (step, folder)
 
@@ -242,7 +242,8 @@ class _Reporter(trainer.TrainingCallback):
         self.val_loss = validate(self.s)
         self.divergence.check_val(step, self.val_loss)
         t1 = time.perf_counter()
-        row = self.job.probe.score(self.nll) if self.job.probe else {}
+        whole = not self.job.config.val_batches  # validation scored the whole valid set: the probe's val_loss
+        row = self.job.probe.score(self.nll, self.val_loss if whole else None) if self.job.probe else {}
         if row:
             self.ledger.add(step, row)
         self.job.emit(Eval(step=step, total_steps=self.job.config.iters, val_loss=self.val_loss,
