@@ -46,6 +46,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _spec(text: str) -> tuple[str, str, str]:
+    """``BACKEND[:QUANTIZE[:GRAD_CHECKPOINT]]`` -> (backend, quantize, grad_checkpoint), defaults none / auto."""
+    parts = text.split(":", 2)
+    return tuple(parts + ["none", "auto"][len(parts) - 1:])  # type: ignore[return-value]
+
+
 def child(backend: str, data: str, model: str, iters: int, out: str, threads: int, quantize: str = "none",
           grad_checkpoint: str = "auto", shape: tuple[int, int] | None = None) -> dict:
     """Train and decode with one backend (its base quantized as ``quantize``, ``grad_checkpoint`` as given,
@@ -194,7 +200,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="wl-bench-") as tmp:
         data = args.data or str(long_records(Path(tmp) / "data") if args.long_records else hatter_dataset(Path(tmp) / "data"))
-        runs = [(*(b.split(":", 2) + ["none", "auto"])[:3], args.iters, {}) for b in args.backends.split(",")]
+        runs = [(*_spec(b), args.iters, {}) for b in args.backends.split(",")]
         if args.mlx_bundled_blas:
             runs.append(("mlx", "none", "auto", args.bundled_iters, {"WONDERLAND_MLX_BLAS": "bundled"}))
         results = []
