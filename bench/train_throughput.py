@@ -5,13 +5,14 @@ on the same random-initialised Llama-shaped model (``1b``, ``3b``: Llama-3.2 sha
 embeddings; ``8b``: Llama-3.1-8B shapes, hidden 4096, MLP 14336, 32 layers, 32 heads, 8 KV heads,
 head_dim 128, untied embeddings; vocab 128256 for all; issue 18 runs 8b at ``--batch 4``), the
 same LoRA (r=16, alpha=32, dropout 0, q,k,v,o,gate,up,down), the same data and AdamW lr 1e-4, no
-gradient checkpointing (except ``wl_nf4``, below). Each prints one JSON line; the parent adds
+gradient checkpointing (except ``wl_nf4_peft``, below). Each prints one JSON line; the parent adds
 ratios to the plain baseline.
 
     python bench/train_throughput.py                       # 1B and 3B, default trainers
     python bench/train_throughput.py --sizes 1b --trainers hf,wl --steps 10
     python bench/train_throughput.py --sizes 1b --trainers unsloth,wl,hf --logdir $OUT  # Unsloth on PYTHONPATH
     python bench/train_throughput.py --sizes 8b --batch 4 --trainers wl_nf4,unsloth_4bit,wl,unsloth  # QLoRA rows
+    python bench/train_throughput.py --check-nf4           # NF4 kernel and fused layers vs bitsandbytes/PEFT
     python bench/train_throughput.py --chat .benchdata/hatter_tokens.json   # + packed chat data
     python bench/train_throughput.py --prepare-chat DATA_DIR OUT.json       # tokenize (CPU, here)
     python bench/train_throughput.py --check               # fused loss/grad vs plain on the GPU
@@ -27,14 +28,19 @@ computes the loss) and its variants in WL_VARIANTS (one lever changed each).
 
 QLoRA (4-bit NF4 base): ``wl_nf4`` is wonderland's ``--quantize nf4`` path through the product's
 own functions (wonderland/backends/torch_peft/quantized.py): ``load_nf4`` of the random init saved
-to a folder (BitsAndBytesConfig nf4, double quantization, bf16 compute), ``prepare_for_training``
-(peft.prepare_model_for_kbit_training: float32 norms and embeddings, gradient checkpointing ON, as
-the product trains), the same LoRA through PEFT, ``torch.optim.AdamW`` and the trainer's plain loss
-(``batching.batch_loss``: padded batch, full logits); no fused kernels. ``unsloth_4bit`` is the
+to a folder (BitsAndBytesConfig nf4, double quantization, bf16 compute), then ``with_lora``, as
+TorchBackend's setup calls it: the same LoRA through PEFT and the fast path's fused layers, which
+keep the weights 4-bit and de-quantize each layer's into one shared bf16 buffer before its forward
+and its backward (fast/nf4.py; no gradient checkpointing). ``wl_nf4_peft`` is the fallback for models
+the fused layers do not take: ``prepare_for_training`` (peft.prepare_model_for_kbit_training:
+float32 norms and embeddings, gradient checkpointing ON), the trainer's plain loss
+(``batching.batch_loss``: padded batch, full logits). ``unsloth_4bit`` is the
 ``unsloth`` trainer with ``load_in_4bit=True`` (Unsloth's own NF4 load and kernels; no gradient
 checkpointing, like ``unsloth``). The random init is saved once per size (``--model-cache``) and
-reused by unsloth, unsloth_4bit and wl_nf4. wl_nf4's process gets the bundle's bitsandbytes alone on
-its PYTHONPATH. MFU counts a 4-bit weight by its unpacked shape, and no recomputation.
+reused by unsloth, unsloth_4bit and the wl_nf4 trainers, whose processes get the bundle's
+bitsandbytes alone on their PYTHONPATH. MFU counts a 4-bit weight by its unpacked shape, and no
+recomputation. ``--check-nf4``: the NF4 kernel against bitsandbytes' and the fused layers' loss
+and gradients against PEFT's on bitsandbytes' layers, on the GPU.
 
 ``--timeline`` adds where the GPU idles and who launched the copies (bench/timeline.py) to each line.
 
@@ -79,7 +85,7 @@ SHAPES = {  # Llama-3.2 1B / 3B (tied embeddings), Llama-3.1 8B (untied)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16),  # smoke test of this script on a CPU
 }
-QUANTIZED = {"wl_nf4", "unsloth_4bit"}  # 4-bit NF4 base (QLoRA): compared with each other
+QUANTIZED = {"wl_nf4", "wl_nf4_peft", "unsloth_4bit"}  # 4-bit NF4 base (QLoRA): compared with each other
 # Issue 7's reference numbers (H100 80GB, torch 2.11, transformers 5.17): NOT measured by this script.
 UNSLOTH_REFERENCE = {"1b": {"tokens_per_s": 73_550, "peak_gib": 11.0}, "3b": {"tokens_per_s": 31_800, "peak_gib": 24.5}}
 
@@ -127,12 +133,18 @@ def build_model(size: str, device: str = "cuda", seed: int = 0):
     return with_lora(base_model(size, device, seed))
 
 
-def with_lora(model):
-    """The benchmark's LoRA (r 16, alpha 32, dropout 0, the seven projections) through plain PEFT."""
-    from peft import LoraConfig, get_peft_model
+def lora_config():
+    """The benchmark's LoRA: r 16, alpha 32, dropout 0, the seven projections."""
+    from peft import LoraConfig
 
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
+
+
+def with_lora(model):
+    """The benchmark's LoRA through plain PEFT."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config())
 
 
 # Unsloth must not reach the network (the GPU machine has none) nor send statistics.
@@ -206,18 +218,20 @@ def unsloth_model(args, load_in_4bit: bool = False):
         use_gradient_checkpointing=False, random_state=0)
 
 
-def nf4_model(args):
-    """wonderland's ``--quantize nf4`` model of the shared random init, through the product's own code
-    (wonderland/backends/torch_peft/quantized.py, as TorchBackend's setup calls it): load_nf4 (NF4,
-    double quantization, bf16 compute), prepare_for_training (peft.prepare_model_for_kbit_training:
-    float32 norms/embeddings, gradient checkpointing ON, input gradients), then the same LoRA."""
+def nf4_model(args, fused: bool = True):
+    """(model, fast-path options or None): wonderland's ``--quantize nf4`` model of the shared random
+    init, through the product's own code (wonderland/backends/torch_peft/quantized.py, as
+    TorchBackend's setup calls it): load_nf4 (NF4, double quantization, bf16 compute), then
+    ``with_lora`` (the fused layers, de-quantizing NF4 inside them), or, ``fused=False`` (wl_nf4_peft),
+    its fallback: prepare_for_training (peft.prepare_model_for_kbit_training: float32
+    norms/embeddings, gradient checkpointing ON, input gradients) and the same LoRA through PEFT."""
     import torch
 
     from wonderland.backends.torch_peft import quantized
 
     with model_folder(args) as folder:
         base = quantized.load_nf4(folder, torch.device(args.device))
-    return with_lora(quantized.prepare_for_training(base))
+    return quantized.with_lora(base, lora_config(), torch.device(args.device), fast_enabled=fused)
 
 
 def weight_numel(p) -> int:
@@ -281,8 +295,8 @@ def worker(args) -> dict:
     t_load = time.perf_counter()
     if trainer.startswith("unsloth"):
         model = unsloth_model(args, load_in_4bit=trainer == "unsloth_4bit")
-    elif trainer == "wl_nf4":
-        model = nf4_model(args)
+    elif trainer in ("wl_nf4", "wl_nf4_peft"):
+        model, nf4_fast = nf4_model(args, fused=trainer == "wl_nf4")
     else:
         model = build_model(args.size, args.device)
     load_s = time.perf_counter() - t_load
@@ -293,7 +307,7 @@ def worker(args) -> dict:
     else:
         data = random_batches(steps, args.batch, args.seq, model.config.vocab_size)
 
-    if trainer == "wl_nf4":  # what TorchBackend.train does per step for --quantize nf4 (no fast path)
+    if trainer == "wl_nf4_peft":  # what TorchBackend.train does per step for --quantize nf4 off the fast path
         from wonderland.backends.torch_peft.batching import batch_loss
         from wonderland.chat_format import Encoded
 
@@ -306,8 +320,11 @@ def worker(args) -> dict:
             return loss / n, tokens, [len(e.input_ids) for e in b]
         levers = ["nf4", "double_quant", "bf16_compute", "prepare_model_for_kbit_training", "gradient_checkpointing"]
     elif trainer.startswith("wl"):
-        opts = tf.FastOptions(**WL_VARIANTS[trainer])
-        tf.prepare_model(model, dev, opts)
+        if trainer == "wl_nf4":  # with_lora prepared it (the fused layers on NF4 weights)
+            opts = nf4_fast
+        else:
+            opts = tf.FastOptions(**WL_VARIANTS[trainer])
+            tf.prepare_model(model, dev, opts)
         opt = tf.make_optimizer(params, 1e-4, 0.0, opts)
 
         if not args.chat and trainer != "wl_graph":  # the trainer's own data path: records, laid out on the host
@@ -318,7 +335,7 @@ def worker(args) -> dict:
         def step_fn(b):  # what TorchBackend.train does per step (its prepare_batch + prepared_loss)
             loss, n, tokens = tf.prepared_loss(model, tf.prepare_batch(b, 0, dev, opts), opts)
             return loss / n, tokens, [len(e.input_ids) for e in b]
-        levers = opts.applied
+        levers = opts.applied + (["nf4", "double_quant", "dequantized_in_fused_layers"] if trainer == "wl_nf4" else [])
     else:
         if trainer == "hf_compile":
             model = torch.compile(model)
@@ -552,6 +569,69 @@ def check(args) -> dict:
     return out
 
 
+def check_nf4() -> dict:
+    """--quantize nf4 on the GPU: the fused layers' NF4 kernel vs bitsandbytes' own de-quantization
+    (bit-exact expected, and the time of each), and the fused layers' loss and LoRA gradients on an
+    NF4 1B model vs PEFT's forward on bitsandbytes' layers (both bf16), one batch of random tokens."""
+    import torch
+
+    try:
+        import bitsandbytes.functional as bf
+    except ImportError:
+        bundle = bitsandbytes_only(str(UNSLOTH_BUNDLE), Path(tempfile.mkdtemp(prefix="wl-bnb-")))
+        if bundle is None:
+            return {"skipped": "no bitsandbytes (bench/unsloth_bundle.sh bundles it)"}
+        sys.path.insert(0, str(bundle))
+        import bitsandbytes.functional as bf
+    from wonderland.backends.torch_peft.fast import nf4
+    from wonderland.backends.torch_peft.fast import training as tf
+    from wonderland.backends.torch_peft.fast.triton_kernels import TritonKernels
+    from wonderland.backends.torch_peft import quantized
+    from wonderland.backends.torch_peft.batching import summed_loss
+
+    out: dict = {"check": "nf4", "kernel": {}}
+    g = torch.Generator(device="cuda").manual_seed(6)
+    for shape in ((6144, 4096), (28672, 4096), (4096, 14336)):  # 8B's q|k|v, gate|up, down
+        w = torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)
+        packed, state = bf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        ref = bf.dequantize_4bit(packed, state)
+        buf = torch.empty(shape[0], shape[1] + 64, device="cuda", dtype=torch.bfloat16)
+        got = TritonKernels.dequant_nf4(nf4.from_state(packed, state), buf[:, : shape[1]])
+        ms = {}
+        for name, fn in (("wl", lambda: TritonKernels.dequant_nf4(nf4.from_state(packed, state), buf[:, : shape[1]])),
+                         ("bnb", lambda: bf.dequantize_4bit(packed, state))):
+            fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            torch.cuda.synchronize()
+            ms[name] = round(1000 * (time.perf_counter() - t) / 20, 3)
+        out["kernel"]["x".join(map(str, shape))] = {"bit_exact": bool(torch.equal(got, ref)),
+                                                    "max_abs_diff": float((got.float() - ref.float()).abs().max()),
+                                                    "ms_wl_strided": ms["wl"], "ms_bitsandbytes": ms["bnb"]}
+    folder = save_random_model("1b", Path(tempfile.mkdtemp(prefix="wl-nf4-check-")))
+    model = with_lora(quantized.load_nf4(folder, torch.device("cuda")))
+    shutil.rmtree(folder, ignore_errors=True)
+    for n, p in model.named_parameters():  # non-zero LoRA B so every LoRA gradient is non-trivial
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.randint(0, 128256, (4, 1024), generator=torch.Generator().manual_seed(3)).cuda()
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss, n = fn()
+        (loss / n).backward()
+        return float(loss / n), torch.cat([p.grad.float().flatten() for p in params])
+    ref_loss, ref_g = grads(lambda: summed_loss(model, ids, ids, torch.ones_like(ids)))
+    opts = tf.prepare_model(model, torch.device("cuda"), tf.FastOptions(compile_layers=False))
+    loss, g_fused = grads(lambda: tf.summed_loss(model, ids, ids))
+    out.update(levers=opts.applied, loss_peft_bnb=round(ref_loss, 5), loss_fused=round(loss, 5),
+               grad_rel_err_fused_vs_peft_bnb=float((g_fused - ref_g).norm() / ref_g.norm()))
+    return out
+
+
 def e2e(args) -> list[dict]:
     """The real trainer (wonderland.train.train -> TorchBackend.train) on a chat dataset, plain path
     (twice: the run-to-run noise floor) and fast path, on a random-init model of the first size's
@@ -673,7 +753,7 @@ def add_ratios(r: dict, results: dict, runs: list, size: str, chat) -> None:
     def measured(name):
         base = results.get((size, name, chat))
         return base if name != r["trainer"] and base and "tokens_per_s" in base else None
-    unsloth = "unsloth_4bit" if r["trainer"] == "wl_nf4" and measured("unsloth_4bit") else "unsloth"
+    unsloth = "unsloth_4bit" if r["trainer"] in QUANTIZED and measured("unsloth_4bit") else "unsloth"
     for name, key in (("hf", "vs_hf"), (unsloth, "vs_unsloth"), ("unsloth_4bit", "vs_unsloth_4bit")):
         if base := measured(name):
             r[key] = round(r["tokens_per_s"] / base["tokens_per_s"], 2)
@@ -704,6 +784,7 @@ def main() -> int:
     p.add_argument("--profile-top", type=int, default=10, help="kernels listed by --profile")
     p.add_argument("--timeline", action="store_true", help="add where the GPU idles (bench/timeline.py) to each trainer's line")
     p.add_argument("--check", action="store_true", help="only the GPU equivalence check")
+    p.add_argument("--check-nf4", action="store_true", help="only the GPU check of --quantize nf4's fused layers")
     p.add_argument("--e2e", nargs=2, metavar=("TOKENIZER_DIR", "DATA_DIR"),
                    help="only the end-to-end run of `wonderland train` (plain twice, fast once) on a chat dataset")
     p.add_argument("--e2e-iters", type=int, default=20)
@@ -732,6 +813,9 @@ def main() -> int:
     if args.check:
         print(json.dumps(check(args)), flush=True)
         return 0
+    if args.check_nf4:
+        print(json.dumps(check_nf4()), flush=True)
+        return 0
     unsloth_path = args.unsloth_path or (str(UNSLOTH_BUNDLE) if UNSLOTH_BUNDLE.is_dir() else None)
     print(json.dumps({"versions": versions(unsloth_path), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}), flush=True)
     runs = [(s, t, None) for s in args.sizes.split(",") for t in args.trainers.split(",") if t]
@@ -745,7 +829,7 @@ def main() -> int:
     cache_root = Path(args.model_cache or tempfile.mkdtemp(prefix="wl-bench-models-"))
     bnb = bitsandbytes_only(unsloth_path, cache_root / "bnb-path") if unsloth_path else None
     env_nf4 = {**env, "PYTHONPATH": os.pathsep.join([str(bnb), env["PYTHONPATH"]]) if bnb else env["PYTHONPATH"]}
-    envs = {"unsloth": env_unsloth, "unsloth_4bit": env_unsloth, "wl_nf4": env_nf4}
+    envs = {"unsloth": env_unsloth, "unsloth_4bit": env_unsloth, "wl_nf4": env_nf4, "wl_nf4_peft": env_nf4, "check": env_nf4}
     logdir = Path(args.logdir) if args.logdir else None
     if logdir:
         logdir.mkdir(parents=True, exist_ok=True)

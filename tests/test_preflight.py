@@ -46,6 +46,22 @@ def test_quantized_weights_are_what_mlx_lm_stores(tiny_model):
     assert nf4 < preflight.estimate(TrainConfig(), tiny_model, "torch").weights
 
 
+def test_the_nf4_estimate_follows_the_path_the_run_takes(tiny_model):
+    """--quantize nf4 on CUDA: the fused layers (LoRA dropout 0, a llama) keep the bf16 fast path's
+    activations plus one layer's de-quantized weights; the PEFT fallback (dropout > 0) checkpoints,
+    builds the logits and keeps the other weights in float32."""
+    named, cfg = preflight.tensors(tiny_model), preflight.model_config(tiny_model)
+
+    def terms(**kw):
+        return preflight._terms(TrainConfig(**kw), "torch", "cuda", named, cfg, None, "cuda:0")
+    assert preflight.nf4_fused(TrainConfig(quantize="nf4"), cfg, "cuda")
+    assert not preflight.nf4_fused(TrainConfig(quantize="nf4", dropout=0.1), cfg, "cuda")
+    fused, plain, bf16 = terms(quantize="nf4"), terms(quantize="nf4", dropout=0.1), terms()
+    assert fused.activations - bf16.activations == 2 * preflight.layer_weights(preflight.dims(cfg))
+    assert fused.weights < bf16.weights  # 4-bit projections
+    assert fused.weights < plain.weights  # and a bf16 embedding on the fused path, float32 off it (k-bit preparation)
+
+
 def test_a_run_that_will_not_fit_warns_with_what_would(tiny_model, monkeypatch):
     full = preflight.estimate(TrainConfig(batch_size=8), tiny_model, "mlx")
     assert full.fits and full.warning() is None and full.suggestions == []

@@ -52,6 +52,7 @@ class Profile:
     checkpointed: bool = False  # gradient checkpointing: one layer's activations + every layer's input
     logit_rows: int = 0  # rows of the logits alive at once when the loss chunks them (0 = every token)
     dequant: float = 0.0  # x (vocab x hidden) elements: de-quantized weights alive at once (MLX CPU, quantized)
+    layer_buffer: float = 0.0  # x one decoder layer's weight elements: the fused layers' shared nf4 buffer
 
 
 @dataclass
@@ -126,8 +127,9 @@ def layer_elements(d: dict[str, int]) -> int:
 
 
 # ----------------------------------------------------------------------------- the terms
-def weight_bytes(named: dict, cfg: dict, quantize: str, elem: int) -> float:
-    """Bytes of the base's weights as they train: float tensors at ``elem`` bytes, quantized ones packed."""
+def weight_bytes(named: dict, cfg: dict, quantize: str, elem: int, fused: bool = False) -> float:
+    """Bytes of the base's weights as they train: float tensors at ``elem`` bytes, quantized ones packed
+    (``nf4``: the other tensors float32 off the fused layers, PEFT's k-bit preparation; ``elem`` on them)."""
     if "quantization" in cfg:  # an MLX folder quantized already: packed ints as stored, floats cast
         return sum(_numel(s) * (DTYPE_BYTES[t] if t in ("U32", "I32", "U8", "I8") else elem) for s, t in named.values())
     total = 0.0
@@ -136,8 +138,8 @@ def weight_bytes(named: dict, cfg: dict, quantize: str, elem: int) -> float:
         matrix = len(shape) == 2 and name.endswith(".weight")
         if quantize in MLX_BITS and matrix and shape[-1] % GROUP_SIZE == 0:  # Linear and Embedding
             total += n * MLX_BITS[quantize] / 8 + n / GROUP_SIZE * 2 * elem  # + a scale and a bias per group
-        elif quantize == "nf4":  # Linear layers but the LM head; everything else float32 (prepare_model_for_kbit_training)
-            total += n * (NF4_BYTES if matrix and LAYER_RE.search(name) else 4)
+        elif quantize == "nf4":  # the decoder's Linear layers (not the LM head)
+            total += n * (NF4_BYTES if matrix and LAYER_RE.search(name) else elem if fused else 4)
         else:
             total += n * elem
     return total
@@ -171,7 +173,8 @@ def activation_bytes(d: dict[str, int], config: TrainConfig, p: Profile, kl: boo
     # de-quantized weights (MLX on the CPU): the tied head; checkpointed, every layer's too (its backward
     # re-de-quantizes each layer and MLX keeps those buffers to the step's end: measured, bench/README.md)
     dequant = d["vocab"] * d["hidden"] + (d["layers"] * layer_weights(d) if p.checkpointed else 0)
-    return tokens * layers * p.elem_bytes + p.logits * rows * d["vocab"] * 4 + p.dequant * dequant * p.elem_bytes
+    buffers = p.dequant * dequant + p.layer_buffer * layer_weights(d)
+    return tokens * layers * p.elem_bytes + p.logits * rows * d["vocab"] * 4 + buffers * p.elem_bytes
 
 
 def layer_weights(d: dict[str, int]) -> int:
@@ -217,10 +220,23 @@ def elem_bytes(config: TrainConfig, backend_name: str, kind: str, named: dict) -
     return 2 if kind == "cuda" else 4
 
 
-def profile(config: TrainConfig, backend_name: str, kind: str, elem: int, quantized: bool = False) -> Profile:
+def nf4_fused(config: TrainConfig, cfg: dict, kind: str) -> bool:
+    """Whether a --quantize nf4 run trains on the fused layers (quantized.with_lora), from the configs."""
+    if config.quantize != "nf4" or kind != "cuda" or config.dropout:
+        return False
+    from wonderland.backends.torch_peft.fast.fused_lora import config_reason
+    from wonderland.backends.torch_peft.fast.training import enabled
+
+    return enabled(_torch_device(kind)) and not config_reason(cfg)
+
+
+def profile(config: TrainConfig, backend_name: str, kind: str, elem: int, quantized: bool = False,
+            fused_nf4: bool = False) -> Profile:
     """The activation profile of this backend / device / path (numbers: bench/README.md, "QLoRA, issue 18")."""
     if backend_name == "mlx":
         return _mlx_profile(config, kind, elem, quantized)
+    if fused_nf4:  # the bf16 fast path's profile, plus the shared buffer one layer's weights are de-quantized into
+        return Profile(2, layer=0.5, attention=0.0, logits=0.0, runtime=0.5 * GB, layer_buffer=1.0)
     if kind == "cuda" and config.quantize == "nf4":  # plain PEFT + bitsandbytes, gradient checkpointing, HF logits
         return Profile(2, layer=1.0, attention=0.0, logits=2.5, runtime=0.5 * GB, checkpointed=True)
     from wonderland.backends.torch_peft.fast.training import enabled
@@ -303,9 +319,11 @@ def estimate(config: TrainConfig, model_path: Path, backend_name: str) -> Estima
 
 def _terms(config: TrainConfig, backend_name: str, kind: str, named: dict, cfg: dict, free, where: str) -> Estimate:
     elem = elem_bytes(config, backend_name, kind, named)
-    p = profile(config, backend_name, kind, elem, quantized="quantization" in cfg or config.quantize in MLX_BITS)
+    fused = backend_name == "torch" and nf4_fused(config, cfg, kind)
+    p = profile(config, backend_name, kind, elem, quantized="quantization" in cfg or config.quantize in MLX_BITS,
+                fused_nf4=fused)
     lora = lora_weights(named, cfg, config)
-    return Estimate(weights=weight_bytes(named, cfg, config.quantize, elem), lora=4.0 * lora, optimizer=12.0 * lora,
+    return Estimate(weights=weight_bytes(named, cfg, config.quantize, elem, fused), lora=4.0 * lora, optimizer=12.0 * lora,
                     activations=activation_bytes(dims(cfg), config, p, kl=backend_name == "torch" and config.kl > 0),
                     runtime=p.runtime, free=free, where=where)
 

@@ -122,11 +122,13 @@ def setup(job: TrainJob) -> _Session:
     if cfg.batch_size < world.size:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must be at least the process count ({world.size})")
     tokenizer, base = load_base(job.model_path, device, pick_dtype(cfg.dtype, device), cfg.quantize)
-    if cfg.quantize == "nf4":  # plain PEFT + bitsandbytes: no fast path (see .quantized)
-        base = quantized.prepare_for_training(base)
-    model = get_peft_model(base, lora_config(cfg, base.config.num_hidden_layers))
+    lora = lora_config(cfg, base.config.num_hidden_layers)
+    if cfg.quantize == "nf4":  # the fused layers de-quantize, else plain PEFT + bitsandbytes (see .quantized)
+        model, fast = quantized.with_lora(base, lora, device, torch_fast.enabled(device))
+    else:
+        model = get_peft_model(base, lora)
+        fast = torch_fast.prepare_model(model, device) if torch_fast.enabled(device) else None
     params = [p for p in model.parameters() if p.requires_grad]
-    fast = torch_fast.prepare_model(model, device) if torch_fast.enabled(device) and cfg.quantize == "none" else None
     optimizer = (torch_fast.make_optimizer(params, cfg.lr, cfg.weight_decay, fast) if fast
                  else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     train_set = [encode_chat(tokenizer, r["messages"], cfg.max_seq_len) for r in job.train_records]
@@ -292,7 +294,7 @@ class TorchBackend:
         fast = s.fast
         speedups = (fast.applied + ([f"not fused_layers: {fast.fused_reason}"] if fast.fused_reason else [])) if fast else []
         if job.config.quantize == "nf4":
-            speedups = [quantized.FAST_PATH_NOTE]
+            speedups = speedups + [quantized.FUSED_NOTE] if fast else [quantized.PLAIN_PATH_NOTE]
         job.emit(Started(step=start, total_steps=job.config.iters, run=job.run.name, backend=self.name,
                          model=str(job.model_path), device=str(s.device), train_records=len(s.train_set),
                          valid_records=len(s.valid_set), trainable_params=sum(p.numel() for p in s.params),

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wonderland.backends.torch_peft.fast import nf4
 from wonderland.backends.torch_peft.fast.fused_ops import FlashAttention, Kernels, MathAttention, SDPAttention, _acc, make_kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -173,6 +174,20 @@ class Layer:
     arena: torch.Tensor | None = None  # flat buffer holding every group's ext (views)
     index: torch.Tensor | None = None  # where each element of params (flattened, in order) goes in arena
     scales: torch.Tensor | None = None  # and its factor there (the LoRA scale for A, 1 for B)
+    # --quantize nf4: the frozen weights stay 4-bit; (where in the arena, the NF4 weight) per projection.
+    # The arena is then shared by every layer and filled before each layer's forward and backward.
+    quant: list[tuple[torch.Tensor, nf4.NF4Weight]] = field(default_factory=list)
+    lora_flat: torch.Tensor | None = None  # quantized layers: this layer's span of the step's scaled LoRA copy
+
+    def materialize(self, K: Kernels) -> None:
+        """A quantized layer's weights into its (shared) arena: the frozen weights de-quantized, then
+        this step's LoRA weights (scale * A, B). Nothing for a layer that owns its arena."""
+        if not self.quant:
+            return
+        for dst, w in self.quant:
+            K.dequant_nf4(w, dst)
+        if self.lora_flat is not None and self.index.numel():
+            self.arena.index_copy_(0, self.index, self.lora_flat)
 
 
 class LayerFn(torch.autograd.Function):
@@ -181,6 +196,7 @@ class LayerFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, L: Layer, K: Kernels, rot, attn, *P):
         N = x.shape[0]
+        L.materialize(K)
         cos, sin, T = rot  # (the LoRA weights P are used through their per-step copies in the groups)
         # attention block: x2 = x + o_proj(attn(rope(qkv(norm(x)))))
         xa = L.qkv.input_buffer(N, x)
@@ -212,6 +228,7 @@ class LayerFn(torch.autograd.Function):
     def backward(ctx, d3):
         xhat1, rstd1, a1, a_o, xhat2, rstd2, a2, gu, a3 = ctx.saved_tensors
         L, K, (cos, sin, T), attn = ctx.layer, ctx.kernels, ctx.rot, ctx.attn
+        L.materialize(K)  # nf4: other layers have used the shared arena since this one's forward
         attn_state, ctx.attn_state = ctx.attn_state, None  # ctx outlives the backward: let go
         grads: list = [None] * len(ctx.param_dtypes)
         # Each group's output gradient is written into a buffer with R spare columns, where its
@@ -280,15 +297,18 @@ class FusedModel:
         if params:
             with torch.no_grad():
                 self.master = torch.cat([p.detach().reshape(-1) for p in params])
+            self._scales = torch.cat([L.scales for L in layers]).to(self.master.dtype)
+            self._flat = torch.empty_like(self.master, dtype=layers[0].arena.dtype)
             at = 0
             for L in layers:
                 lo = at
                 for p in L.params:
                     p.data = self.master[at : at + p.numel()].view_as(p)
                     at += p.numel()
-                self._spans.append((lo, at, L.arena, L.index))
-            self._scales = torch.cat([L.scales for L in layers]).to(self.master.dtype)
-            self._flat = torch.empty_like(self.master, dtype=layers[0].arena.dtype)
+                if L.quant:  # its LoRA goes into the shared arena with its weights (Layer.materialize)
+                    L.lora_flat = self._flat[lo:at]
+                else:
+                    self._spans.append((lo, at, L.arena, L.index))
 
     def sync_lora(self) -> None:
         """This step's LoRA weights into the groups' ``ext`` buffers, in the compute dtype: scale * A
@@ -336,18 +356,28 @@ class FusedModel:
         return RMSNormFn.apply(x, self.inner.norm.weight, self.kernels).view(B, T, -1)
 
 
+def _frozen(module) -> bool:
+    """Whether ``module`` is a frozen projection this path reads: a plain Linear or a bitsandbytes
+    Linear4bit (``--quantize nf4``; nf4.from_bnb checks its format), without a bias."""
+    if type(module) is not torch.nn.Linear and not nf4.is_bnb_4bit(module):
+        return False
+    if module.bias is not None:
+        raise ValueError("a projection has a bias")
+    return True
+
+
 def _lora_parts(module, adapter: str | None):
-    """(base Linear, lora_A weight, lora_B weight, scale) of a PEFT lora.Linear, (module, None, None, 0)
-    of a plain Linear; raises ValueError for anything this path cannot run exactly."""
-    if type(module) is torch.nn.Linear:
-        if module.bias is not None:
-            raise ValueError("a projection has a bias")
+    """(base Linear, lora_A weight, lora_B weight, scale) of a PEFT lora.Linear (or its bitsandbytes
+    Linear4bit twin), (module, None, None, 0) of a frozen projection without LoRA; raises ValueError for
+    anything this path cannot run exactly."""
+    if _frozen(module):
         return module, None, None, 0.0
     try:
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError as e:  # pragma: no cover - peft is a dependency
         raise ValueError("peft is missing") from e
-    if not isinstance(module, LoraLinear) or type(module.base_layer) is not torch.nn.Linear:
+    peft_4bit = type(module).__name__ == "Linear4bit" and type(module).__module__ == "peft.tuners.lora.bnb"
+    if not (isinstance(module, LoraLinear) or peft_4bit) or not _frozen(module.base_layer):
         raise ValueError(f"unsupported projection {type(module).__name__}")
     if module.merged or module.disable_adapters or list(module.active_adapters) != [adapter]:
         raise ValueError("the adapter is merged, disabled or not the only active one")
@@ -361,36 +391,55 @@ def _lora_parts(module, adapter: str | None):
 _ALIGN = 64  # elements: every view of a layer's arena starts 128-byte aligned (bf16) for the matmuls
 
 
-def _layer(layer, adapter: str | None) -> Layer:
-    """One decoder layer's groups. The frozen weights are copied into the ``ext`` buffers (see
-    Group) of one flat *arena* per layer (the modules' own weights become views of it, so no memory
-    is added); ``index`` maps every element of the layer's LoRA weights, flattened in order, to its
-    place in the arena (A into the scale-A rows, B into the block-diagonal columns), ``scales`` is
-    each element's factor (the LoRA scale for A, 1 for B)."""
+def _compute_dtype(base) -> torch.dtype:
+    """The dtype a frozen projection computes in: its weight's, or a 4-bit weight's compute dtype."""
+    if base.weight.is_floating_point():
+        return base.weight.dtype
+    return getattr(base, "compute_dtype", None) or base.weight.quant_state.dtype
+
+
+def _place(ext: torch.Tensor, row: int, base, quant: list) -> int:
+    """A frozen projection's weight into rows ``row``.. of its group's ``ext``: copied (the module's
+    weight becomes a view, so the arena is the only copy), or, for an NF4 weight, recorded in
+    ``quant`` for Layer.materialize. Returns its row count."""
+    rows, n_in = base.out_features, base.in_features
+    if nf4.is_bnb_4bit(base):
+        quant.append((ext[row : row + rows, :n_in], nf4.from_bnb(base)))
+    else:
+        ext[row : row + rows, :n_in] = base.weight.detach()
+        base.weight.data = ext[row : row + rows, :n_in]
+    return rows
+
+
+def _layer(layer, adapter: str | None, shared: dict) -> Layer:
+    """One decoder layer's groups. The frozen weights go into the ``ext`` buffers (see Group) of one
+    flat *arena* per layer (or, NF4 weights, of an arena ``shared`` by every layer, filled before each
+    use: Layer.materialize); ``index`` maps every element of the layer's LoRA weights, flattened in
+    order, to its place in the arena (A into the scale-A rows, B into the block-diagonal columns),
+    ``scales`` is each element's factor (the LoRA scale for A, 1 for B)."""
     at, mlp = layer.self_attn, layer.mlp
     specs = [([at.q_proj, at.k_proj, at.v_proj], layer.input_layernorm.weight), ([at.o_proj], None),
              ([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm.weight), ([mlp.down_proj], None)]
     parts = [[_lora_parts(m, adapter) for m in mods] for mods, _ in specs]
-    first = parts[0][0][0].weight
+    first = parts[0][0][0]
+    dtype, device, acc = _compute_dtype(first), first.weight.device, _acc(_compute_dtype(first))
     shapes, total = [], 0  # per group: (offset, out, in, R)
     for ps in parts:
-        n_in, R = ps[0][0].weight.shape[1], sum(A.shape[0] for _, A, _, _ in ps if A is not None)
-        out = sum(base.weight.shape[0] for base, *_ in ps)
+        n_in, R = ps[0][0].in_features, sum(A.shape[0] for _, A, _, _ in ps if A is not None)
+        out = sum(base.out_features for base, *_ in ps)
         shapes.append((total, out, n_in, R))
         total += -(-((out + R) * (n_in + R)) // _ALIGN) * _ALIGN
-    arena = torch.zeros(total, dtype=first.dtype, device=first.device)
-    params: list = []
-    index: list[torch.Tensor] = []
-    scales: list[torch.Tensor] = []
-    groups = []
+    quantized, key = nf4.is_bnb_4bit(first), (total, dtype, device)
+    if not quantized or key not in shared:  # zeros: the [sA | 0] block and B's off-diagonal blocks stay 0
+        shared[key if quantized else None] = torch.zeros(total, dtype=dtype, device=device)
+    arena = shared[key if quantized else None]
+    params, index, scales, groups, quant = [], [], [], [], []
     for ps, (_, norm_weight), (off, out, n_in, R) in zip(parts, specs, shapes):
         width = n_in + R
         ext = arena[off : off + (out + R) * width].view(out + R, width)
         members, row, r0 = [], 0, 0
         for base, A, B, scale in ps:
-            rows = base.weight.shape[0]
-            ext[row : row + rows, :n_in] = base.weight.detach()
-            base.weight.data = ext[row : row + rows, :n_in]  # a view: the arena is the only copy
+            rows = _place(ext, row, base, quant)
             m = Member((row, row + rows))
             if A is not None:
                 r = A.shape[0]
@@ -405,13 +454,27 @@ def _layer(layer, adapter: str | None) -> Layer:
             row += rows
         group = Group(ext, n_in, out, members)
         if R:
-            acc = _acc(first.dtype)
-            col = torch.tensor([m.scale for m in group.lora for _ in range(m.r[1] - m.r[0])], dtype=acc, device=first.device)
+            col = torch.tensor([m.scale for m in group.lora for _ in range(m.r[1] - m.r[0])], dtype=acc, device=device)
             group.da_scale = col[:, None] * (norm_weight.detach().to(acc)[None, :] if norm_weight is not None else 1.0)
         groups.append(group)
-    cat = (lambda ts, dt: torch.cat(ts).to(first.device, dt)) if index else (lambda ts, dt: torch.zeros(0, dtype=dt, device=first.device))
+    cat = (lambda ts, dt: torch.cat(ts).to(device, dt)) if index else (lambda ts, dt: torch.zeros(0, dtype=dt, device=device))
     return Layer(*groups, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, params, arena,
-                 cat(index, torch.int64), cat(scales, _acc(first.dtype)))
+                 cat(index, torch.int64), cat(scales, acc), quant)
+
+
+def config_reason(cfg) -> str:
+    """Why the fused layers cannot run a model of this config (a transformers config or the dict of a
+    config.json), or "" when they can (the modules are checked by :func:`prepare`)."""
+    get = cfg.get if isinstance(cfg, dict) else (lambda key, default=None: getattr(cfg, key, default))
+    if get("model_type") not in SUPPORTED_MODEL_TYPES:
+        return f"model type {get('model_type')!r}"
+    if get("attention_bias", False) or get("mlp_bias", False):
+        return "biases in attention or MLP"
+    if get("hidden_act", "silu") not in ("silu", "swish") or get("sliding_window", None):
+        return "not a SiLU MLP with full attention"
+    if (get("pretraining_tp", 1) or 1) != 1:
+        return "pretraining_tp > 1"
+    return ""
 
 
 def prepare(model, cuda: bool, dense_attention: str = "sdpa") -> tuple[FusedModel | None, str]:
@@ -419,33 +482,33 @@ def prepare(model, cuda: bool, dense_attention: str = "sdpa") -> tuple[FusedMode
     ``dense_attention``: see FusedModel."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = base.config
-    if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-        return None, f"model type {cfg.model_type!r}"
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        return None, "biases in attention or MLP"
-    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish") or getattr(cfg, "sliding_window", None):
-        return None, "not a SiLU MLP with full attention"
-    if getattr(cfg, "pretraining_tp", 1) != 1:
-        return None, "pretraining_tp > 1"
+    if why := config_reason(cfg):
+        return None, why
     adapter = getattr(model, "active_adapter", None) if hasattr(model, "get_base_model") else None
     inner = base.model
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
-    lora = set()
+    lora, kinds = set(), set()
     try:
         for layer in inner.layers:  # check every module before changing any
             for module in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
                            *(getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))):
-                _, A, B, _ = _lora_parts(module, adapter)
+                base, A, B, _ = _lora_parts(module, adapter)
                 lora |= {id(A), id(B)} if A is not None else set()
+                if nf4.is_bnb_4bit(base):
+                    nf4.from_bnb(base)  # a ValueError unless it is NF4
+                kinds.add("nf4" if nf4.is_bnb_4bit(base) else _compute_dtype(base))
     except ValueError as e:
         return None, str(e)
+    if len(kinds) > 1:
+        return None, "4-bit and float projections (or several dtypes) in one model"
     extra = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in lora]
     if extra:  # e.g. modules_to_save, trainable norms or embeddings: the fused backward would skip them
         return None, f"trainable parameters besides the decoder's LoRA ({extra[0]})"
     dtypes = {p.dtype for n, p in model.named_parameters() if id(p) in lora}
     if len(dtypes) > 1:
         return None, f"LoRA weights of several dtypes ({sorted(map(str, dtypes))})"
-    layers = [_layer(layer, adapter) for layer in inner.layers]
+    shared: dict = {}  # NF4 layers' arena (one layer's weights in the compute dtype)
+    layers = [_layer(layer, adapter, shared) for layer in inner.layers]
     eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
     return FusedModel(inner, layers, make_kernels(eps, nh, nkv, hd, cuda), 1.0 / math.sqrt(hd), dense_attention), "ok"

@@ -15,6 +15,8 @@ from functools import partial
 
 import torch
 
+from wonderland.backends.torch_peft.fast import nf4
+
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # float32 maths for bf16, float64 stays float64
@@ -113,6 +115,11 @@ class Kernels:
     def copy_rows(dst, src):
         """dst <- src, both (N, C) with unit column stride (rows may be strided)."""
         return dst.copy_(src)
+
+    @staticmethod
+    def dequant_nf4(w, out):
+        """A bitsandbytes NF4 weight (nf4.NF4Weight) into ``out`` (rows may be strided)."""
+        return nf4.dequantize(w, out)
 
     @staticmethod
     def swiglu_bwd_(dh, gu):
