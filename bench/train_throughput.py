@@ -234,6 +234,22 @@ def nf4_model(args, fused: bool = True):
     return quantized.with_lora(base, lora_config(), torch.device(args.device), fast_enabled=fused)
 
 
+def preflight_estimate(args, quantize: str) -> dict | None:
+    """wonderland's pre-flight estimate (wonderland/preflight.py) of this shape, batch and LoRA, from the
+    saved random init (None when no trainer of this size saved it); ``without_runtime_gib`` compares with
+    ``peak_gib`` (torch's allocator: no CUDA context)."""
+    folder = Path(args.model_cache) if args.model_cache else None
+    if folder is None or not (folder / SAVED).exists():
+        return None
+    from wonderland import preflight
+    from wonderland.config import TrainConfig
+
+    config = TrainConfig(batch_size=args.batch, max_seq_len=args.seq, rank=16, alpha=32.0, dropout=0.0,
+                         quantize=quantize, kl=0.0, device=args.device)
+    est = preflight.estimate(config, folder, "torch")
+    return {"total_gib": round(est.total / 2**30, 2), "without_runtime_gib": round((est.total - est.runtime) / 2**30, 2)}
+
+
 def weight_numel(p) -> int:
     """Elements of a weight matrix; a bitsandbytes 4-bit weight counts its unpacked shape."""
     qs = getattr(p, "quant_state", None)
@@ -389,7 +405,8 @@ def worker(args) -> dict:
 
         levers = [f"unsloth {metadata.version('unsloth')}"] + (["load_in_4bit"] if trainer == "unsloth_4bit" else [])
     levers = levers + [f"load {load_s:.1f}s"]
-    return {"profile_ms_per_step": prof, "timeline": timeline, "trainer": trainer, "size": args.size, "data": "chat" if args.chat else f"random {args.batch}x{args.seq}",
+    estimate = preflight_estimate(args, "nf4" if trainer == "wl_nf4" else "none") if trainer in ("wl", "wl_nf4") else None
+    return {"preflight": estimate, "profile_ms_per_step": prof, "timeline": timeline, "trainer": trainer, "size": args.size, "data": "chat" if args.chat else f"random {args.batch}x{args.seq}",
             "tokens_per_s": round(tok / dt), "mfu": round(flops / dt / PEAK_FLOPS, 4),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev.type == "cuda" else None,
             "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if dev.type == "cuda" else None, "steps": args.steps,
@@ -623,12 +640,29 @@ def check_nf4() -> dict:
         model.zero_grad(set_to_none=True)
         loss, n = fn()
         (loss / n).backward()
-        return float(loss / n), torch.cat([p.grad.float().flatten() for p in params])
-    ref_loss, ref_g = grads(lambda: summed_loss(model, ids, ids, torch.ones_like(ids)))
+        return float(loss.detach() / n), torch.cat([p.grad.float().flatten() for p in params])
+    mask = torch.ones_like(ids)
+    # float32 reference: the same NF4 weights (bf16-exact when de-quantized) computed in float32
+    floats = {n: p.dtype for n, p in model.named_parameters() if p.is_floating_point()}
+    bnb_layers = [m for m in model.modules() if nf4.is_bnb_4bit(m)]
+    for n, p in model.named_parameters():
+        if n in floats:
+            p.data = p.data.float()
+    for m in bnb_layers:
+        m.compute_dtype = torch.float32
+    ref32_loss, ref32_g = grads(lambda: summed_loss(model, ids, ids, mask))
+    for n, p in model.named_parameters():
+        if n in floats:
+            p.data = p.data.to(floats[n])
+    for m in bnb_layers:
+        m.compute_dtype = torch.bfloat16
+    ref_loss, ref_g = grads(lambda: summed_loss(model, ids, ids, mask))
     opts = tf.prepare_model(model, torch.device("cuda"), tf.FastOptions(compile_layers=False))
     loss, g_fused = grads(lambda: tf.summed_loss(model, ids, ids))
-    out.update(levers=opts.applied, loss_peft_bnb=round(ref_loss, 5), loss_fused=round(loss, 5),
-               grad_rel_err_fused_vs_peft_bnb=float((g_fused - ref_g).norm() / ref_g.norm()))
+    err = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    out.update(levers=opts.applied, loss_fp32_ref=round(ref32_loss, 5), loss_peft_bnb=round(ref_loss, 5),
+               loss_fused=round(loss, 5), grad_rel_err_peft_bnb_vs_fp32=err(ref_g, ref32_g),
+               grad_rel_err_fused_vs_fp32=err(g_fused, ref32_g), grad_rel_err_fused_vs_peft_bnb=err(g_fused, ref_g))
     return out
 
 

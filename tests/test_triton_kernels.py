@@ -114,19 +114,19 @@ def test_copy_rows_between_row_strided_views():
 
 
 @pytest.mark.parametrize("nested", [True, False])
-def test_nf4_dequantization_into_a_row_strided_view(nested):
+@pytest.mark.parametrize("rows,cols", [(30, 40), (3, 2100)])  # blocks straddling rows; rows of 2 column programs
+def test_nf4_dequantization_into_a_row_strided_view(nested, rows, cols):
     """The NF4 kernel writes nf4.dequantize's values (bitsandbytes' layout, see nf4.py) into a view of
-    a wider buffer; 40 columns: the 64-element blocks straddle rows, and the byte count is not a
-    multiple of the kernel's block."""
+    a wider buffer: 64-element blocks that straddle rows, rows not a multiple of the kernel's block."""
     from wonderland.backends.torch_peft.fast import nf4
 
     g = torch.Generator().manual_seed(9)
-    rows, cols, blocks = 30, 40, 30 * 40 // 64 + 1
+    blocks = -(-rows * cols // 64)
     w = nf4.NF4Weight(torch.randint(0, 256, (rows * cols // 2,), generator=g, dtype=torch.uint8),
                       rand(g, blocks).abs(), torch.linspace(-1, 1, 16), (rows, cols))
     if nested:
         w.absmax = torch.randint(0, 256, (blocks,), generator=g, dtype=torch.uint8)
-        w.nested_absmax, w.nested_code, w.nested_blocksize, w.offset = rand(g, 2).abs(), rand(g, 256), 16, 0.25
+        w.nested_absmax, w.nested_code, w.nested_blocksize, w.offset = rand(g, -(-blocks // 16)).abs(), rand(g, 256), 16, 0.25
     buf = torch.full((rows, cols + 6), float("nan"))
     triton_kernels.TritonKernels.dequant_nf4(w, buf[:, :cols])
     torch.testing.assert_close(buf[:, :cols], nf4.dequantize(w, torch.empty(rows, cols)), rtol=0, atol=0)

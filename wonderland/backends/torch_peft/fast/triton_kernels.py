@@ -164,11 +164,14 @@ def _copy_rows(SRC, DST, C, src_stride, dst_stride, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _dequant_nf4(P, ABSMAX, CODE, NABS, NCODE, OUT, n_bytes, cols, out_stride, offset,
+def _dequant_nf4(P, ABSMAX, CODE, NABS, NCODE, OUT, cols, out_stride, offset,
                  BLOCKSIZE: tl.constexpr, NESTED_BLOCK: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    """BLOCK bytes of a packed NF4 weight -> 2 * BLOCK elements of its (out, in) rows (see nf4.py)."""
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # byte indices
-    m = j < n_bytes
+    """Row ``program_id(0)``, bytes ``program_id(1) * BLOCK ..`` of a packed NF4 weight -> 2 * BLOCK
+    elements of that row of ``OUT`` (see nf4.py): one coalesced load of bytes, one contiguous store."""
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # byte within the row
+    m = k < cols // 2
+    j = row * (cols // 2) + k  # byte within the weight
     byte = tl.load(P + j, mask=m, other=0).to(tl.int32)
     b = (2 * j) // BLOCKSIZE  # both nibbles of a byte are in one block (even block size)
     if NESTED:
@@ -178,11 +181,8 @@ def _dequant_nf4(P, ABSMAX, CODE, NABS, NCODE, OUT, n_bytes, cols, out_stride, o
         amax = tl.load(ABSMAX + b, mask=m, other=0.0)
     hi = tl.load(CODE + (byte >> 4), mask=m, other=0.0) * amax  # the high nibble is the first element
     lo = tl.load(CODE + (byte & 15), mask=m, other=0.0) * amax
-    row = (2 * j) // cols  # both elements in one row (even row length)
-    dst = OUT + row * out_stride + (2 * j - row * cols)
-    tl.store(dst, hi.to(OUT.dtype.element_ty), mask=m)
-    tl.store(dst + 1, lo.to(OUT.dtype.element_ty), mask=m)
-
+    c = tl.program_id(1) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)  # column
+    tl.store(OUT + row * out_stride + c, tl.interleave(hi, lo).to(OUT.dtype.element_ty), mask=c < cols)
 
 def _warps(block: int) -> int:
     return 4 if block <= 2048 else 8 if block <= 8192 else 16
@@ -246,13 +246,12 @@ class TritonKernels:
     def dequant_nf4(w, out):
         """nf4.dequantize on the GPU: the NF4Weight ``w`` into ``out`` (out, in) (unit column stride,
         rows may be strided: a view of a group's [W | B] buffer)."""
-        n_bytes = w.packed.numel()
-        assert out.shape == w.shape and out.stride(1) == 1 and n_bytes * 2 == out.numel()
-        nested = w.nested
-        block = 1024
-        _dequant_nf4[(triton.cdiv(n_bytes, block),)](
+        rows, cols = w.shape
+        assert out.shape == w.shape and out.stride(1) == 1 and w.packed.numel() * 2 == out.numel()
+        nested, block = w.nested, min(1024, _pow2(cols // 2))
+        _dequant_nf4[(rows, triton.cdiv(cols // 2, block))](
             w.packed, w.absmax, w.code, w.nested_absmax if nested else w.code, w.nested_code if nested else w.code, out,
-            n_bytes, w.shape[1], out.stride(0), w.offset, BLOCKSIZE=w.blocksize, NESTED_BLOCK=w.nested_blocksize,
+            cols, out.stride(0), w.offset, BLOCKSIZE=w.blocksize, NESTED_BLOCK=w.nested_blocksize,
             NESTED=nested, BLOCK=block, num_warps=4)
         return out
 
