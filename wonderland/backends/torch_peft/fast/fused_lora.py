@@ -29,6 +29,12 @@ float32 straight away. Attention: see fused_ops (cuDNN through SDPA for unpacked
 FlashAttention-2 variable-length for packed records). Pointwise work: one Triton kernel each on
 CUDA (triton_kernels.py).
 
+``--quantize nf4`` (QLoRA): the frozen projections are bitsandbytes NF4 ``Linear4bit`` layers. Their
+4-bit weights stay as they are; every layer's groups are views of one arena *shared* by all layers,
+which ``Layer.materialize`` fills right before the layer's forward and again before its backward
+(the weights de-quantized by ``Kernels.dequant_nf4``, see nf4.py, then the step's LoRA weights). So
+one layer's weights exist in the compute dtype at a time, and the rest of the path is unchanged.
+
 Applies to ``llama``/``mistral``-style layers (no biases, SiLU MLP, no sliding window) whose LoRA
 modules are plain PEFT ``lora.Linear`` with dropout 0; anything else keeps the PEFT modules
 (``prepare`` returns the reason). Numerics: the same operations as transformers' Llama in the same
