@@ -40,6 +40,7 @@ from wonderland.export.merge import (
     merged_model,
     packaged_base_gguf,
     peft_adapter,
+    use_dequantized_base,
     run_source,
     save_merged,
 )
@@ -308,6 +309,7 @@ def _write_gguf(src: RunSource, tmp: Path, gguf_type: str, final: Path, log, **_
     # adapter's replies off the live ones (exact match 73 % vs 95 % on the demo run, docs/export.md)
     base_name = f"{src.base_path.name}{BASE_GGUF_SUFFIX}"
     base = AutoModelForCausalLM.from_pretrained(src.base_path, dtype=torch.float32)
+    use_dequantized_base(src, base)  # a --quantize 4|8 run: the base it trained on, de-quantized
     write_model_gguf(base.state_dict(), src.base_config, src.base_path, tmp / base_name, "f16", src.base_path.name)
     model_file, lora_file = final / _gguf_name(src, gguf_type), final / f"{src.run.name}.lora.gguf"
     q, system = shlex.quote, shlex.quote(src.system_prompt)

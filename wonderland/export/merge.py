@@ -88,7 +88,7 @@ def merged_model(src: RunSource, adapter_dir: Path):
 
     tokenizer = AutoTokenizer.from_pretrained(src.base_path)
     base = AutoModelForCausalLM.from_pretrained(src.base_path, dtype=torch.float32)
-    _use_dequantized_base(src, base)
+    use_dequantized_base(src, base)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     model.eval()
     return model, tokenizer
@@ -100,9 +100,11 @@ def mlx_quantize(src: RunSource) -> str:
     return quantize if src.info.get("backend") == "mlx" and quantize in ("4", "8") else "none"
 
 
-def _use_dequantized_base(src: RunSource, base) -> None:
+def use_dequantized_base(src: RunSource, base) -> None:
     """Replace the float base's weights by the de-quantized weights of the quantized base the run
-    trained on (mlx-lm fuse's ``--dequantize``), so the merge adds the adapter to what it learned on."""
+    trained on (mlx-lm fuse's ``--dequantize``), so the merge adds the adapter to what it learned on
+    (and the adapter alone is verified, and its --lora base GGUF written, on that base too).
+    Nothing for a run on a float base."""
     quantize = mlx_quantize(src)
     if quantize == "none":
         return

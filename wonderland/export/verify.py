@@ -208,11 +208,12 @@ def table(report: dict) -> str:
 
 
 def base_gguf_for(src: RunSource, scratch: Path) -> Path:
-    """The base model as a GGUF for ``--lora``: the embedded model's own file, else written here (f32)."""
+    """The base model as a GGUF for ``--lora``: the embedded model's own file, else written here (f32;
+    a --quantize 4|8 run's: the base it trained on, de-quantized)."""
     from wonderland.export.gguf_writer import write_model_gguf
-    from wonderland.export.merge import packaged_base_gguf
+    from wonderland.export.merge import mlx_quantize, packaged_base_gguf, use_dequantized_base
 
-    packaged = packaged_base_gguf(src)
+    packaged = packaged_base_gguf(src) if mlx_quantize(src) == "none" else None
     if packaged is not None:
         return packaged
     import torch
@@ -220,6 +221,7 @@ def base_gguf_for(src: RunSource, scratch: Path) -> Path:
 
     out = scratch / "base.f32.gguf"
     base = AutoModelForCausalLM.from_pretrained(src.base_path, dtype=torch.float32)
+    use_dequantized_base(src, base)
     write_model_gguf(base.state_dict(), src.base_config, src.base_path, out, "f32", "base")
     return out
 
