@@ -139,7 +139,7 @@ def test_4bit_training_of_the_embedded_model_lowers_the_loss_and_the_adapter_cha
     from wonderland.generate import load_run
 
     out = tmp_path / "run"
-    assert main(train_args(dataset, embedded_model, out, "--quantize", "4", "--iters", "12", "--lr", "2e-3",
+    assert main(train_args(dataset, embedded_model, out, "--quantize", "4", "--grad-checkpoint", "off", "--iters", "12", "--lr", "2e-3",
                            "--rank", "8", "--targets", "q_proj,v_proj")) == 0
     steps = [r for r in read_metrics(out / "metrics.jsonl") if r["event"] == "step"]
     first, last = steps[:3], steps[-3:]  # one pass over the 6 records each (batch 2)
