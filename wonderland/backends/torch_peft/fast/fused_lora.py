@@ -428,7 +428,8 @@ def _layer(layer, adapter: str | None, shared: dict) -> Layer:
              ([mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm.weight), ([mlp.down_proj], None)]
     parts = [[_lora_parts(m, adapter) for m in mods] for mods, _ in specs]
     first = parts[0][0][0]
-    dtype, device, acc = _compute_dtype(first), first.weight.device, _acc(_compute_dtype(first))
+    dtype, device = _compute_dtype(first), first.weight.device
+    acc = _acc(dtype)
     shapes, total = [], 0  # per group: (offset, out, in, R)
     for ps in parts:
         n_in, R = ps[0][0].in_features, sum(A.shape[0] for _, A, _, _ in ps if A is not None)
@@ -436,9 +437,11 @@ def _layer(layer, adapter: str | None, shared: dict) -> Layer:
         shapes.append((total, out, n_in, R))
         total += -(-((out + R) * (n_in + R)) // _ALIGN) * _ALIGN
     quantized, key = nf4.is_bnb_4bit(first), (total, dtype, device)
-    if not quantized or key not in shared:  # zeros: the [sA | 0] block and B's off-diagonal blocks stay 0
-        shared[key if quantized else None] = torch.zeros(total, dtype=dtype, device=device)
-    arena = shared[key if quantized else None]
+    arena = shared.get(key) if quantized else None
+    if arena is None:  # zeros: the [sA | 0] block and B's off-diagonal blocks are never written
+        arena = torch.zeros(total, dtype=dtype, device=device)
+        if quantized:
+            shared[key] = arena
     params, index, scales, groups, quant = [], [], [], [], []
     for ps, (_, norm_weight), (off, out, n_in, R) in zip(parts, specs, shapes):
         width = n_in + R
@@ -502,8 +505,10 @@ def prepare(model, cuda: bool, dense_attention: str = "sdpa") -> tuple[FusedMode
                 base, A, B, _ = _lora_parts(module, adapter)
                 lora |= {id(A), id(B)} if A is not None else set()
                 if nf4.is_bnb_4bit(base):
-                    nf4.from_bnb(base)  # a ValueError unless it is NF4
-                kinds.add("nf4" if nf4.is_bnb_4bit(base) else _compute_dtype(base))
+                    nf4.check(base)  # a ValueError unless it is NF4 that the kernel reads
+                    kinds.add("nf4")
+                else:
+                    kinds.add(_compute_dtype(base))
     except ValueError as e:
         return None, str(e)
     if len(kinds) > 1:

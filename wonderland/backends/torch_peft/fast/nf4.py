@@ -46,19 +46,28 @@ def is_bnb_4bit(module) -> bool:
     return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
 
 
+def check(module) -> None:
+    """A ValueError unless a bitsandbytes ``Linear4bit``'s weight is one :func:`from_bnb` takes."""
+    _check(module.weight.data, getattr(module.weight, "quant_state", None))
+
+
 def from_bnb(module) -> NF4Weight:
     """The NF4Weight of a bitsandbytes ``Linear4bit``'s weight; ValueError when it is not NF4 (FP4,
     or not quantized yet)."""
     return from_state(module.weight.data, getattr(module.weight, "quant_state", None))
 
 
-def from_state(packed: torch.Tensor, qs) -> NF4Weight:
-    """The NF4Weight of bitsandbytes' packed uint8 data and its ``QuantState``."""
+def _check(packed: torch.Tensor, qs) -> None:
     if qs is None or qs.quant_type != "nf4" or packed.dtype != torch.uint8:
         raise ValueError(f"a 4-bit weight that is not NF4 in uint8 ({getattr(qs, 'quant_type', 'not quantized')})")
-    out, n_in = tuple(qs.shape)
-    if n_in % 2 or qs.blocksize % 2:
+    if qs.shape[1] % 2 or qs.blocksize % 2:
         raise ValueError("an NF4 weight with an odd row length or block size")
+
+
+def from_state(packed: torch.Tensor, qs) -> NF4Weight:
+    """The NF4Weight of bitsandbytes' packed uint8 data and its ``QuantState``."""
+    _check(packed, qs)
+    out, n_in = tuple(qs.shape)
     w = NF4Weight(packed.reshape(-1), qs.absmax.reshape(-1), qs.code.float(), (out, n_in), qs.blocksize)
     if qs.nested:
         w.nested_absmax, w.nested_code = qs.state2.absmax.reshape(-1).float(), qs.state2.code.float()
