@@ -91,6 +91,38 @@ def test_packed_records_never_attend_across_boundaries():
     assert float(loss / n) == pytest.approx(ref[0], rel=1e-5) and tokens == sum(len(r.input_ids) for r in recs)
 
 
+def with_prefix(recs, n: int = 12) -> list:
+    """``recs`` behind one unlabelled prefix of ``n`` tokens: a system prompt every record shares."""
+    from wonderland.chat_format import IGNORE, Encoded
+
+    head = list(range(10, 10 + n))
+    return [Encoded(head + r.input_ids, [IGNORE] * n + r.labels) for r in recs]
+
+
+def test_a_shared_prefix_is_computed_once_with_the_loss_and_gradients_of_whole_records():
+    model = tiny()
+    cpu = torch.device("cpu")
+    recs = with_prefix(records(5, seed=4))
+    ref = loss_and_grads(model, lambda: summed_loss(model, *collate(recs, 0, cpu)))
+    opts = tf.prepare_model(model, cpu, tf.FastOptions())
+    p = tf.prepare_batch(recs, 0, cpu, opts)
+    assert p.prefix == 12 and p.lengths.tolist()[0] == 12  # laid out once, as the first sequence
+    assert p.input_ids.shape == (1, 8 * -(-(12 + sum(len(r.input_ids) - 12 for r in recs)) // 8))
+    assert p.tokens == sum(len(r.input_ids) for r in recs)  # the records' tokens, as the loss sees them
+    assert_same(loss_and_grads(model, lambda: tf.prepared_loss(model, p, opts)[:2]), ref)
+
+
+def test_the_shared_prefix_stops_before_any_label_and_where_records_differ():
+    from wonderland.chat_format import IGNORE, Encoded
+
+    recs = with_prefix(records(3, seed=5), n=12)
+    assert tf.shared_prefix(recs) == 12  # the records' own prompts are random tokens: they differ at once
+    labelled = Encoded(recs[0].input_ids, recs[0].labels[:9] + recs[0].input_ids[9:])  # a label at position 9
+    assert tf.shared_prefix([labelled, *recs[1:]]) == 8  # position 8 predicts it: it stays in the record
+    assert tf.shared_prefix(with_prefix(records(3, seed=5), n=7)) == 0  # shorter than MIN_SHARED_PREFIX (8)
+    assert tf.shared_prefix(recs[:1]) == 0  # one record: nothing to share
+
+
 def test_pointwise_backwards_are_the_gradients_of_their_forwards():
     g = torch.Generator().manual_seed(3)
     N, nh, nkv, hd, H, inter = 6, 4, 2, 8, 16, 10

@@ -133,3 +133,44 @@ def test_deleting_a_run_in_the_web_app_evicts_it(two_runs, monkeypatch):
     client = create_app().test_client()
     assert client.delete("/api/runs/first?confirm=first").status_code == 200
     assert [k for k in generate.MODELS.keys() if k[0] == "run" and k[1] == str(first.path)] == []
+
+
+def test_adapters_are_switched_only_when_a_step_asks_for_the_other_state(two_runs, tiny_model, monkeypatch):
+    """Switching walks every LoRA module, so it happens only on a change of state (a Base reply is
+    one switch, not one per token), and every step still runs what it asks for: after another run's
+    view, after PEFT's own ``disable_adapter()`` context, and a direct call after a Base reply."""
+    import json
+
+    import torch
+
+    from wonderland import generate
+    from wonderland.backends import get_backend
+    from wonderland.config import GenerationConfig
+
+    monkeypatch.setattr(generate, "MODELS", ModelCache(max_models=10))
+    (first, second), dataset = two_runs
+    a, b = generate.load_run(first, device="cpu").model, generate.load_run(second, device="cpu").model
+    base = generate.load_base(tiny_model, "torch", "cpu")
+    records = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()][:2]
+    torch_backend = get_backend("torch")
+    alone_a, alone_b = (torch_backend.load(tiny_model, r.adapter, device="cpu") for r in (first, second))
+    plain = torch_backend.load(tiny_model, device="cpu")
+    want = {"a": alone_a.loss(records), "b": alone_b.loss(records), "off": plain.loss(records)}
+
+    peft_model = a._model
+    switches = []
+    for name in ("disable_adapter_layers", "enable_adapter_layers"):
+        original = getattr(peft_model.base_model, name)
+        monkeypatch.setattr(peft_model.base_model, name, lambda f=original, n=name: (switches.append(n), f())[1])
+    messages = [{"role": "user", "content": "Hello"}]
+    sampled = GenerationConfig(temperature=1.0, top_p=1.0, max_tokens=6, seed=1)
+    list(a.stream(messages, sampled, adapter=False))  # a Base reply of several tokens
+    assert switches == ["disable_adapter_layers"]
+    for view, on, key in [(a, False, "off"), (a, True, "a"), (b, True, "b"), (base, True, "off"), (a, False, "off"), (b, True, "b")]:
+        assert view.loss(records, adapter=on) == pytest.approx(want[key], rel=1e-6, abs=1e-6), (view.adapter_name, on)
+    with peft_model.disable_adapter():  # PEFT switches them back on when it leaves
+        pass
+    assert a.loss(records, adapter=False) == pytest.approx(want["off"], rel=1e-6, abs=1e-6)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():  # a direct call after a Base step: this run's adapter, switched on
+        assert torch.equal(a.model(input_ids=ids).logits, alone_a.model(input_ids=ids).logits)

@@ -35,30 +35,43 @@ class TorchChatModel:
 
     @property
     def model(self):
-        """The model, with this view's adapter the active one: code that calls it directly (export's
-        verify, tests) gets this run's weights even when other runs' adapters share the base."""
-        model = self._model
-        if self.adapter_name is not None and model.active_adapter != self.adapter_name:
-            model.set_adapter(self.adapter_name)
-        return model
+        """The model, with this view's adapter the active one and switched on: code that calls it
+        directly (export's verify, tests) gets this run's weights even when other runs' adapters
+        share the base, or a Base column left the adapters off."""
+        if self.has_adapter:
+            self._switch(True)
+        return self._model
 
     @model.setter
     def model(self, value) -> None:
         self._model = value
 
-    def _adapter(self, on: bool):
-        """Called under the lock, per forward step: the named adapter on, or every adapter off (a
-        base shared by several runs' adapters is a PeftModel too: its own view runs none of them)."""
+    def _switch(self, on: bool) -> None:
+        """This view's adapter on, or every adapter off (a base shared by several runs' adapters is a
+        PeftModel too: its own view runs none of them). The LoRA layers are switched only when
+        their state is not already the one asked for: switching walks every LoRA module (~50 ms a
+        token on the embedded model when done at every step), and a reply of one column is mostly
+        steps in a row with the same state. The state is read from a LoRA layer itself, so a switch
+        made elsewhere (PEFT's ``disable_adapter()`` context) is seen."""
         model = self._model
         if not isinstance(model, PeftModel):
-            return nullcontext()
-        if on and self.adapter_name is not None:
-            if model.active_adapter != self.adapter_name:
-                model.set_adapter(self.adapter_name)
-            return nullcontext()
-        if on and self.has_adapter:  # loaded with one adapter by TorchBackend.load
-            return nullcontext()
-        return model.disable_adapter()
+            return
+        off = not (on and (self.adapter_name is not None or self.has_adapter))
+        if not off and self.adapter_name is not None and model.active_adapter != self.adapter_name:
+            model.set_adapter(self.adapter_name)
+        if self._lora_layer is None:
+            from peft.tuners.lora import LoraLayer
+
+            self._lora_layer = next((m for m in model.modules() if isinstance(m, LoraLayer)), False)
+        if self._lora_layer is not False and self._lora_layer.disable_adapters != off:
+            (model.base_model.disable_adapter_layers if off else model.base_model.enable_adapter_layers)()
+
+    _lora_layer = None  # the first LoRA layer of the model (False: none), to read the adapters' state
+
+    def _adapter(self, on: bool):
+        """Called under the lock, per forward step (see :meth:`_switch`); a context for ``with``."""
+        self._switch(on)
+        return nullcontext()
 
     def with_adapter(self, name: str, adapter_path: Path) -> "TorchChatModel":
         """A view of this (base) model with the PEFT adapter at ``adapter_path`` attached as ``name``
@@ -90,7 +103,7 @@ class TorchChatModel:
         cur, past, out_ids, emitted = torch.tensor([ids], device=self.device), None, [], ""
         for _ in range(gen.max_tokens):
             with self._lock, torch.no_grad(), self._adapter(adapter):
-                out = self.model(input_ids=cur, use_cache=True, **{self._cache_kw: past})
+                out = self._model(input_ids=cur, use_cache=True, **{self._cache_kw: past})
             past = getattr(out, self._cache_kw)
             token = sample_token(out.logits[0, -1].float().cpu(), seen, gen, rng)
             if token in self.eos_ids:
@@ -111,7 +124,7 @@ class TorchChatModel:
         for r in records:
             enc = encode_chat(self.tokenizer, r["messages"], max_seq_len)
             with self._lock, torch.no_grad(), self._adapter(adapter):
-                loss, n = summed_loss(self.model, *collate([enc], pad, self.device))
+                loss, n = summed_loss(self._model, *collate([enc], pad, self.device))
             total, count = total + float(loss), count + n
         return total, count
 

@@ -38,7 +38,7 @@ def fused_labelled_logits(model, batch: Sequence[Encoded], pad_id: int, device: 
     order = sorted(range(len(batch)), key=lambda i: -len(batch[i].input_ids))  # what packing does, stably
     p = torch_fast.prepare_batch([batch[i] for i in order], pad_id, device, fast)
     base = model.get_base_model()
-    hidden = base._wonderland_fused.hidden_states(p.input_ids, p.position_ids, lengths=p.lengths)  # (R, L, H)
+    hidden = base._wonderland_fused.hidden_states(p.input_ids, p.position_ids, lengths=p.lengths, prefix=p.prefix)  # (R, L, H)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, p.keep)  # (N, H), packed order
     counts = [sum(x != IGNORE for x in batch[i].labels[1:]) for i in order]
     back = dict(zip(order, range(len(order))))

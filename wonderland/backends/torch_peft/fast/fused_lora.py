@@ -329,11 +329,13 @@ class FusedModel:
                     arena.index_copy_(0, index, self._flat[lo:hi])
 
     def hidden_states(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      lengths: torch.Tensor | None = None) -> torch.Tensor:
+                      lengths: torch.Tensor | None = None, prefix: int = 0) -> torch.Tensor:
         """ids (B, T) -> final hidden states (B, T, H). Without position_ids each row is one
         sequence. With them (packed rows) the sequences are ``lengths`` (a CPU int tensor, in
         order over the flattened rows, summing to B * T); if not given they are found on the
-        device where the position is 0, which waits for the GPU (torch_fast.pack gives them)."""
+        device where the position is 0, which waits for the GPU (torch_fast.pack gives them).
+        ``prefix`` > 0: the first sequence is a prefix every other one attends to (one row;
+        ``training.pack_shared``; the plain-PyTorch attention only, i.e. not half precision on CUDA)."""
         B, T = ids.shape
         self.sync_lora()
         x = self.inner.embed_tokens(ids)
@@ -353,8 +355,9 @@ class FusedModel:
             cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, pin_memory=x.is_cuda)
             cu[1:] = torch.cumsum(lengths, 0)
             cu, longest = cu.to(ids.device, non_blocking=True), int(lengths.max())
+            assert not (half and prefix), "a shared prefix needs the plain attention (see training.prepare_batch)"
             attn = (FlashAttention(cu, longest, self.scale, self.kernels.copy_rows) if half
-                    else MathAttention(cu, longest, self.scale))
+                    else MathAttention(cu, longest, self.scale, prefix))
         rot = (cos.reshape(B * T, -1), sin.reshape(B * T, -1), T)
         x = x.reshape(B * T, -1)
         for L in self.layers:

@@ -208,28 +208,36 @@ class SDPAttention:
 
 class MathAttention:
     """The same function in plain PyTorch, one sequence at a time (CPU, MPS, float32/float64): what
-    the CPU tests run. The softmax is recomputed in the backward."""
+    the CPU tests run. The softmax is recomputed in the backward.
+
+    ``prefix`` > 0: the first sequence (tokens 0..prefix-1) is a prefix that every later sequence
+    also attends to, as if each of them began with it (a system prompt that every record of a batch
+    shares: its activations are the same in every record, so they are computed once; see
+    ``training.pack_shared``). Its keys and values collect the gradients of every sequence."""
 
     head_major = False
 
-    def __init__(self, cu: torch.Tensor, max_len: int, scale: float):
+    def __init__(self, cu: torch.Tensor, max_len: int, scale: float, prefix: int = 0):
         self.bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
-        self.scale = scale
+        self.scale, self.prefix = scale, prefix
+        assert not prefix or self.bounds[0] == (0, prefix), "the shared prefix must be the first sequence"
 
-    def _probs(self, q, k):  # q (nh, n, D), k (nh, n, D) -> causal softmax (nh, n, n) in q's dtype
-        n = q.shape[1]
+    def _probs(self, q, k):  # q (nh, n, D), k (nh, m, D), m >= n -> causal softmax (nh, n, m) in q's dtype
+        n, m = q.shape[1], k.shape[1]  # the first m - n keys (a shared prefix) are seen by every query
         s = (q @ k.transpose(1, 2)).to(_acc(q.dtype)) * self.scale
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(m - n + 1), float("-inf"))
         return torch.softmax(s, -1).to(q.dtype)
 
-    @staticmethod
-    def _heads(t, s, e, rep):  # (N, h, D) slice -> (h * rep, n, D)
-        return t[s:e].transpose(0, 1).repeat_interleave(rep, 0)
+    def _keys(self, t, s, e, rep):  # (N, h, D) -> (h * rep, m, D): the sequence's keys (or values), prefix first
+        own = t[s:e]
+        if self.prefix and s >= self.prefix:
+            own = torch.cat([t[: self.prefix], own])
+        return own.transpose(0, 1).repeat_interleave(rep, 0)
 
     def forward(self, q, k, v, out):
         o, rep = torch.empty_like(q), q.shape[1] // k.shape[1]
         for s, e in self.bounds:
-            qs, ks, vs = q[s:e].transpose(0, 1), self._heads(k, s, e, rep), self._heads(v, s, e, rep)
+            qs, ks, vs = q[s:e].transpose(0, 1), self._keys(k, s, e, rep), self._keys(v, s, e, rep)
             o[s:e] = (self._probs(qs, ks) @ vs).transpose(0, 1)
         return out.copy_(o.view(o.shape[0], -1)), (q, k, v, o)
 
@@ -241,15 +249,20 @@ class MathAttention:
         q, k, v, out = state
         do = do2.view_as(out)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        nkv, rep = k.shape[1], q.shape[1] // k.shape[1]
-        for s, e in self.bounds:
-            qs, ks, vs = q[s:e].transpose(0, 1), self._heads(k, s, e, rep), self._heads(v, s, e, rep)
+        nkv, rep, P = k.shape[1], q.shape[1] // k.shape[1], self.prefix
+        for s, e in self.bounds:  # the prefix (if any) first: later sequences add to its dk, dv
+            qs, ks, vs = q[s:e].transpose(0, 1), self._keys(k, s, e, rep), self._keys(v, s, e, rep)
             p, dos = self._probs(qs, ks), do[s:e].transpose(0, 1)
             dvs = p.transpose(1, 2) @ dos
             dp = dos @ vs.transpose(1, 2)
             ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * self.scale
             dq[s:e] = (ds @ ks).transpose(0, 1)
-            n = e - s  # grouped heads: sum the gradients of the query heads that share a k/v head
-            dk[s:e] = (ds.transpose(1, 2) @ qs).view(nkv, rep, n, -1).sum(1).transpose(0, 1)
-            dv[s:e] = dvs.view(nkv, rep, n, -1).sum(1).transpose(0, 1)
+            m = ks.shape[1]  # grouped heads: sum the gradients of the query heads that share a k/v head
+            dks = (ds.transpose(1, 2) @ qs).view(nkv, rep, m, -1).sum(1).transpose(0, 1)  # (m, nkv, D)
+            dvs = dvs.view(nkv, rep, m, -1).sum(1).transpose(0, 1)
+            if m > e - s:  # the shared prefix's part
+                dk[:P] += dks[:P]
+                dv[:P] += dvs[:P]
+                dks, dvs = dks[P:], dvs[P:]
+            dk[s:e], dv[s:e] = dks, dvs
         return dq, dk, dv

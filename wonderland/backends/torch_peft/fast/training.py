@@ -165,7 +165,8 @@ def summed_loss(model, ids: torch.Tensor, labels: torch.Tensor, attention_mask: 
     fused = getattr(base, "_wonderland_fused", None)
     if fused is not None:
         # right padding needs no mask under causal attention: real tokens never see later positions
-        hidden = fused.hidden_states(ids, position_ids, lengths=packed.lengths if packed is not None else None)
+        hidden = fused.hidden_states(ids, position_ids, lengths=packed.lengths if packed is not None else None,
+                                     prefix=packed.prefix if packed is not None else 0)
     else:
         hidden = base.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state
     if packed is not None:
@@ -187,12 +188,13 @@ class Packed:
     labels: torch.Tensor  # (R, L), IGNORE on padding and on each record's first token
     position_ids: torch.Tensor | None  # (R, L), restarting at 0 for each record (and for the padding tail);
     # None when every row is exactly one record (``dense``): attention then needs no segments
-    tokens: int  # real (non-padding) tokens
+    tokens: int  # real (non-padding) tokens of the records (a shared prefix counted once per record)
     lengths: torch.Tensor  # CPU int64: the sequences over the flattened rows (records and padding tails)
     keep: torch.Tensor  # (n,) labelled positions among the R * (L - 1) shifted positions
     targets: torch.Tensor  # (n,) their labels
     n: int  # labelled tokens
     attention_mask: torch.Tensor | None = None  # (R, L), only for padded rows (packing off)
+    prefix: int = 0  # tokens of a prefix every record shares, laid out once (:func:`pack_shared`)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -252,6 +254,55 @@ def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: 
     return _upload(ids, labels, None if one_per_row else pos, sum(lengths), torch.tensor(segments, dtype=torch.int64), device)
 
 
+MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix is not worth a sequence of its own
+
+
+def shared_prefix(batch: Sequence[Encoded]) -> int:
+    """How many leading tokens every record of ``batch`` has in common and takes no loss on (the chat
+    template's system turn, the same in every record of a character's data): 0 below
+    :data:`MIN_SHARED_PREFIX` or for a single record. Every record keeps at least one token of its
+    own, and no record has a label at or before the prefix's end (the first label of a record's own
+    part is predicted from the prefix's last token, which a packed layout does not place before it)."""
+    if len(batch) < 2:
+        return 0
+    first, n = batch[0].input_ids, min(len(e.input_ids) for e in batch) - 1
+    for e in batch:
+        ids = e.input_ids
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+        n = min(n, next((i for i, t in enumerate(e.labels) if t != IGNORE), len(e.labels)) - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def pack_shared(batch: Sequence[Encoded], prefix: int, pad_id: int, device: torch.device, multiple: int = 8) -> Packed:
+    """All records in one row, their common first ``prefix`` tokens (:func:`shared_prefix`) laid out
+    once: ``[prefix | record 1's rest | record 2's rest | ... | padding]``, the rests longest first
+    (as :func:`pack` orders records), each at positions ``prefix, prefix + 1, ...``. The fused
+    layers' attention lets every rest attend to the prefix and to itself (``MathAttention(prefix=)``):
+    the same activations, loss and gradients as the records laid out whole (the prefix's activations
+    are the same in each record), with the prefix computed once instead of once per record."""
+    rests = [len(e.input_ids) - prefix for e in batch]
+    order = sorted(range(len(batch)), key=lambda i: -rests[i])
+    L = -(-(prefix + sum(rests)) // multiple) * multiple
+    ids = torch.full((1, L), pad_id, dtype=torch.long)
+    labels = torch.full((1, L), IGNORE, dtype=torch.long)
+    pos = torch.zeros((1, L), dtype=torch.long)
+    ids[0, :prefix], pos[0, :prefix] = torch.tensor(batch[0].input_ids[:prefix]), torch.arange(prefix)
+    at, segments = prefix, [prefix]
+    for i in order:
+        e, n = batch[i], rests[i]
+        ids[0, at : at + n] = torch.tensor(e.input_ids[prefix:])
+        labels[0, at + 1 : at + n] = torch.tensor(e.labels[prefix + 1 :])
+        pos[0, at : at + n] = torch.arange(prefix, prefix + n)
+        at += n
+        segments.append(n)
+    if at < L:
+        segments.append(L - at)  # the padding tail: a sequence of its own (it attends to the prefix; unused)
+    tokens = sum(len(e.input_ids) for e in batch)
+    p = _upload(ids, labels, pos, tokens, torch.tensor(segments, dtype=torch.int64), device)
+    p.prefix = prefix
+    return p
+
+
 def padded(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> Packed:
     """The unpacked layout: one record per row, right-padded to the longest, with an attention mask."""
     ids, labels, mask = collate(batch, pad_id, torch.device("cpu"))
@@ -274,6 +325,11 @@ def prepare_batch(batch: Sequence[Encoded], pad_id: int, device: torch.device, o
         return padded(batch, pad_id, device)
     lengths = [len(e.input_ids) for e in batch]
     layers = "fused_layers" in opts.applied
+    # a common system prompt computed once (CPU, MPS: the plain attention; on CUDA FlashAttention
+    # takes no shared keys, and the tokens are cheap there)
+    prefix = shared_prefix(batch) if layers and device.type != "cuda" else 0
+    if prefix:
+        return pack_shared(batch, prefix, pad_id, device)
     if layers and len(set(lengths)) == 1:  # equal records: one per row, plain causal rows (cuDNN attention)
         return pack(batch, pad_id, device, capacity=lengths[0], multiple=1, dense=True)
     # the fused layers attend per record (variable-length attention): one row holds them all
