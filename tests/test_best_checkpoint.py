@@ -245,3 +245,53 @@ def test_the_kl_and_the_nll_through_the_fused_layers_equal_peft_s(tiny_model):
     with torch.no_grad():
         (nll_f, n_f), (nll_p, n_p) = (summed_nll(model, batch, tok.pad_token_id, cpu, f) for f in (fast, None))
     assert n_f == n_p == len(t_plain) and float(nll_f) == pytest.approx(float(nll_p), rel=1e-4)  # validation, probe
+
+
+def test_one_pass_for_a_step_and_its_kl_records_equals_two(tiny_model):
+    """On the fused layers a step's records and its KL records run as one batch (``joint_batch`` /
+    ``joint_loss``; on the CPU behind one shared system prompt): the same loss and LoRA gradients as
+    the step's loss plus ``with_kl``'s separate KL pass, both through PEFT's modules."""
+    import torch
+    from peft import get_peft_model
+
+    from wonderland.backends.torch_peft import guard
+    from wonderland.backends.torch_peft.backend import load_base, lora_config
+    from wonderland.backends.torch_peft.batching import batch_loss
+    from wonderland.backends.torch_peft.fast import training as torch_fast
+    from wonderland.chat_format import encode_chat
+    from wonderland.config import TrainConfig
+
+    cpu = torch.device("cpu")
+    tok, base = load_base(tiny_model, cpu, torch.float64)
+    model = get_peft_model(base, lora_config(TrainConfig(), base.config.num_hidden_layers))
+    fast = torch_fast.prepare_model(model, cpu)
+    assert guard.joint_ok(fast)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    system = {"role": "system", "content": "You are the Hatter. Stay in character: answer as the Hatter would."}
+
+    def rec(user, reply):
+        return encode_chat(tok, [system, {"role": "user", "content": user}, {"role": "assistant", "content": reply}], 256)
+    own = [rec("What time is it?", "Always six o'clock, and always tea-time."), rec("Tea?", "No room! No room!"),
+           rec("Why is a raven like a writing-desk?", "I haven't the slightest idea.")]
+    replay = [rec("What is 2 + 2?", "4."), rec("What is the capital of France?", "Paris is the capital of France."),
+              rec("At what temperature does water boil?", "At 100 degrees Celsius at sea level.")]
+    pad, idx = tok.pad_token_id, guard.kl_indices(0, len(replay), 2, 0)
+
+    def loss_and_grads(fn):
+        model.zero_grad(set_to_none=True)
+        total, n, tokens = fn()
+        (total / n).backward()
+        return float(total.detach() / n), n, tokens, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    j = guard.joint_batch(own, replay, idx, pad, cpu, fast)
+    assert j.packed.prefix > 10 and len(j.packed.order) == len(own) + len(idx)  # one system prompt for all five
+    got = loss_and_grads(lambda: guard.joint_loss(model, replay, 0.5, pad, cpu, fast)(j))
+    separate = guard.with_kl(lambda b: batch_loss(model, b, pad, cpu), model, replay, 0.5, 2, 0, pad, cpu)
+    want = loss_and_grads(lambda: separate(own))
+    assert got[1:3] == want[1:3] == (sum(e.n_target_tokens for e in own), sum(len(e.input_ids) for e in own))
+    assert got[0] == pytest.approx(want[0], rel=1e-6)  # the plain loss takes its softmax in float32
+    for g, w in zip(got[3], want[3]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * float(w.abs().max()))

@@ -160,6 +160,8 @@ def step_loss(s: _Session, start: int = 0):
         loss = distributed.wrap_loss(s.model, lambda m, b: batch_loss(m, b, s.pad, s.device), s.world, s.device)
     if not s.replay_set:
         return loss
+    if guard.joint_ok(s.fast):  # one pass for the step's records and its KL records (see batches)
+        return guard.joint_loss(s.model, s.replay_set, s.cfg.kl, s.pad, s.device, s.fast)
     return guard.with_kl(loss, s.model, s.replay_set, s.cfg.kl, s.cfg.batch_size, s.cfg.seed, s.pad, s.device, start, s.fast)
 
 
@@ -173,6 +175,9 @@ def batches(s: _Session):
 
     def batch_at(i: int):
         idx = distributed.shard(batch_indices(i, len(s.train_set), cfg.batch_size, cfg.seed), s.world)
+        if s.replay_set and guard.joint_ok(s.fast):  # the step's KL records join its batch
+            kl = guard.kl_indices(i, len(s.replay_set), cfg.batch_size, cfg.seed)
+            return guard.joint_batch([s.train_set[j] for j in idx], s.replay_set, kl, s.pad, s.device, s.fast)
         return prepare([s.train_set[j] for j in idx])
     return batch_at
 
@@ -182,12 +187,14 @@ def validate(s: _Session) -> float:
     cfg, model = s.cfg, s.model
     model.eval()
     total, count = 0.0, 0
-    batches_ = range(0, len(s.valid_set), cfg.batch_size)
+    # the whole set in passes of PROBE_BATCH records (the sum is the same; fewer, larger passes)
+    size = cfg.batch_size if cfg.val_batches else max(cfg.batch_size, guard.PROBE_BATCH)
+    batches_ = range(0, len(s.valid_set), size)
     if cfg.val_batches:
         batches_ = list(batches_)[: cfg.val_batches]
     with torch.no_grad():
         for i in batches_:
-            loss, n = guard.summed_nll(model, s.valid_set[i : i + cfg.batch_size], s.pad, s.device, s.fast)
+            loss, n = guard.summed_nll(model, s.valid_set[i : i + size], s.pad, s.device, s.fast)
             total, count = total + float(loss), count + n
     model.train()
     return total / max(count, 1)

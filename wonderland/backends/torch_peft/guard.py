@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -12,7 +13,8 @@ from wonderland.backends.torch_peft.batching import collate
 from wonderland.backends.torch_peft.fast import training as torch_fast
 from wonderland.chat_format import IGNORE, Encoded, encode_chat
 
-PROBE_BATCH = 8  # records per forward pass when the probe scores a set
+PROBE_BATCH = 32  # records per forward pass when the probe scores a set (its sets are 9-20 records: one pass
+# each, and on the CPU fast path one pass lays their shared system prompt out once)
 
 
 def adapter_off(model, off: bool):
@@ -30,21 +32,33 @@ def labelled_logits(model, ids: torch.Tensor, mask: torch.Tensor, keep: torch.Te
     return model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits[keep[:, pos]].float()  # (N, V)
 
 
+def labelled_rows(p, batch: Sequence[Encoded]) -> list[torch.Tensor]:
+    """For each record of ``batch`` (in batch order), which rows of ``p.keep`` / ``p.targets`` are its
+    labelled positions (``p``: the batch packed by ``torch_fast.prepare_batch``, whose layout order is
+    ``p.order``). Counted as packing counts them: a record's first token never has a label."""
+    counts = [sum(x != IGNORE for x in e.labels[1:]) for e in batch]
+    rows, at = [None] * len(batch), 0
+    for i in p.order:
+        rows[i] = torch.arange(at, at + counts[i])
+        at += counts[i]
+    return rows
+
+
+def fused_hidden(model, p) -> torch.Tensor:
+    """(n, H) final hidden states at the labelled positions of the packed batch ``p`` (layout order),
+    through the fast path's fused layers (adapter on)."""
+    hidden = model.get_base_model()._wonderland_fused.hidden_states(p.input_ids, p.position_ids, lengths=p.lengths,
+                                                                     prefix=p.prefix)  # (R, L, H)
+    return hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, p.keep)
+
+
 def fused_labelled_logits(model, batch: Sequence[Encoded], pad_id: int, device: torch.device, fast) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, V) float32, their targets (N,)) at the labelled positions of ``batch``, in the
     order :func:`labelled_logits` gives them, through the fast path's fused layers (adapter on):
-    packed records, no padding, no PEFT upcasts (on 2 CPU cores ~2x faster than PEFT's modules).
-    Packing lays records out longest first, so they go in in that order and come back re-ordered."""
-    order = sorted(range(len(batch)), key=lambda i: -len(batch[i].input_ids))  # what packing does, stably
-    p = torch_fast.prepare_batch([batch[i] for i in order], pad_id, device, fast)
-    base = model.get_base_model()
-    hidden = base._wonderland_fused.hidden_states(p.input_ids, p.position_ids, lengths=p.lengths, prefix=p.prefix)  # (R, L, H)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, p.keep)  # (N, H), packed order
-    counts = [sum(x != IGNORE for x in batch[i].labels[1:]) for i in order]
-    back = dict(zip(order, range(len(order))))
-    logits, targets = base.lm_head(h).float().split(counts), p.targets.split(counts)
-    return (torch.cat([logits[back[i]] for i in range(len(batch))]),
-            torch.cat([targets[back[i]] for i in range(len(batch))]))
+    packed records, no padding, no PEFT upcasts (on 2 CPU cores ~2x faster than PEFT's modules)."""
+    p = torch_fast.prepare_batch(batch, pad_id, device, fast)
+    rows = torch.cat(labelled_rows(p, batch)).to(device)
+    return model.get_base_model().lm_head(fused_hidden(model, p)[rows]).float(), p.targets[rows]
 
 
 def uses_fused(fast) -> bool:
@@ -98,9 +112,12 @@ class Teacher:
         self.model, self.keep_cache = model, labelled * vocab * 4 <= TEACHER_CACHE_BYTES
         self.cache: dict[int, torch.Tensor] = {}
 
-    def logprobs(self, idx: Sequence[int], ids, mask, keep) -> torch.Tensor:
-        """(N, V) log-probs for the batch of records ``idx`` (collated as ``ids``/``mask``/``keep``)."""
+    def logprobs(self, idx: Sequence[int], batch: Sequence[Encoded], pad_id: int, device: torch.device) -> torch.Tensor:
+        """(N, V) log-probs at the labelled positions of the records ``batch`` (named ``idx``), in
+        (record, position) order."""
         if not all(i in self.cache for i in idx):
+            ids, labels, mask = collate(batch, pad_id, device)
+            keep = labels[:, 1:] != IGNORE
             with torch.no_grad(), self.model.disable_adapter():
                 ref = torch.log_softmax(labelled_logits(self.model, ids, mask, keep), -1)
             if not self.keep_cache:
@@ -115,12 +132,16 @@ def kl_sum(model, batch: Sequence[Encoded], pad_id: int, device: torch.device, t
     ``batch`` (the base = the same model with the adapter off, no gradient; from ``teacher``'s
     cache when given, ``idx`` naming the records), and their count. The adapted side runs through
     the fused layers when ``fast`` says they run the model (:func:`student_logits`)."""
-    ids, labels, mask = collate(batch, pad_id, device)
-    keep = labels[:, 1:] != IGNORE  # (B, T-1): the answer tokens
     teacher = teacher or Teacher(model, [])
-    ref = teacher.logprobs(list(idx) if idx is not None else [-1 - i for i in range(len(batch))], ids, mask, keep)
+    ref = teacher.logprobs(list(idx) if idx is not None else [-1 - i for i in range(len(batch))], batch, pad_id, device)
     logp = torch.log_softmax(student_logits(model, batch, pad_id, device, fast)[0], -1)
-    return torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="sum"), int(keep.sum())
+    return torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="sum"), int(ref.shape[0])
+
+
+def kl_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The replay records of step ``step``'s KL term (0-based; it follows the step, as the data order
+    does, so a resume continues it)."""
+    return batch_indices(step, n, min(batch_size, n), seed + 1)
 
 
 def with_kl(loss: Callable, model, replay_set: list[Encoded], weight: float, batch_size: int, seed: int,
@@ -128,16 +149,66 @@ def with_kl(loss: Callable, model, replay_set: list[Encoded], weight: float, bat
     """``loss`` plus ``weight`` x the mean KL per replay token of one replay batch per step. The
     trainer divides the returned sum by the step's target tokens, so the KL sum is scaled by
     n / n_kl to stay a per-token mean; the reported step loss includes it."""
-    step = [start]  # the KL batch follows the step, as the data order does (a resume continues it)
+    step = [start]
     teacher = Teacher(model, replay_set)
 
     def combined(batch):
         loss_sum, n, tokens = loss(batch)
-        idx = batch_indices(step[0], len(replay_set), min(batch_size, len(replay_set)), seed + 1)
+        idx = kl_indices(step[0], len(replay_set), batch_size, seed)
         step[0] += 1
         kl, n_kl = kl_sum(model, [replay_set[i] for i in idx], pad_id, device, teacher, idx, fast)
         return loss_sum + weight * kl * (max(n, 1) / max(n_kl, 1)), n, tokens
     return combined
+
+
+# --- the fused layers: a step's records and its KL records in one forward pass
+def joint_ok(fast) -> bool:
+    """Whether a step's loss and KL term can share one pass: the fused layers and the fused loss."""
+    return uses_fused(fast) and bool({"fused_ce", "liger_loss"} & set(fast.applied))
+
+
+@dataclass
+class Joint:
+    """One step's records and its KL records, packed together (:func:`joint_batch`)."""
+
+    packed: object  # torch_fast.Packed of [*records, *KL records]
+    own: torch.Tensor  # rows of packed.keep / targets that are the step's own records' labels
+    kl: torch.Tensor  # rows that are the KL records' labels, in (KL record, position) order
+    kl_idx: list[int]  # the KL records (indices into the replay set)
+    kl_batch: list[Encoded]
+    tokens: int  # real tokens of the step's own records (what a step reports)
+
+
+def joint_batch(records: Sequence[Encoded], replay_set: Sequence[Encoded], kl_idx: Sequence[int], pad_id: int,
+                device: torch.device, fast) -> Joint:
+    """The step's records and its KL records laid out as one batch (on the CPU one shared system
+    prompt for all of them), so the decoder runs once a step instead of twice."""
+    kl = [replay_set[i] for i in kl_idx]
+    batch = [*records, *kl]
+    p = torch_fast.prepare_batch(batch, pad_id, device, fast)
+    rows = labelled_rows(p, batch)
+    cat = lambda rs: torch.cat(rs).to(device)  # noqa: E731
+    return Joint(p, cat(rows[: len(records)]), cat(rows[len(records):]), list(kl_idx), kl,
+                 sum(len(e.input_ids) for e in records))
+
+
+def joint_loss(model, replay_set: list[Encoded], weight: float, pad_id: int, device: torch.device, fast) -> Callable:
+    """``loss(joint) -> (summed loss, target tokens, real tokens)``: what :func:`with_kl` computes
+    (the step's summed NLL plus ``weight`` x its KL sum scaled to a per-token mean), from one pass
+    over a :func:`joint_batch`: the NLL through the fused loss, the KL from the LM head's logits at
+    the KL records' labelled positions only."""
+    teacher, use_liger = Teacher(model, replay_set), "liger_loss" in fast.applied
+    head = model.get_base_model().lm_head
+
+    def loss(j: Joint):
+        h = fused_hidden(model, j.packed)  # (n_own + n_kl, H)
+        n = int(j.own.numel())
+        nll = torch_fast.linear_cross_entropy_sum(h[j.own], head.weight, j.packed.targets[j.own], use_liger=use_liger)
+        ref = teacher.logprobs(j.kl_idx, j.kl_batch, pad_id, device)  # (n_kl, V)
+        logp = torch.log_softmax(head(h[j.kl]).float(), -1)
+        kl = torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="sum")
+        return nll + weight * kl * (max(n, 1) / max(int(ref.shape[0]), 1)), n, j.tokens
+    return loss
 
 
 def scorer(model, tokenizer, max_seq_len: int, device: torch.device, fast=None) -> Callable:

@@ -195,6 +195,7 @@ class Packed:
     n: int  # labelled tokens
     attention_mask: torch.Tensor | None = None  # (R, L), only for padded rows (packing off)
     prefix: int = 0  # tokens of a prefix every record shares, laid out once (:func:`pack_shared`)
+    order: list[int] = field(default_factory=list)  # the records (indices into the batch) in layout order
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -251,7 +252,9 @@ def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: 
         if at < L:
             segments.append(L - at)
     one_per_row = dense and len(segments) == len(rows)
-    return _upload(ids, labels, None if one_per_row else pos, sum(lengths), torch.tensor(segments, dtype=torch.int64), device)
+    p = _upload(ids, labels, None if one_per_row else pos, sum(lengths), torch.tensor(segments, dtype=torch.int64), device)
+    p.order = [i for row in rows for i in row]
+    return p
 
 
 MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix is not worth a sequence of its own
@@ -299,14 +302,16 @@ def pack_shared(batch: Sequence[Encoded], prefix: int, pad_id: int, device: torc
         segments.append(L - at)  # the padding tail: a sequence of its own (it attends to the prefix; unused)
     tokens = sum(len(e.input_ids) for e in batch)
     p = _upload(ids, labels, pos, tokens, torch.tensor(segments, dtype=torch.int64), device)
-    p.prefix = prefix
+    p.prefix, p.order = prefix, order
     return p
 
 
 def padded(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> Packed:
     """The unpacked layout: one record per row, right-padded to the longest, with an attention mask."""
     ids, labels, mask = collate(batch, pad_id, torch.device("cpu"))
-    return _upload(ids, labels, None, int(mask.sum()), torch.full((len(batch),), ids.shape[1]), device, mask)
+    p = _upload(ids, labels, None, int(mask.sum()), torch.full((len(batch),), ids.shape[1]), device, mask)
+    p.order = list(range(len(batch)))
+    return p
 
 
 def _upload(ids, labels, pos, tokens: int, lengths: torch.Tensor, device: torch.device, mask=None) -> Packed:
