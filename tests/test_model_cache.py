@@ -137,8 +137,9 @@ def test_deleting_a_run_in_the_web_app_evicts_it(two_runs, monkeypatch):
 
 def test_adapters_are_switched_only_when_a_step_asks_for_the_other_state(two_runs, tiny_model, monkeypatch):
     """Switching walks every LoRA module, so it happens only on a change of state (a Base reply is
-    one switch, not one per token), and every step still runs what it asks for: after another run's
-    view, after PEFT's own ``disable_adapter()`` context, and a direct call after a Base reply."""
+    one switch off and one back on, not two per token), and every step still runs what it asks for:
+    after another run's view, after PEFT's own ``disable_adapter()`` context, and a direct call (also
+    inside PEFT's context) after a Base reply."""
     import json
 
     import torch
@@ -164,8 +165,8 @@ def test_adapters_are_switched_only_when_a_step_asks_for_the_other_state(two_run
         monkeypatch.setattr(peft_model.base_model, name, lambda f=original, n=name: (switches.append(n), f())[1])
     messages = [{"role": "user", "content": "Hello"}]
     sampled = GenerationConfig(temperature=1.0, top_p=1.0, max_tokens=6, seed=1)
-    list(a.stream(messages, sampled, adapter=False))  # a Base reply of several tokens
-    assert switches == ["disable_adapter_layers"]
+    list(a.stream(messages, sampled, adapter=False))  # a Base reply of several tokens: off once, on at its end
+    assert switches == ["disable_adapter_layers", "enable_adapter_layers"]
     for view, on, key in [(a, False, "off"), (a, True, "a"), (b, True, "b"), (base, True, "off"), (a, False, "off"), (b, True, "b")]:
         assert view.loss(records, adapter=on) == pytest.approx(want[key], rel=1e-6, abs=1e-6), (view.adapter_name, on)
     with peft_model.disable_adapter():  # PEFT switches them back on when it leaves
@@ -174,3 +175,5 @@ def test_adapters_are_switched_only_when_a_step_asks_for_the_other_state(two_run
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():  # a direct call after a Base step: this run's adapter, switched on
         assert torch.equal(a.model(input_ids=ids).logits, alone_a.model(input_ids=ids).logits)
+        with a.model.disable_adapter():  # and PEFT's own context still turns it off
+            assert torch.equal(a.model(input_ids=ids).logits, plain.model(input_ids=ids).logits)

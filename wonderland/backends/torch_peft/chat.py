@@ -35,12 +35,12 @@ class TorchChatModel:
 
     @property
     def model(self):
-        """The model, with this view's adapter the active one and switched on: code that calls it
-        directly (export's verify, tests) gets this run's weights even when other runs' adapters
-        share the base, or a Base column left the adapters off."""
-        if self.has_adapter:
-            self._switch(True)
-        return self._model
+        """The model, with this view's adapter the active one: code that calls it directly (export's
+        verify, tests) gets this run's weights even when other runs' adapters share the base."""
+        model = self._model
+        if self.adapter_name is not None and model.active_adapter != self.adapter_name:
+            model.set_adapter(self.adapter_name)
+        return model
 
     @model.setter
     def model(self, value) -> None:
@@ -52,7 +52,8 @@ class TorchChatModel:
         their state is not already the one asked for: switching walks every LoRA module (~50 ms a
         token on the embedded model when done at every step), and a reply of one column is mostly
         steps in a row with the same state. The state is read from a LoRA layer itself, so a switch
-        made elsewhere (PEFT's ``disable_adapter()`` context) is seen."""
+        made elsewhere (PEFT's ``disable_adapter()`` context) is seen. :meth:`stream` and :meth:`loss`
+        switch them back on when they end (:meth:`_restore`), as PEFT's context does."""
         model = self._model
         if not isinstance(model, PeftModel):
             return
@@ -67,6 +68,12 @@ class TorchChatModel:
             (model.base_model.disable_adapter_layers if off else model.base_model.enable_adapter_layers)()
 
     _lora_layer = None  # the first LoRA layer of the model (False: none), to read the adapters' state
+
+    def _restore(self) -> None:
+        """The LoRA layers on again, the state the model is in outside a reply (after a Base reply)."""
+        if self._lora_layer and self._lora_layer.disable_adapters:
+            with self._lock:
+                self._model.base_model.enable_adapter_layers()
 
     def _adapter(self, on: bool):
         """Called under the lock, per forward step (see :meth:`_switch`); a context for ``with``."""
@@ -98,9 +105,15 @@ class TorchChatModel:
 
     def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
         ids = prompt_ids(self.tokenizer, messages)
-        seen = torch.tensor(ids)
+        try:
+            yield from self._decode(torch.tensor([ids], device=self.device), torch.tensor(ids), gen, adapter)
+        finally:
+            self._restore()
+
+    def _decode(self, cur: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig, adapter: bool) -> Iterator[str]:
+        """The reply's text pieces, token by token: ``cur`` (1, T) the prompt's ids, ``seen`` (T,)."""
         rng = torch.Generator().manual_seed(gen.seed)
-        cur, past, out_ids, emitted = torch.tensor([ids], device=self.device), None, [], ""
+        past, out_ids, emitted = None, [], ""
         for _ in range(gen.max_tokens):
             with self._lock, torch.no_grad(), self._adapter(adapter):
                 out = self._model(input_ids=cur, use_cache=True, **{self._cache_kw: past})
@@ -121,11 +134,14 @@ class TorchChatModel:
     def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
         total, count = 0.0, 0
         pad = self.tokenizer.pad_token_id
-        for r in records:
-            enc = encode_chat(self.tokenizer, r["messages"], max_seq_len)
-            with self._lock, torch.no_grad(), self._adapter(adapter):
-                loss, n = summed_loss(self._model, *collate([enc], pad, self.device))
-            total, count = total + float(loss), count + n
+        try:
+            for r in records:
+                enc = encode_chat(self.tokenizer, r["messages"], max_seq_len)
+                with self._lock, torch.no_grad(), self._adapter(adapter):
+                    loss, n = summed_loss(self._model, *collate([enc], pad, self.device))
+                total, count = total + float(loss), count + n
+        finally:
+            self._restore()
         return total, count
 
 

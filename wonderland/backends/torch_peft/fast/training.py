@@ -25,6 +25,9 @@ What it changes, and why each pays (measured numbers: bench/README.md, "GPU trai
   record by variable-length attention). transformers builds a block-diagonal causal mask from
   the position ids (``attention_mask=None``), so no record attends across its neighbours and the
   loss is that of the padded batch, with no compute spent on padding.
+* **A shared system prompt once** (CPU): the records of a character's batch all begin with the
+  same system turn (about half their tokens); it is laid out once and every record attends to it
+  (:func:`pack_shared`). The KL term's records join the step's batch (``guard.joint_batch``).
 * **Fused AdamW** (one kernel for all LoRA tensors) over the trainable LoRA parameters only.
 
 Gradient checkpointing stays off: LoRA on 1B/3B models at 8 x 1024 tokens needs 9 / 20 GiB here.
