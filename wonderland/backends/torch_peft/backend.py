@@ -111,6 +111,11 @@ class _Session:
     def pad(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def joint(self) -> bool:
+        """Whether a step's KL records join its batch (one pass: guard.joint_batch / joint_loss)."""
+        return bool(self.replay_set) and guard.joint_ok(self.fast)
+
 
 def setup(job: TrainJob) -> _Session:
     """Seed, devices, the base model with LoRA layers, the optimizer and the encoded records."""
@@ -160,7 +165,7 @@ def step_loss(s: _Session, start: int = 0):
         loss = distributed.wrap_loss(s.model, lambda m, b: batch_loss(m, b, s.pad, s.device), s.world, s.device)
     if not s.replay_set:
         return loss
-    if guard.joint_ok(s.fast):  # one pass for the step's records and its KL records (see batches)
+    if s.joint:  # one pass for the step's records and its KL records (see batches)
         return guard.joint_loss(s.model, s.replay_set, s.cfg.kl, s.pad, s.device, s.fast)
     return guard.with_kl(loss, s.model, s.replay_set, s.cfg.kl, s.cfg.batch_size, s.cfg.seed, s.pad, s.device, start, s.fast)
 
@@ -175,7 +180,7 @@ def batches(s: _Session):
 
     def batch_at(i: int):
         idx = distributed.shard(batch_indices(i, len(s.train_set), cfg.batch_size, cfg.seed), s.world)
-        if s.replay_set and guard.joint_ok(s.fast):  # the step's KL records join its batch
+        if s.joint:  # the step's KL records join its batch
             kl = guard.kl_indices(i, len(s.replay_set), cfg.batch_size, cfg.seed)
             return guard.joint_batch([s.train_set[j] for j in idx], s.replay_set, kl, s.pad, s.device, s.fast)
         return prepare([s.train_set[j] for j in idx])

@@ -245,19 +245,25 @@ def pack(batch: Sequence[Encoded], pad_id: int, device: torch.device, capacity: 
     for r, row in enumerate(rows):
         at = 0
         for i in row:
-            e, n = batch[i], lengths[i]
-            ids[r, at : at + n] = torch.tensor(e.input_ids)
-            labels[r, at + 1 : at + n] = torch.tensor(e.labels[1:])
-            pos[r, at : at + n] = torch.arange(n)
+            n = _lay(ids, labels, pos, r, at, batch[i])
             at += n
             segments.append(n)
         pos[r, at:] = torch.arange(L - at)  # the padding tail is a segment of its own
         if at < L:
             segments.append(L - at)
     one_per_row = dense and len(segments) == len(rows)
-    p = _upload(ids, labels, None if one_per_row else pos, sum(lengths), torch.tensor(segments, dtype=torch.int64), device)
-    p.order = [i for row in rows for i in row]
-    return p
+    return _upload(ids, labels, None if one_per_row else pos, sum(lengths), torch.tensor(segments, dtype=torch.int64), device,
+                   order=[i for row in rows for i in row])
+
+
+def _lay(ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor, r: int, at: int, e: Encoded, start: int = 0) -> int:
+    """Record ``e`` from its token ``start`` on into row ``r`` at column ``at``, at positions ``start,
+    start + 1, ...``; its first token there gets no label (see :func:`pack`). Returns how many tokens."""
+    n = len(e.input_ids) - start
+    ids[r, at : at + n] = torch.tensor(e.input_ids[start:])
+    labels[r, at + 1 : at + n] = torch.tensor(e.labels[start + 1 :])
+    pos[r, at : at + n] = torch.arange(start, start + n)
+    return n
 
 
 MIN_SHARED_PREFIX = 8  # tokens: a shorter common prefix is not worth a sequence of its own
@@ -295,35 +301,31 @@ def pack_shared(batch: Sequence[Encoded], prefix: int, pad_id: int, device: torc
     ids[0, :prefix], pos[0, :prefix] = torch.tensor(batch[0].input_ids[:prefix]), torch.arange(prefix)
     at, segments = prefix, [prefix]
     for i in order:
-        e, n = batch[i], rests[i]
-        ids[0, at : at + n] = torch.tensor(e.input_ids[prefix:])
-        labels[0, at + 1 : at + n] = torch.tensor(e.labels[prefix + 1 :])
-        pos[0, at : at + n] = torch.arange(prefix, prefix + n)
+        n = _lay(ids, labels, pos, 0, at, batch[i], start=prefix)
         at += n
         segments.append(n)
     if at < L:
         segments.append(L - at)  # the padding tail: a sequence of its own (it attends to the prefix; unused)
     tokens = sum(len(e.input_ids) for e in batch)
-    p = _upload(ids, labels, pos, tokens, torch.tensor(segments, dtype=torch.int64), device)
-    p.prefix, p.order = prefix, order
-    return p
+    return _upload(ids, labels, pos, tokens, torch.tensor(segments, dtype=torch.int64), device, order=order, prefix=prefix)
 
 
 def padded(batch: Sequence[Encoded], pad_id: int, device: torch.device) -> Packed:
     """The unpacked layout: one record per row, right-padded to the longest, with an attention mask."""
     ids, labels, mask = collate(batch, pad_id, torch.device("cpu"))
-    p = _upload(ids, labels, None, int(mask.sum()), torch.full((len(batch),), ids.shape[1]), device, mask)
-    p.order = list(range(len(batch)))
-    return p
+    return _upload(ids, labels, None, int(mask.sum()), torch.full((len(batch),), ids.shape[1]), device,
+                   order=list(range(len(batch))), mask=mask)
 
 
-def _upload(ids, labels, pos, tokens: int, lengths: torch.Tensor, device: torch.device, mask=None) -> Packed:
+def _upload(ids, labels, pos, tokens: int, lengths: torch.Tensor, device: torch.device, order: list[int],
+            mask=None, prefix: int = 0) -> Packed:
     """A batch laid out on the host (CPU tensors) -> Packed on ``device``, with its labelled
     positions and their count worked out here, on the host."""
     shifted = labels[:, 1:].reshape(-1)
     keep = (shifted != IGNORE).nonzero().squeeze(1)
     up = lambda t: None if t is None else to_device(t, device)  # noqa: E731
-    return Packed(up(ids), up(labels), up(pos), tokens, lengths, up(keep), up(shifted[keep]), int(keep.numel()), up(mask))
+    return Packed(up(ids), up(labels), up(pos), tokens, lengths, up(keep), up(shifted[keep]), int(keep.numel()), up(mask),
+                  prefix, order)
 
 
 def prepare_batch(batch: Sequence[Encoded], pad_id: int, device: torch.device, opts: FastOptions) -> Packed:
