@@ -60,6 +60,9 @@ class TrainConfig:
     val_every: int = _f(10, "validate and probe every K steps; each point is a checkpoint the best may be (0 = only at the end)",
                         label="validate every",
                         bounds=(0, STEPS_MAX))
+    patience: int = _f(2, "stop early once this many probed checkpoints in a row have not beaten the best one (0 = "
+                          "train every step); the best is served either way. Torch backend (where the probe runs)",
+                       label="early-stop patience", bounds=(0, STEPS_MAX))
     val_batches: int = _f(0, "validation batches per eval (0 = the whole valid set)", label="validation batches",
                           bounds=(0, STEPS_MAX))
     save_every: int = _f(10, "write a resumable checkpoint every K steps (0 = only at the end)", label="save every",

@@ -104,6 +104,8 @@ class Finished(Event):
     val_loss: float | None = None
     elapsed_s: float = 0.0
     adapter: str = ""
+    best_step: int | None = None  # the checkpoint served (the probe's best), when the run was probed
+    stopped_early: bool = False  # the probe ended it before total_steps (--patience)
 
 
 @dataclass

@@ -116,6 +116,13 @@ class Ledger:
         top = best(self.rows)
         return top["step"] if top else None
 
+    def stalled(self, patience: int) -> bool:
+        """Early stopping: ``patience`` (> 0) probed points came after the best one and none beat it.
+        Training on cannot change the points already probed, so the checkpoint served stays the
+        best of those; a later point could only have won after ``patience`` losing ones in a row."""
+        top = self.best_step()
+        return bool(patience) and top is not None and sum(r["step"] > top for r in self.rows) >= patience
+
     def summary(self) -> dict:
         return {"best_step": self.best_step(), "checkpoints": self.rows}
 

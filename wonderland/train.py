@@ -182,12 +182,23 @@ def _resumed_run(resume: str, config: TrainConfig) -> tuple[RunDir, dict, Path]:
     info = run.read()
     if info.get("status") == "running":  # read() turns a run whose process is gone into "interrupted"
         raise UserError(f"run {run.name} is being trained right now; stop it before resuming it")
-    if info.get("status") == "finished" and config.iters <= info["config"]["iters"]:
-        raise UserError(f"run {run.name} already finished {info['config']['iters']} steps; pass a larger --iters to continue it")
+    if info.get("status") == "finished":
+        _check_trains_on(run, info, config)
     resume_from = run.latest_checkpoint()
     if resume_from is None:
         raise UserError(f"run {run.name} has no checkpoint to resume from; start a new run instead")
     return run, info, resume_from
+
+
+def _check_trains_on(run: RunDir, info: dict, config: TrainConfig) -> None:
+    """A finished run resumes only to train more: a larger --iters, or (stopped early) --patience 0."""
+    result, iters = info.get("result") or {}, info["config"]["iters"]
+    if "stopped_early" in result:
+        if config.patience and config.iters <= iters:
+            raise UserError(f"run {run.name} stopped early at step {result['step']} of {iters} (--patience "
+                            f"{info['config'].get('patience')}); pass --patience 0 to train its remaining steps")
+    elif config.iters <= iters:
+        raise UserError(f"run {run.name} already finished {iters} steps; pass a larger --iters to continue it")
 
 
 # What a resume may not change without --allow-config-change: the settings that decide what is
@@ -287,8 +298,14 @@ class _Session:
         timings["train_s"] = round(timings.get("train_s", 0.0) + duration, 2)
         result_info = {"step": result.step, "loss": result.loss, "val_loss": result.val_loss, **result.extra}
         if result.status == "finished":
+            early = "stopped_early" in result.extra
+            if early:
+                self.log(f"stopped early at step {result.step} of {config.iters}: the last {config.patience} probed "
+                         f"checkpoints did not beat step {result.extra.get('best_step')}, the one served "
+                         f"(--patience 0 trains every step)")
             self.bus.emit(Finished(step=result.step, total_steps=config.iters, loss=result.loss, val_loss=result.val_loss,
-                                   elapsed_s=duration, adapter=str(run.adapter)))
+                                   elapsed_s=duration, adapter=str(run.adapter), best_step=result.extra.get("best_step"),
+                                   stopped_early=early))
         run.update(status=result.status, timings=timings, result=result_info,
                    finished=now_iso() if result.status == "finished" else None)
         self.metrics.close()

@@ -23,7 +23,7 @@ FORM_GROUPS = {
     "model": ("model", "backend", "device", "dtype", "quantize", "grad_checkpoint", "threads"),
     "schedule": ("iters", "batch_size", "lr", "schedule", "warmup", "weight_decay", "grad_clip", "max_seq_len", "seed"),
     "lora": ("rank", "alpha", "dropout", "layers", "targets"),
-    "monitoring": ("val_every", "val_batches", "save_every", "sample_every", "sample_prompt"),
+    "monitoring": ("val_every", "patience", "val_batches", "save_every", "sample_every", "sample_prompt"),
 }
 
 

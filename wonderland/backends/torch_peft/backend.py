@@ -260,6 +260,7 @@ class _Reporter(trainer.TrainingCallback):
         row = self.job.probe.score(self.nll, self.val_loss if whole else None) if self.job.probe else {}
         if row:
             self.ledger.add(step, row)
+            self.done = step < self.job.config.iters and self.ledger.stalled(self.job.config.patience)
         self.job.emit(Eval(step=step, total_steps=self.job.config.iters, val_loss=self.val_loss,
                            val_time_s=time.perf_counter() - t0, persona_margin=row.get("persona_margin"),
                            retention_drift=row.get("retention_drift"), probe_time_s=time.perf_counter() - t1))
@@ -285,15 +286,18 @@ class TorchBackend:
             ckpt = reporter.save(result.step)
             job.emit(Stopped(step=result.step, total_steps=cfg.iters, checkpoint=str(ckpt), elapsed_s=reporter.elapsed()))
             return TrainResult("stopped", result.step, reporter.loss, reporter.val_loss)
-        if s.valid_set:
+        early = result.step < cfg.iters  # the probe stopped it (--patience): that step is probed and saved
+        if s.valid_set and not early:
             reporter.validate(result.step)
         reporter.check_weights(result.step)  # a non-finite final adapter is never written
         if job.probe and len(reporter.ledger.rows) > 1:  # the last step is a candidate too: its checkpoint
-            self._save_checkpoint(job, s.model, s.optimizer, result.step)
+            reporter.save(result.step)
         if s.world.is_main:  # rank 0 only: the adapter is the same on every rank
             serve_best(job.run, reporter.ledger.best_step(), result.step, s.model.save_pretrained)
-        return TrainResult("finished", result.step, reporter.loss, reporter.val_loss,
-                           extra={"device": str(s.device), **reporter.ledger.summary()})
+        extra = {"device": str(s.device), **reporter.ledger.summary()}
+        if early:
+            extra["stopped_early"] = {"step": result.step, "patience": cfg.patience}
+        return TrainResult("finished", result.step, reporter.loss, reporter.val_loss, extra=extra)
 
     def _resume(self, job: TrainJob, s: _Session) -> int:
         if not job.resume_from:

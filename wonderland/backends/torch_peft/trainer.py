@@ -33,8 +33,10 @@ class StepReport:
 class TrainingCallback:
     """Hooks into :func:`train`; subclass and override what you need."""
 
+    done = False  # set by a callback to end training after this step, finished (early stopping)
+
     def on_step(self, report: StepReport) -> None:
-        """After each optimizer step (raise to end training)."""
+        """After each optimizer step (raise to end training as failed; set ``done`` to finish now)."""
 
 
 @dataclass
@@ -59,7 +61,8 @@ def train(*, optimizer, params: list, start_step: int, iters: int, loss: Callabl
           iterate_batches: Callable[[int], Any], lr_at: Callable[[int], float], grad_clip: float = 0.0,
           world=None, device=None, should_stop: Callable[[], bool] = lambda: False,
           training_callback: TrainingCallback | None = None) -> LoopResult:
-    """Optimizer steps ``start_step + 1 .. iters``; a stop request (any rank) ends it between steps."""
+    """Optimizer steps ``start_step + 1 .. iters``; a stop request (any rank) ends it between steps,
+    and so does the callback's ``done`` (then the loop has finished, at an earlier step)."""
     world = world or distributed.world()
     callback = training_callback or TrainingCallback()
     step, upcoming = start_step, None
@@ -80,4 +83,6 @@ def train(*, optimizer, params: list, start_step: int, iters: int, loss: Callabl
         total = distributed.global_sum(loss_sum, world)
         step += 1
         callback.on_step(StepReport(step, total / max(n, 1), lr, tokens, time.perf_counter() - t0))
+        if callback.done:  # decided from the probe, which every rank computes alike on the same weights
+            break
     return LoopResult("finished", step)
