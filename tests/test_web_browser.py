@@ -129,9 +129,10 @@ def test_browser_build_train_compare_runs_eval(browser_page, tiny_model, alice_p
         page.click("details.group summary:has-text('advanced')")
         # kl 0, replay 0: the guard would first have the random tiny model answer replay prompts (one
         # per train record for the KL, ~80, or a quarter of them for the replay: minutes on 2 cores);
-        # this test is about the page, not the guard
+        # this test is about the page, not the guard. patience 0: the page follows all 40 steps (the
+        # probe could stop the tiny model's run early)
         for name, value in {"model": str(tiny_model), "iters": "40", "batch_size": "2", "val_every": "5",
-                            "save_every": "0", "max_seq_len": "96", "threads": "1", "kl": "0", "replay": "0"}.items():
+                            "patience": "0", "save_every": "0", "max_seq_len": "96", "threads": "1", "kl": "0", "replay": "0"}.items():
             page.fill(f"[name='cfg.{name}']", value)
         assert page.locator("#presets button.on").inner_text() == "custom"
         # the pre-flight memory estimate follows the form: the tiny model's, a fraction of a GB
