@@ -60,6 +60,16 @@ class LoadedRun:
         arm = ARMS_BY_NAME[arm] if isinstance(arm, str) else arm
         return stream_generate(self.model, self.messages_for(arm, messages), gen, adapter=arm.adapter)
 
+    def replies(self, requests: Sequence[tuple[Arm | str, Sequence[dict], GenerationConfig]]) -> list[str]:
+        """The replies to several ``(arm, messages, gen)`` requests: decoded as one batch where the
+        model can (torch), else one after another; each as :meth:`stream` would give it."""
+        arms = [ARMS_BY_NAME[a] if isinstance(a, str) else a for a, _, _ in requests]
+        prepared = [(self.messages_for(arm, m), g, arm.adapter) for arm, (_, m, g) in zip(arms, requests)]
+        batch = getattr(self.model, "generate_batch", None)
+        if batch is not None:
+            return [r.strip() for r in batch(prepared)]
+        return ["".join(stream_generate(self.model, m, g, adapter=a)).strip() for m, g, a in prepared]
+
 
 class ModelCache:
     """Loaded models, bounded: least recently used first out once there are more than ``max_models``

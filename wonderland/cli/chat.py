@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Sequence
 
 from wonderland.cli.options import add_generation_options, generation_config
 from wonderland.config import GenerationConfig
@@ -22,19 +23,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_generation_options(p)
 
 
-def print_comparison(loaded: LoadedRun, prompt: str, gen: GenerationConfig, out=None) -> dict[str, str]:
-    """Stream each arm's reply to ``prompt`` under a label; returns the replies."""
+def print_comparisons(loaded: LoadedRun, prompts: Sequence[str], gens: Sequence[GenerationConfig], out=None) -> list[dict[str, str]]:
+    """Each arm's reply to each prompt (``gens[i]`` for prompt i), decoded as one batch, printed under
+    labels; returns them per prompt."""
     out = out or sys.stdout
-    replies = {}
-    print(f"\n>>> {prompt}", file=out)
-    for arm in ARMS:
-        print(f"  [{arm.name:>8}] ", end="", file=out, flush=True)
-        parts = []
-        for piece in loaded.stream(arm, [{"role": "user", "content": prompt}], gen):
-            parts.append(piece)
-            print(piece.replace("\n", " "), end="", file=out, flush=True)
-        replies[arm.name] = "".join(parts).strip()
-        print(file=out)
+    requests = [(arm, [{"role": "user", "content": p}], g) for p, g in zip(prompts, gens) for arm in ARMS]
+    texts = iter(loaded.replies(requests))
+    replies = []
+    for prompt in prompts:
+        print(f"\n>>> {prompt}", file=out)
+        replies.append({arm.name: next(texts) for arm in ARMS})
+        for arm in ARMS:
+            print(f"  [{arm.name:>8}] {replies[-1][arm.name].replace(chr(10), ' ')}", file=out)
     return replies
 
 
@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_run(args.run, device=args.device, checkpoint=args.checkpoint)
     if args.compare:
         print(f"Run {loaded.run.name}: " + "; ".join(f"{a.name} = {a.description}" for a in ARMS))
-        for prompt in args.prompt or ["What time is it?", "Tell me a riddle.", "Who are you?"]:
-            print_comparison(loaded, prompt, gen)
+        prompts = args.prompt or ["What time is it?", "Tell me a riddle.", "Who are you?"]
+        print_comparisons(loaded, prompts, [gen] * len(prompts))
         return 0
     history: list[dict] = []
     prompts = args.prompt

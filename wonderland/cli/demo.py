@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wonderland.cli.chat import print_comparison
+    from wonderland.cli.chat import print_comparisons
     from wonderland.data import build_dataset
     from wonderland.generate import load_run
     from wonderland.runs import home
@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
           "every arm):", flush=True)
     loaded = load_run(run_dir)
     gen = GenerationConfig(max_tokens=60)
-    for i, prompt in enumerate(DEMO_PROMPTS):
-        print_comparison(loaded, prompt, seeded_for(gen, i))
+    print_comparisons(loaded, DEMO_PROMPTS, [seeded_for(gen, i) for i in range(len(DEMO_PROMPTS))])
     timings["compare_s"] = time.perf_counter() - t2
     print(f"\nAdapter saved to {run_dir.adapter}")
     print(f"Chat with it: wonderland chat --run {run_dir.name}")

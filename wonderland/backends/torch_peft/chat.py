@@ -17,6 +17,9 @@ from wonderland.chat_format import encode_chat, prompt_ids
 from wonderland.config import GenerationConfig
 
 
+Request = tuple[Sequence[dict], GenerationConfig, bool]  # (messages, sampling settings, adapter on?)
+
+
 class TorchChatModel:
     """Token-by-token decoding with a KV cache. Each forward step holds a lock and sets the
     adapter on or off for that step only, so several streams (Base / Prompted / Trained columns)
@@ -104,32 +107,84 @@ class TorchChatModel:
                 model.delete_adapter(self.adapter_name)
 
     def stream(self, messages: Sequence[dict], gen: GenerationConfig, adapter: bool = True) -> Iterator[str]:
-        ids = prompt_ids(self.tokenizer, messages)
+        """The reply to ``messages``, piece by piece as its tokens come (a batch of one, :meth:`_steps`)."""
+        out_ids, emitted = [], ""
         try:
-            yield from self._decode(torch.tensor([ids], device=self.device), torch.tensor(ids), gen, adapter)
+            for tokens in self._steps([(messages, gen, adapter)]):
+                out_ids.append(tokens[0])
+                text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    continue
+                if len(text) > len(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
         finally:
             self._restore()
 
-    def _decode(self, cur: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig, adapter: bool) -> Iterator[str]:
-        """The reply's text pieces, token by token: ``cur`` (1, T) the prompt's ids, ``seen`` (T,)."""
-        rng = torch.Generator().manual_seed(gen.seed)
-        past, out_ids, emitted = None, [], ""
-        for _ in range(gen.max_tokens):
-            with self._lock, torch.no_grad(), self._adapter(adapter):
-                out = self._model(input_ids=cur, use_cache=True, **{self._cache_kw: past})
-            past = getattr(out, self._cache_kw)
-            token = sample_token(out.logits[0, -1].float().cpu(), seen, gen, rng)
-            if token in self.eos_ids:
-                break
-            out_ids.append(token)
-            seen = torch.cat([seen, torch.tensor([token])])
-            cur = torch.tensor([[token]], device=self.device)
-            text = self.tokenizer.decode(out_ids, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                continue
-            if len(text) > len(emitted):
-                yield text[len(emitted):]
-                emitted = text
+    def generate_batch(self, requests: Sequence[Request]) -> list[str]:
+        """The replies to several ``(messages, gen, adapter on?)`` requests, decoded together: one
+        forward pass a token for all of them (on the CPU, 12 rows cost about 2.5x one row)."""
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in self.decode_ids(requests)]
+        return [t[:-1] if t.endswith("\ufffd") else t for t in texts]
+
+    def decode_ids(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Each request's reply token ids (EOS not included), decoded as one batch."""
+        out: list[list[int]] = [[] for _ in requests]
+        try:
+            for tokens in self._steps(requests):
+                for row, token in zip(out, tokens):
+                    if token is not None:
+                        row.append(token)
+        finally:
+            self._restore()
+        return out
+
+    def _steps(self, requests: Sequence[Request]) -> Iterator[list[int | None]]:
+        """Each decode step's new token per request; None once a request has ended (its EOS, or its
+        ``gen.max_tokens``). The prompts are left-padded rows of one KV cache (positions count real
+        tokens only); every row samples with its own settings and a generator seeded by its
+        ``gen.seed``, so a request gets the tokens it would get alone, up to float rounding."""
+        prompts = [prompt_ids(self.tokenizer, messages) for messages, _, _ in requests]
+        gens, kw = [g for _, g, _ in requests], self._rows([on for _, _, on in requests])
+        pad, width = self.tokenizer.pad_token_id or 0, max(map(len, prompts))
+        cur = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)  # (B, T)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        seen = [torch.tensor(p) for p in prompts]  # for the repetition penalty
+        rngs = [torch.Generator().manual_seed(g.seed) for g in gens]
+        left, past = [g.max_tokens for g in gens], None
+        while any(left):
+            with self._lock, torch.no_grad():
+                self._switch(kw is not None)
+                out = self._model(input_ids=cur, attention_mask=mask, position_ids=pos, use_cache=True,
+                                  **{self._cache_kw: past}, **(kw or {}))
+            past, logits = getattr(out, self._cache_kw), out.logits[:, -1].float().cpu()  # (B, V)
+            tokens: list[int | None] = [sample_token(logits[i], seen[i], g, rngs[i]) if left[i] else None
+                                        for i, g in enumerate(gens)]
+            for i, token in enumerate(tokens):
+                if token in self.eos_ids:
+                    tokens[i], left[i] = None, 0
+                elif token is not None:
+                    left[i] -= 1
+                    seen[i] = torch.cat([seen[i], torch.tensor([token])])
+            if all(t is None for t in tokens):
+                return
+            yield tokens
+            cur = torch.tensor([[pad if t is None else t] for t in tokens], device=self.device)
+            mask, pos = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), pos[:, -1:] + 1
+
+    def _rows(self, on: Sequence[bool]) -> dict | None:
+        """How each forward step of a batch runs its rows: None = the adapter off for all of them;
+        {} = this view's adapter on for all; with rows of both kinds, the adapter stays on and
+        PEFT's mixed-batch forward runs the others without it (``adapter_names``, "__base__")."""
+        adapts = isinstance(self._model, PeftModel) and (self.adapter_name is not None or self.has_adapter)
+        rows = [bool(a and adapts) for a in on]
+        if not any(rows):
+            return None
+        if all(rows):
+            return {}
+        name = self.adapter_name or self._model.active_adapter
+        return {"adapter_names": [name if r else "__base__" for r in rows]}
 
     def loss(self, records: Sequence[dict], adapter: bool = True, max_seq_len: int = 512) -> tuple[float, int]:
         total, count = 0.0, 0
@@ -159,7 +214,19 @@ def sample_token(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig
         return int(logits.argmax())
     probs = torch.softmax(logits / gen.temperature, dim=-1)
     if gen.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < gen.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        probs = _nucleus(probs, gen.top_p)
     return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def _nucleus(probs: torch.Tensor, top_p: float, k: int = 64) -> torch.Tensor:
+    """``probs`` with only the most likely tokens whose mass before each is below ``top_p`` (always
+    the top one); multinomial normalises. The set is looked for among the top ``k`` first, then
+    8x more: sorting the whole vocabulary costs ~7 ms a token on the CPU, and the set is the
+    same (the same descending prefix, summed in the same order)."""
+    while True:
+        k = min(k, probs.numel())
+        top, order = probs.topk(k)
+        keep = top.cumsum(0) - top < top_p
+        if not keep[-1] or k == probs.numel():
+            return torch.zeros_like(probs).scatter(0, order[keep], top[keep])
+        k *= 8
