@@ -239,6 +239,7 @@ function onEvent(r) {
       progress(r.total_steps, r.total_steps);
       $("#s-eta").textContent = "done";
       log(`finished: loss ${fmt(r.loss)}, val loss ${fmt(r.val_loss)} in ${duration(elapsed())} of training`, "eval", r.time);
+      if (r.stopped_early) log(`stopped early at step ${r.step} of ${r.total_steps}: the probe's last checkpoints did not beat step ${r.best_step}, which is served`, "", r.time);
       break;
     case "failed":
       setState("failed");
