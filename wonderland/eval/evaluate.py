@@ -22,7 +22,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from wonderland.config import GenerationConfig, seeded_for
 from wonderland.errors import UserError
@@ -223,32 +223,41 @@ def _held_out_losses(loaded: LoadedRun, valid: list[dict], progress: _Progress) 
     return results, n_tokens
 
 
+EVAL_BATCH = 8  # prompts whose replies (every arm's) are decoded as one batch (LoadedRun.replies)
+
+
+def _batched(loaded: LoadedRun, asks: Sequence[tuple[str, GenerationConfig]]) -> Iterator[tuple[str, str, str, float]]:
+    """(arm, prompt, reply, seconds) for every arm's reply to each ``(prompt, gen)``, :data:`EVAL_BATCH`
+    prompts at a time; ``seconds`` is the reply's share of its batch's time."""
+    for start in range(0, len(asks), EVAL_BATCH):
+        requests = [(arm, [{"role": "user", "content": p}], g) for p, g in asks[start:start + EVAL_BATCH] for arm in ARMS]
+        t = time.time()
+        texts = loaded.replies(requests)
+        each = (time.time() - t) / len(requests)
+        for (arm, messages, _), reply in zip(requests, texts):
+            yield arm.name, messages[0]["content"], reply, each
+
+
 def _replies(loaded: LoadedRun, asks: list[tuple[int, int, str]], n_prompts: int, gen: GenerationConfig,
              progress: _Progress) -> tuple[dict[str, list[str]], dict[str, float]]:
-    """Prompt by prompt, every arm with the same settings and seed; (replies, seconds) per arm."""
+    """Every arm with the same settings and seed per prompt; (replies, seconds) per arm."""
     replies: dict[str, list[str]] = {a.name: [] for a in ARMS}
     gen_s = {a.name: 0.0 for a in ARMS}
-    for k, i, prompt in asks:
-        prompt_gen = seeded_for(gen, k * n_prompts + i)
-        for arm in ARMS:
-            t = time.time()
-            reply = "".join(loaded.stream(arm, [{"role": "user", "content": prompt}], prompt_gen)).strip()
-            gen_s[arm.name] += time.time() - t
-            replies[arm.name].append(reply)
-            progress.reply("generate", arm.name, prompt, reply)
+    for arm, prompt, reply, seconds in _batched(loaded, [(p, seeded_for(gen, k * n_prompts + i)) for k, i, p in asks]):
+        gen_s[arm] += seconds
+        replies[arm].append(reply)
+        progress.reply("generate", arm, prompt, reply)
     return replies, gen_s
 
 
 def _retention_replies(loaded: LoadedRun, items: list, gen: GenerationConfig,
                        progress: _Progress) -> dict[str, list[dict]]:
     retained: dict[str, list[dict]] = {a.name: [] for a in ARMS}
-    for i, item in enumerate(items):
-        item_gen = seeded_for(gen, i)
-        for arm in ARMS:
-            reply = "".join(loaded.stream(arm, [{"role": "user", "content": item.prompt}], item_gen)).strip()
-            retained[arm.name].append({"prompt": item.prompt, "reply": reply, "expected": list(item.expected),
-                                       "passed": item.passed(reply)})
-            progress.reply("retention", arm.name, item.prompt, reply)
+    asks = [(item.prompt, seeded_for(gen, i)) for i, item in enumerate(items)]
+    for j, (arm, prompt, reply, _) in enumerate(_batched(loaded, asks)):
+        item = items[j // len(ARMS)]
+        retained[arm].append({"prompt": prompt, "reply": reply, "expected": list(item.expected), "passed": item.passed(reply)})
+        progress.reply("retention", arm, prompt, reply)
     return retained
 
 
