@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -77,6 +78,15 @@ def test_trim_keeps_whole_answers_and_cuts_a_cut_off_one_at_its_last_sentence():
 def test_the_packaged_answers_cover_every_prompt():
     rows = replay.read_answers(replay.PACKAGED["smollm2-135m-instruct"])
     assert set(rows) == set(replay.load_prompts()) and all(rows.values())
+
+
+def test_the_embedded_model_converts_to_the_weights_the_packaged_answers_were_made_for(embedded_model):
+    # The conversion reuses gguf's parse between transformers' three reads (models._gguf_parsed_once):
+    # its weights must stay byte-identical, or every demo would regenerate the 240 answers.
+    from wonderland.models import weights_sha256
+
+    head = json.loads(replay.PACKAGED["smollm2-135m-instruct"].read_text(encoding="utf-8").splitlines()[0])
+    assert weights_sha256(embedded_model) == head["model_sha256"]
 
 
 def test_best_checkpoint_rule():

@@ -9,6 +9,8 @@ TRL and mlx-lm all read it, and its weights hash identifies the base model of a 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -92,8 +94,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     tmp = staging_dir(target)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF tensors are already dequantised to plain float32; dropping the quantisation
         # config is what makes the model serialisable (save_pretrained refuses otherwise).
         if getattr(model, "hf_quantizer", None) is not None:
@@ -106,6 +109,24 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file three times (tokenizer, config, weights; ~5 s each on
+    2 cores, nearly all of it reading the 49k-token vocabulary's fields) and builds gguf's tensor
+    name map once per module (~400 times, ~14 ms each). Both are pure functions of their arguments
+    (the reader is a read-only memory map): reuse them for the conversion. The converted files are
+    byte-identical (tests/test_model_cache.py)."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(saved[0])
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
 
 
 def _fix_config_for_mlx(config_path: Path) -> None:
