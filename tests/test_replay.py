@@ -85,8 +85,32 @@ def test_the_embedded_model_converts_to_the_weights_the_packaged_answers_were_ma
     # its weights must stay byte-identical, or every demo would regenerate the 240 answers.
     from wonderland.models import weights_sha256
 
-    head = json.loads(replay.PACKAGED["smollm2-135m-instruct"].read_text(encoding="utf-8").splitlines()[0])
-    assert weights_sha256(embedded_model) == head["model_sha256"]
+    assert weights_sha256(embedded_model) == _packaged_sha256()
+
+
+def _packaged_sha256() -> str:
+    return json.loads(replay.PACKAGED["smollm2-135m-instruct"].read_text(encoding="utf-8").splitlines()[0])["model_sha256"]
+
+
+def _no_model():
+    raise AssertionError("the base model was asked for answers")
+
+
+def test_the_packaged_answers_are_found_by_weights_whatever_the_model_is_called(tmp_path):
+    prompts = replay.load_prompts()[:3]
+    rows = replay.answers_for("/some/folder/of/it", tmp_path, _packaged_sha256(), _no_model, prompts=prompts)
+    packaged = replay.read_answers(replay.PACKAGED["smollm2-135m-instruct"])
+    assert rows == [{"prompt": q, "answer": packaged[q]} for q in prompts]
+
+
+def test_a_backend_without_a_probe_needs_no_answers_for_it(tmp_path):
+    from wonderland.config import TrainConfig
+
+    config = TrainConfig(model="tiny", replay=0, kl=0)
+    character = [{"messages": [], "id": i} for i in range(4)]
+    mixed, kl_records, probe = replay.guard(config, tmp_path, "not-a-packaged-model", character, character[:1],
+                                            "You are the Hatter.", _no_model, log=lambda m: None, with_probe=False)
+    assert (mixed, kl_records, probe) == (character, [], None)
 
 
 def test_best_checkpoint_rule():

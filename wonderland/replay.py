@@ -109,9 +109,11 @@ def answers_for(model_name: str, model_path: Path, sha256: str, load_chat: Calla
     from wonderland.models import models_root
 
     prompts = list(prompts if prompts is not None else load_prompts())
-    packaged = PACKAGED.get(model_name)
     cache = models_root() / "replay" / f"{sha256}.jsonl"
-    known = {**read_answers(cache, sha256), **(read_answers(packaged, sha256) if packaged else {})}
+    known = read_answers(cache, sha256)
+    for name, packaged in PACKAGED.items():  # by weights too: `--model <the converted folder>` finds them
+        if sha256 or name == model_name:
+            known.update(read_answers(packaged, sha256))
     missing = [q for q in prompts if q not in known]
     if missing:
         log(f"Answering {len(missing)} replay prompts with the base model (once; cached in {cache}) ...")
@@ -161,20 +163,23 @@ def mix(train_records: Sequence[dict], replay: Sequence[dict], seed: int) -> lis
 
 
 def guard(config, model_path: Path, sha256: str, train_records: list[dict], valid_records: list[dict],
-          system_prompt: str, load_chat: Callable[[], object], log: Callable[[str], None] = print):
+          system_prompt: str, load_chat: Callable[[], object], log: Callable[[str], None] = print,
+          with_probe: bool = True):
     """The retention guard of a run: (training records with replay mixed in, the replay records
-    for ``--kl``, the checkpoint probe). Only the answers these need are looked up (or made)."""
+    for ``--kl``, the checkpoint probe: None without ``valid_records`` or ``with_probe``, for a
+    backend that scores none). Only the answers these need are looked up (or made)."""
     from wonderland.probe import Probe
 
     train_prompts, probe_prompts = pool(config.replay_set), split(load_prompts())[1]
     ratio = config.replay or (1.0 if config.kl else 0.0)  # --kl alone: one replay record per character record
     drawn = draw(train_prompts, round(ratio * len(train_records)), config.seed)
-    wanted = list(dict.fromkeys(drawn)) + (probe_prompts if valid_records else [])
+    with_probe = with_probe and bool(valid_records)
+    wanted = list(dict.fromkeys(drawn)) + (probe_prompts if with_probe else [])
     known = {a["prompt"]: a for a in answers_for(config.model, model_path, sha256, load_chat, log, wanted)}
     replay_system = NEUTRAL_SYSTEM_PROMPT if config.replay_prompt == "neutral" else system_prompt
     replay = records([known[q] for q in drawn], replay_system, config.replay_answer)
     probe = Probe(valid=list(valid_records), retention=records([known[q] for q in probe_prompts], system_prompt)) \
-        if valid_records else None
+        if with_probe else None
     mixed = mix(train_records, replay, config.seed) if config.replay else list(train_records)
     return mixed, (replay if config.kl else []), probe
 

@@ -117,7 +117,8 @@ def train(
         _mark_running(run, info, config)
         mixed, replay_records, probe = replay.guard(config, model_path, info["model"]["sha256"], train_records,
                                                     valid_records, stats["system_prompt"],
-                                                    lambda: _AnswerProgress(backend.load(model_path), log), log)
+                                                    lambda: _AnswerProgress(backend.load(model_path), log), log,
+                                                    with_probe=backend_name == "torch")  # the one that probes
         session = _Session(run, config, subscribers, log, _start_seq(run, resume_from, config))
         job = TrainJob(config=config, model_path=model_path, train_records=mixed, valid_records=valid_records,
                        run=run, emit=session.bus.emit, should_stop=should_stop, resume_from=resume_from,
