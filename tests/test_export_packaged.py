@@ -18,7 +18,7 @@ from wonderland.chat_format import prompt_ids, with_system
 from wonderland.config import DEFAULT_MODEL, GenerationConfig
 from wonderland.export import export
 from wonderland.generate import generate, load_run
-from wonderland.models import embedded_gguf_path
+from wonderland.models import embedded_gguf_path, gguf_parsed_once
 
 
 @pytest.mark.slow
@@ -53,7 +53,8 @@ def test_packaged_model_gguf_round_trip(embedded_model, tmp_path):
     base_gguf = out / f"{embedded_model.name}.base.f16.gguf"  # --lora on an f16 base: see docs/export.md
     assert base_gguf.is_file() and any(c.startswith(f"llama-cli -m {base_gguf} --lora ") for c in exported.commands)
 
-    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
+    with gguf_parsed_once():  # transformers reads the file three times otherwise
+        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32).eval()
     chat = TorchChatModel(model, loaded.model.tokenizer, out, torch.device("cpu"))
     assert [generate(chat, c, greedy) for c in chats] == want
     for c in chats:

@@ -64,20 +64,28 @@ def test_models_lists_the_base_and_the_finished_runs(api, wl_home):
     assert models["hatter"].model_extra["character"] == "Hatter"
 
 
-def test_trained_and_base_arms_non_streaming(api, monkeypatch):
-    client, _, loaded = api
+@pytest.fixture
+def calls(monkeypatch) -> list[tuple]:
+    """(adapter the model view runs, adapter flag, the model, its system prompt) of every generation
+    the server runs. The text of the random tiny model can be all newlines for any prompt, so what
+    reached the model is asserted here, and the replies only equal the in-process ones."""
     from wonderland.backends.torch_peft.chat import TorchChatModel
 
-    calls = []  # (which adapter the model view runs, adapter flag) of every generation the server runs
-    stream = TorchChatModel.stream
+    seen, stream = [], TorchChatModel.stream
 
     def spy(self, messages, gen, adapter=True):
-        calls.append((self.adapter_name, adapter, self.model))
+        seen.append((self.adapter_name, adapter, self.model, messages[0]["content"] if messages[0]["role"] == "system" else None))
         return stream(self, messages, gen, adapter=adapter)
 
     monkeypatch.setattr(TorchChatModel, "stream", spy)
+    return seen
+
+
+def test_trained_and_base_arms_non_streaming(api, calls):
+    client, _, loaded = api
     reply = client.chat.completions.create(model="hatter", messages=PROMPT, temperature=0, max_tokens=10, seed=1)
     assert [c[:2] for c in calls] == [(loaded.model.adapter_name, True)] and loaded.model.adapter_name
+    assert calls[0][3] == SYSTEM  # the run's character prompt
     want = _expected(loaded, PROMPT, SYSTEM, True, temperature=0, max_tokens=10, seed=1)
     assert reply.choices[0].message.content == want and reply.choices[0].message.role == "assistant"
     assert reply.object == "chat.completion" and reply.model == "hatter"
@@ -89,6 +97,7 @@ def test_trained_and_base_arms_non_streaming(api, monkeypatch):
     base = client.chat.completions.create(model=base_id, messages=PROMPT, temperature=0, max_tokens=10)
     assert [c[:2] for c in calls] == [(None, False)]  # the base name runs no adapter
     assert calls[0][2] is shared  # one copy of the base weights: the run's adapter is attached to it
+    assert calls[0][3] == NEUTRAL_SYSTEM_PROMPT
     calls.clear()
     assert base.choices[0].message.content == _expected(loaded, PROMPT, NEUTRAL_SYSTEM_PROMPT, False, temperature=0, max_tokens=10)
 
@@ -119,7 +128,7 @@ def test_raw_sse_ends_with_done(api):
     assert json.loads(events[0][6:])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
-def test_request_system_prompt_replaces_the_runs(api):
+def test_request_system_prompt_replaces_the_runs(api, calls):
     client, _, loaded = api
     messages = [{"role": "system", "content": "You are a pirate."}, *PROMPT]
     reply = client.chat.completions.create(model="hatter", messages=messages, temperature=0, max_tokens=10)
@@ -128,6 +137,7 @@ def test_request_system_prompt_replaces_the_runs(api):
     developer = [{"role": "developer", "content": "You are a pirate."}, *PROMPT]  # OpenAI's newer name
     assert client.chat.completions.create(model="hatter", messages=developer, temperature=0,
                                           max_tokens=10).choices[0].message.content == want
+    assert [c[3] for c in calls] == ["You are a pirate."] * 3  # both requests, and _expected's own run
 
 
 def _first_stop(text: str) -> str:

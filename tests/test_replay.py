@@ -81,7 +81,7 @@ def test_the_packaged_answers_cover_every_prompt():
 
 
 def test_the_embedded_model_converts_to_the_weights_the_packaged_answers_were_made_for(embedded_model):
-    # The conversion reuses gguf's parse between transformers' three reads (models._gguf_parsed_once):
+    # The conversion reuses gguf's parse between transformers' three reads (models.gguf_parsed_once):
     # its weights must stay byte-identical, or every demo would regenerate the 240 answers.
     from wonderland.models import weights_sha256
 

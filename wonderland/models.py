@@ -94,7 +94,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
     tmp = staging_dir(target)
     try:
-        with _gguf_parsed_once():
+        with gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # The GGUF tensors are already dequantised to plain float32; dropping the quantisation
@@ -112,7 +112,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def _gguf_parsed_once():
+def gguf_parsed_once():
     """transformers parses the GGUF file three times (tokenizer, config, weights; ~5 s each on
     2 cores, nearly all of it reading the 49k-token vocabulary's fields) and builds gguf's tensor
     name map once per module (~400 times, ~14 ms each). Both are pure functions of their arguments
