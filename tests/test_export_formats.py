@@ -113,7 +113,7 @@ def _matrix_bytes_delta(gguf_exports, trained, gguf_type: str) -> tuple[int, int
 
     with safe_open(str(Path(trained["run"].read()["model"]["path"]) / "model.safetensors"), "np") as st:
         f16_in_q8_0 = {k for k in st.keys()  # noqa: SIM118
-                       if k == "model.embed_tokens.weight" or k.endswith(("self_attn.v_proj.weight", "mlp.down_proj.weight"))}
+                       if k == "model.embed_tokens.weight" or k.endswith(("self_attn.v_proj.weight", "mlp.down_proj.weight", "mlp.up_proj.weight"))}
         kept = {"lm_head.weight"} | (f16_in_q8_0 if gguf_type == "q8_0" else set())
         shapes = [st.get_slice(k).get_shape() for k in st.keys() if k not in kept]  # noqa: SIM118
     n2d = sum(a * b for a, b in (s for s in shapes if len(s) == 2))
