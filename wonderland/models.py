@@ -116,8 +116,8 @@ def gguf_parsed_once():
     """transformers parses the GGUF file three times (tokenizer, config, weights; ~5 s each on
     2 cores, nearly all of it reading the 49k-token vocabulary's fields) and builds gguf's tensor
     name map once per module (~400 times, ~14 ms each). Both are pure functions of their arguments
-    (the reader is a read-only memory map): reuse them for the conversion. The converted files are
-    byte-identical (tests/test_model_cache.py)."""
+    (the reader is a read-only memory map): inside this block each is computed once. The converted
+    files are byte-identical (the weights' hash is tested in tests/test_replay.py)."""
     import gguf
 
     saved = gguf.GGUFReader, gguf.get_tensor_name_map
