@@ -122,6 +122,20 @@ def _matrix_bytes_delta(gguf_exports, trained, gguf_type: str) -> tuple[int, int
     return size[gguf_type] - size["f16"], int(n2d * (per_weight - 2.0))
 
 
+def test_the_disk_estimate_is_the_files_tensor_bytes(trained, gguf_exports):
+    """export checks free space against model_gguf_bytes: per type it must be the written file's
+    size less its metadata, which every type's file shares (plus <= 32 bytes of padding a tensor)."""
+    from wonderland.export import _shapes
+    from wonderland.export.gguf_writer import model_gguf_bytes
+
+    model_dir = Path(trained["run"].read()["model"]["path"])
+    shapes, config = _shapes(model_dir), json.loads((model_dir / "config.json").read_text())
+    rest = {t: (gguf_exports[t] / f"hatter.{t}.gguf").stat().st_size - model_gguf_bytes(shapes, config, t)
+            for t in ("f16", "f32", "q8_0")}
+    assert all(abs(rest[t] - rest["f16"]) < 32 * len(shapes) for t in rest), rest
+    assert 0 < rest["f16"] < 4 << 20, rest  # the tokenizer and the chat template: a few MB
+
+
 def test_gguf_f16_reproduces_the_trained_model(trained, gguf_exports):
     out = gguf_exports["f16"]
     base = f"{trained['run'].read()['model']['path'].rstrip('/').rsplit('/', 1)[-1]}.base.f16.gguf"  # --lora's base

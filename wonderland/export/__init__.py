@@ -22,6 +22,8 @@ all        every format above (GGUF as f16 and q8_0), each in its own folder
 
 from __future__ import annotations
 
+import json
+import math
 import shlex
 import shutil
 from collections.abc import Callable
@@ -30,10 +32,10 @@ from pathlib import Path
 
 from wonderland.errors import UserError
 from wonderland.export.gguf_writer import (
-    BYTES_PER_WEIGHT,
     GGUF_TYPES,
     LLAMA_MODEL_TYPES,
     check_llama_config,
+    model_gguf_bytes,
 )
 from wonderland.export.merge import (
     RunSource,
@@ -222,30 +224,28 @@ def _ollama_route(src: RunSource, requested: str) -> str:
     return "gguf"
 
 
-def _n_params(model_dir: Path) -> int:
-    """Parameter count from the safetensors headers (no weights are read)."""
+def _shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors headers (no weights are read)."""
     from safetensors import safe_open
 
-    total = 0
+    shapes = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(f), "np") as st:
             for k in st.keys():  # noqa: SIM118 - safe_open is not iterable
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+    return shapes
 
 
 def _estimate_bytes(src: RunSource, fmt: str, gguf_type: str, route: str) -> int:
     adapter = sum(p.stat().st_size for p in src.adapter.rglob("*") if p.is_file())
     if fmt in ("peft", "mlx") or route == "adapter":
         return 2 * adapter
-    n = _n_params(src.base_path)
+    shapes = _shapes(src.base_path)
     if fmt == "merged":
-        return int(n * 4)  # float32 safetensors
-    base = int(n * BYTES_PER_WEIGHT["f16"]) if fmt == "gguf" else 0  # the f16 base for --lora
-    return int(n * BYTES_PER_WEIGHT[gguf_type]) + base + 2 * adapter
+        return 4 * sum(math.prod(s) for s in shapes.values())  # float32 safetensors
+    config = json.loads((src.base_path / "config.json").read_text())
+    base = model_gguf_bytes(shapes, config, "f16") if fmt == "gguf" else 0  # the f16 base for --lora
+    return model_gguf_bytes(shapes, config, gguf_type) + base + 2 * adapter
 
 
 def _check_disk(final: Path, need: int) -> None:

@@ -31,7 +31,7 @@ from wonderland.errors import UserError
 
 GGUF_TYPES = ("f16", "q8_0", "f32")
 # bytes per weight, for disk estimates: q8_0 stores 32 int8 + one f16 scale per block
-BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}  # what stored_type says a tensor is
 LLAMA_MODEL_TYPES = ("llama", "mistral")  # HF model_type values llama.cpp writes as architecture "llama"
 _PROJ_RE = re.compile(r"^(?:base_model\.model\.)?(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+)\.lora_([AB])\.weight$")
 
@@ -150,15 +150,37 @@ Q8_0_KEEP_F16 = ("token_embd.weight", "output.weight")
 Q8_0_KEEP_F16_SUFFIXES = (".attn_v.weight", ".ffn_down.weight", ".ffn_up.weight")
 
 
+def stored_type(name: str, shape: tuple[int, ...], gguf_type: str) -> str:
+    """What a tensor (llama.cpp name, shape) is stored as in a ``gguf_type`` file: f32, f16 or q8_0."""
+    if len(shape) == 1 or gguf_type == "f32":
+        return "f32"
+    if gguf_type == "q8_0" and shape[-1] % 32 == 0 and name not in Q8_0_KEEP_F16 \
+            and not name.endswith(Q8_0_KEEP_F16_SUFFIXES):
+        return "q8_0"
+    return "f16"
+
+
 def _tensor_data(gguf, name: str, data: np.ndarray, gguf_type: str) -> tuple[np.ndarray, Any]:
     """(payload, raw_dtype) for one tensor in the requested file type."""
     q = gguf.GGMLQuantizationType
-    if data.ndim == 1 or gguf_type == "f32":
-        return data.astype(np.float32), q.F32
-    if gguf_type == "q8_0" and data.shape[-1] % 32 == 0 and name not in Q8_0_KEEP_F16 \
-            and not name.endswith(Q8_0_KEEP_F16_SUFFIXES):
+    kind = stored_type(name, data.shape, gguf_type)
+    if kind == "q8_0":
         return gguf.quants.quantize(data.astype(np.float32), q.Q8_0), q.Q8_0
-    return data.astype(np.float16), q.F16
+    return (data.astype(np.float32), q.F32) if kind == "f32" else (data.astype(np.float16), q.F16)
+
+
+def model_gguf_bytes(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any], gguf_type: str) -> int:
+    """The tensor bytes of :func:`write_model_gguf`'s file for a model of these HF tensor shapes
+    (the metadata, a few MB, not included): for disk-space checks before writing."""
+    gguf = _gguf()
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
+    total = 0.0
+    for hf_name, shape in shapes.items():
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias")) or hf_name
+        total += math.prod(shape) * BYTES_PER_WEIGHT[stored_type(name, tuple(shape), gguf_type)]
+    return int(total)
 
 
 def write_model_gguf(state: Mapping[str, Any], config: Mapping[str, Any], model_dir: Path, out_file: Path,
