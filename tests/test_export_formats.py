@@ -56,7 +56,7 @@ def _logits(model, ids) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
-def _compare(model, tokenizer, trained) -> tuple[float, float, list[str]]:
+def _compare(model, tokenizer, trained) -> tuple[float, float, list[list[int]]]:
     """(max |logit diff|, top-1 agreement, greedy reply token ids) of ``model`` against the trained run."""
     out = [_logits(model, i) for i in trained["ids"]]
     diff = max(float((o - r).abs().max()) for o, r in zip(out, trained["logits"]))

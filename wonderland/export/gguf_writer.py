@@ -179,7 +179,7 @@ def model_gguf_bytes(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str,
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias")) or hf_name
-        total += math.prod(shape) * BYTES_PER_WEIGHT[stored_type(name, tuple(shape), gguf_type)]
+        total += math.prod(shape) * BYTES_PER_WEIGHT[stored_type(name, shape, gguf_type)]
     return int(total)
 
 
